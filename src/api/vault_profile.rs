@@ -1,0 +1,100 @@
+//! `VaultProfile`: one source store, N sync targets and the rules of the secrets under it
+//! (cluster-scoped).
+
+use super::common::conditions_schema;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Binds a source SecretStore to the stores that receive a copy of every version.
+#[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "keyhaven.io",
+    version = "v1alpha1",
+    kind = "VaultProfile",
+    doc = "Binds one source SecretStore to N sync-target stores, with the rules of the secrets under it.",
+    status = "VaultProfileStatus",
+    shortname = "khprofile",
+    category = "keyhaven",
+    printcolumn(name = "Source", type_ = "string", json_path = ".spec.source"),
+    printcolumn(
+        name = "Targets",
+        type_ = "string",
+        json_path = ".spec.syncTargets",
+        priority = 1
+    ),
+    printcolumn(name = "Secrets", type_ = "integer", json_path = ".status.secrets"),
+    printcolumn(name = "Status", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.syncTargets) || !(self.source in self.syncTargets)").message("the source store cannot also be a sync target"))]
+pub struct VaultProfileSpec {
+    /// The SecretStore that holds the authoritative copy: values are read from it
+    /// (`content.fromStore`) or written to it first (`fromSecret`).
+    #[x_kube(validation = Rule::new("size(self) > 0").message("source must name a SecretStore"))]
+    pub source: String,
+    /// SecretStores that receive every version written to or read from the source.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    pub sync_targets: Vec<String>,
+    /// Namespaces whose ManagedSecrets may use this profile. Empty selects every namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+    /// History kept in each ManagedSecret's status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<HistoryPolicy>,
+}
+
+/// How much version history a ManagedSecret's status keeps.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryPolicy {
+    /// Number of versions listed in `status.versions` (the stores keep every version).
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 100").message("keep must be between 1 and 100"))]
+    pub keep: u32,
+}
+
+/// Default number of versions a ManagedSecret's status lists.
+pub const DEFAULT_HISTORY_KEEP: usize = 10;
+
+impl VaultProfileSpec {
+    /// How many versions a ManagedSecret under this profile lists in its status.
+    pub fn history_keep(&self) -> usize {
+        self.history
+            .as_ref()
+            .map_or(DEFAULT_HISTORY_KEEP, |h| h.keep as usize)
+    }
+
+    /// The source followed by the sync targets.
+    pub fn stores(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.source.as_str()).chain(self.sync_targets.iter().map(String::as_str))
+    }
+}
+
+/// Observed state of a VaultProfile.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VaultProfileStatus {
+    /// Ready when the source and every sync target exist and are Active; NotReady otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// Why the profile is in its phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// ManagedSecrets using this profile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<u64>,
+    /// The generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "conditions_schema")]
+    pub conditions: Vec<Condition>,
+}

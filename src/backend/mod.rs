@@ -1,0 +1,161 @@
+//! Secret stores. One [`Backend`] trait; one module per kind of store.
+//!
+//! A store holds *secret objects* at *paths*; each object has numbered versions. Version
+//! numbers are keyhaven's (assigned by the ManagedSecret reconciler), so a version N means
+//! the same content in every store of a profile.
+
+mod internal;
+mod kubernetes;
+mod sealed_records;
+
+pub use internal::InternalStore;
+pub use kubernetes::KubernetesStore;
+
+use crate::api::StorePhase;
+use crate::crypto::{CryptoError, Fingerprint};
+use crate::secret_data::SecretData;
+use async_trait::async_trait;
+
+/// The version number and fingerprint written with a value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VersionStamp {
+    pub version: u64,
+    pub fingerprint: Fingerprint,
+}
+
+/// A value read from a store, with the stamp keyhaven wrote beside it, if any (a value
+/// written by someone else, e.g. by hand in Vault, has none).
+#[derive(Debug)]
+pub struct StoredVersion {
+    pub data: SecretData,
+    pub stamp: Option<VersionStamp>,
+}
+
+/// A store's health as its SecretStore's phase shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Health {
+    pub phase: StorePhase,
+    pub message: String,
+}
+
+impl Health {
+    pub fn active(message: impl Into<String>) -> Self {
+        Health {
+            phase: StorePhase::Active,
+            message: message.into(),
+        }
+    }
+}
+
+/// A backend: where versions of secret objects are kept.
+#[async_trait]
+pub trait Backend: Send + Sync {
+    /// The SecretStore's name.
+    fn store(&self) -> &str;
+    /// The current value at `path` (`version: None`) or a given version; `None` when absent.
+    async fn read(
+        &self,
+        path: &str,
+        version: Option<u64>,
+    ) -> Result<Option<StoredVersion>, BackendError>;
+    /// Makes `stamp.version` with `data` the current version at `path`, keeping older
+    /// versions. Idempotent: writing a version that exists with the same content is a no-op.
+    async fn write(
+        &self,
+        path: &str,
+        stamp: &VersionStamp,
+        data: &SecretData,
+    ) -> Result<(), BackendError>;
+    /// The version numbers kept at `path`, ascending.
+    async fn list_versions(&self, path: &str) -> Result<Vec<u64>, BackendError>;
+    /// Removes every version at `path`.
+    async fn delete(&self, path: &str) -> Result<(), BackendError>;
+    /// Whether the store is usable, and why not.
+    async fn health(&self) -> Health;
+    /// How many secret objects the store holds for keyhaven.
+    async fn count(&self) -> Result<u64, BackendError>;
+}
+
+/// A store operation failed. Messages name the store and path, never a value.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("store {store} is unreachable: {message}")]
+    Unreachable { store: String, message: String },
+    #[error("store {store} is sealed: {message}")]
+    Sealed { store: String, message: String },
+    #[error("store {store} is misconfigured: {message}")]
+    Invalid { store: String, message: String },
+    #[error("store {store}, path {path}: {source}")]
+    Crypto {
+        store: String,
+        path: String,
+        source: CryptoError,
+    },
+    #[error("store {store}, path {path}: {message}")]
+    Conflict {
+        store: String,
+        path: String,
+        message: String,
+    },
+    #[error("store {store}, path {path}: stored data is malformed: {message}")]
+    Corrupt {
+        store: String,
+        path: String,
+        message: String,
+    },
+}
+
+impl BackendError {
+    /// The phase a store is in when one of its operations fails this way.
+    pub fn phase(&self) -> StorePhase {
+        match self {
+            BackendError::Unreachable { .. } => StorePhase::Unreachable,
+            BackendError::Sealed { .. } => StorePhase::Sealed,
+            BackendError::Invalid { .. } => StorePhase::Invalid,
+            _ => StorePhase::Active,
+        }
+    }
+
+    /// Classifies a Kubernetes API error of a store kept in Kubernetes.
+    pub(crate) fn from_kube(store: &str, what: &str, e: kube::Error) -> Self {
+        let store = store.to_owned();
+        match &e {
+            kube::Error::Api(s) if matches!(s.code, 401 | 403) => BackendError::Invalid {
+                store,
+                message: format!("{what}: permission denied: {}", s.message),
+            },
+            kube::Error::Api(s) if s.code == 404 => BackendError::Invalid {
+                store,
+                message: format!("{what}: not found: {}", s.message),
+            },
+            kube::Error::Api(s) if s.code == 409 => BackendError::Conflict {
+                store,
+                path: what.to_owned(),
+                message: s.message.clone(),
+            },
+            _ => BackendError::Unreachable {
+                store,
+                message: format!("{what}: {e}"),
+            },
+        }
+    }
+}
+
+/// Standard labels of the Kubernetes objects keyhaven's stores create.
+pub(crate) mod labels {
+    pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+    pub const MANAGED_BY_VALUE: &str = "keyhaven";
+    pub const STORE: &str = "keyhaven.io/store";
+    pub const OBJECT: &str = "keyhaven.io/object";
+    pub const VERSION: &str = "keyhaven.io/version";
+    pub const ROLE: &str = "keyhaven.io/role";
+    pub const PATH_ANNOTATION: &str = "keyhaven.io/path";
+    pub const VERSION_ANNOTATION: &str = "keyhaven.io/version";
+    pub const FINGERPRINT_ANNOTATION: &str = "keyhaven.io/fingerprint";
+}
+
+/// A short, label-safe identifier of a path: hex of its SHA-256, 32 characters.
+pub(crate) fn object_id(path: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(&Sha256::digest(path.as_bytes())[..16])
+}

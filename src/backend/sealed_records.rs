@@ -1,0 +1,286 @@
+//! Encrypted versions kept as Secrets in the operator's namespace: one immutable Secret per
+//! (store, path, version) holding an [`Envelope`]. Shared by every store whose values are
+//! sealed by a key-encryption key (the internal store; the pkcs11 store).
+
+use super::labels::*;
+use super::{BackendError, StoredVersion, VersionStamp, object_id};
+use crate::crypto::{Envelope, Fingerprint, KeyWrapper, open, seal};
+use crate::secret_data::SecretData;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams};
+use kube::{Api, ResourceExt};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+const ROLE_SEALED: &str = "sealed-version";
+const KEK_ID_ANNOTATION: &str = "keyhaven.io/kek-id";
+
+/// The sealed versions of one store.
+pub struct SealedRecords {
+    store: String,
+    api: Api<Secret>,
+    kek: Arc<dyn KeyWrapper>,
+}
+
+impl SealedRecords {
+    pub fn new(store: &str, api: Api<Secret>, kek: Arc<dyn KeyWrapper>) -> Self {
+        SealedRecords {
+            store: store.to_owned(),
+            api,
+            kek,
+        }
+    }
+
+    fn record_name(&self, path: &str, version: u64) -> String {
+        format!("kh-{}-{}-v{version}", self.store, object_id(path))
+    }
+
+    fn object_selector(&self, path: &str) -> ListParams {
+        ListParams::default().labels(&format!(
+            "{STORE}={},{OBJECT}={},{ROLE}={ROLE_SEALED}",
+            self.store,
+            object_id(path)
+        ))
+    }
+
+    /// Additional data bound into each envelope: a record moved to another store, path or
+    /// version does not decrypt.
+    fn aad(&self, path: &str, version: u64) -> Vec<u8> {
+        format!("keyhaven sealed v1\0{}\0{path}\0{version}", self.store).into_bytes()
+    }
+
+    fn kube_err(&self, what: &str) -> impl Fn(kube::Error) -> BackendError + '_ {
+        let what = what.to_owned();
+        move |e| BackendError::from_kube(&self.store, &what, e)
+    }
+
+    pub async fn read(
+        &self,
+        path: &str,
+        version: Option<u64>,
+    ) -> Result<Option<StoredVersion>, BackendError> {
+        let secret = match version {
+            Some(v) => self
+                .api
+                .get_opt(&self.record_name(path, v))
+                .await
+                .map_err(self.kube_err("reading a sealed version"))?,
+            None => {
+                let list = self
+                    .api
+                    .list_metadata(&self.object_selector(path))
+                    .await
+                    .map_err(self.kube_err("listing sealed versions"))?;
+                let newest = list
+                    .items
+                    .iter()
+                    .filter_map(|m| record_version(m.labels()))
+                    .max();
+                match newest {
+                    Some(v) => self
+                        .api
+                        .get_opt(&self.record_name(path, v))
+                        .await
+                        .map_err(self.kube_err("reading a sealed version"))?,
+                    None => None,
+                }
+            }
+        };
+        let Some(secret) = secret else {
+            return Ok(None);
+        };
+        self.decode(path, &secret).await.map(Some)
+    }
+
+    async fn decode(&self, path: &str, secret: &Secret) -> Result<StoredVersion, BackendError> {
+        let corrupt = |message: &str| BackendError::Corrupt {
+            store: self.store.clone(),
+            path: path.to_owned(),
+            message: message.to_owned(),
+        };
+        let version = record_version(secret.labels()).ok_or_else(|| corrupt("no version label"))?;
+        let data = secret.data.as_ref().ok_or_else(|| corrupt("no data"))?;
+        let field = |k: &str| {
+            data.get(k)
+                .map(|b| b.0.clone())
+                .ok_or_else(|| corrupt(&format!("no {k:?}")))
+        };
+        let envelope = Envelope {
+            kek_id: secret
+                .annotations()
+                .get(KEK_ID_ANNOTATION)
+                .cloned()
+                .ok_or_else(|| corrupt("no KEK id"))?,
+            wrapped_key: field("wrapped-key")?,
+            nonce: field("nonce")?,
+            ciphertext: field("ciphertext")?,
+        };
+        let plaintext = open(self.kek.as_ref(), &envelope, &self.aad(path, version))
+            .await
+            .map_err(|source| BackendError::Crypto {
+                store: self.store.clone(),
+                path: path.to_owned(),
+                source,
+            })?;
+        let data = SecretData::from_sealed_bytes(&plaintext).map_err(|m| corrupt(&m))?;
+        let fingerprint = secret
+            .annotations()
+            .get(FINGERPRINT_ANNOTATION)
+            .and_then(|f| Fingerprint::parse(f));
+        Ok(StoredVersion {
+            data,
+            stamp: fingerprint.map(|fingerprint| VersionStamp {
+                version,
+                fingerprint,
+            }),
+        })
+    }
+
+    pub async fn write(
+        &self,
+        path: &str,
+        stamp: &VersionStamp,
+        data: &SecretData,
+    ) -> Result<(), BackendError> {
+        let name = self.record_name(path, stamp.version);
+        if let Some(existing) = self
+            .api
+            .get_opt(&name)
+            .await
+            .map_err(self.kube_err("reading a sealed version"))?
+        {
+            return match self.decode(path, &existing).await {
+                Ok(stored) if &stored.data == data => Ok(()),
+                Ok(_) => Err(BackendError::Conflict {
+                    store: self.store.clone(),
+                    path: path.to_owned(),
+                    message: format!("version {} exists with other content", stamp.version),
+                }),
+                // Unreadable (tampered with, or sealed by a lost key): replace it.
+                Err(_) => {
+                    self.api
+                        .delete(&name, &DeleteParams::default())
+                        .await
+                        .map_err(self.kube_err("replacing a corrupt version"))?;
+                    self.create(path, &name, stamp, data).await
+                }
+            };
+        }
+        self.create(path, &name, stamp, data).await
+    }
+
+    async fn create(
+        &self,
+        path: &str,
+        name: &str,
+        stamp: &VersionStamp,
+        data: &SecretData,
+    ) -> Result<(), BackendError> {
+        let envelope = seal(
+            self.kek.as_ref(),
+            &data.to_sealed_bytes(),
+            &self.aad(path, stamp.version),
+        )
+        .await
+        .map_err(|source| BackendError::Crypto {
+            store: self.store.clone(),
+            path: path.to_owned(),
+            source,
+        })?;
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(name.to_owned()),
+                labels: Some(BTreeMap::from([
+                    (MANAGED_BY.into(), MANAGED_BY_VALUE.into()),
+                    (STORE.into(), self.store.clone()),
+                    (OBJECT.into(), object_id(path)),
+                    (VERSION.into(), stamp.version.to_string()),
+                    (ROLE.into(), ROLE_SEALED.into()),
+                ])),
+                annotations: Some(BTreeMap::from([
+                    (PATH_ANNOTATION.into(), path.to_owned()),
+                    (FINGERPRINT_ANNOTATION.into(), stamp.fingerprint.to_string()),
+                    (KEK_ID_ANNOTATION.into(), envelope.kek_id.clone()),
+                ])),
+                ..Default::default()
+            },
+            immutable: Some(true),
+            data: Some(BTreeMap::from([
+                ("ciphertext".into(), ByteString(envelope.ciphertext)),
+                ("nonce".into(), ByteString(envelope.nonce)),
+                ("wrapped-key".into(), ByteString(envelope.wrapped_key)),
+            ])),
+            ..Default::default()
+        };
+        match self.api.create(&PostParams::default(), &secret).await {
+            Ok(_) => Ok(()),
+            // Another writer won a race to the same version; the caller re-reads and compares.
+            Err(kube::Error::Api(e)) if e.code == 409 => Err(BackendError::Conflict {
+                store: self.store.clone(),
+                path: path.to_owned(),
+                message: format!("version {} was written concurrently", stamp.version),
+            }),
+            Err(e) => Err(BackendError::from_kube(
+                &self.store,
+                "writing a sealed version",
+                e,
+            )),
+        }
+    }
+
+    pub async fn list_versions(&self, path: &str) -> Result<Vec<u64>, BackendError> {
+        let list = self
+            .api
+            .list_metadata(&self.object_selector(path))
+            .await
+            .map_err(self.kube_err("listing sealed versions"))?;
+        let mut versions: Vec<u64> = list
+            .items
+            .iter()
+            .filter_map(|m| record_version(m.labels()))
+            .collect();
+        versions.sort_unstable();
+        Ok(versions)
+    }
+
+    pub async fn delete(&self, path: &str) -> Result<(), BackendError> {
+        self.api
+            .delete_collection(&DeleteParams::default(), &self.object_selector(path))
+            .await
+            .map_err(self.kube_err("deleting sealed versions"))?;
+        Ok(())
+    }
+
+    pub async fn count(&self) -> Result<u64, BackendError> {
+        let lp =
+            ListParams::default().labels(&format!("{STORE}={},{ROLE}={ROLE_SEALED}", self.store));
+        let list = self
+            .api
+            .list_metadata(&lp)
+            .await
+            .map_err(self.kube_err("counting sealed versions"))?;
+        let objects: BTreeSet<&str> = list
+            .items
+            .iter()
+            .filter_map(|m| m.labels().get(OBJECT).map(String::as_str))
+            .collect();
+        Ok(objects.len() as u64)
+    }
+
+    /// Whether the namespace holding the records answers and may be listed.
+    pub async fn probe(&self) -> Result<(), BackendError> {
+        let lp = ListParams::default()
+            .labels(&format!("{STORE}={}", self.store))
+            .limit(1);
+        self.api
+            .list_metadata(&lp)
+            .await
+            .map_err(self.kube_err("listing the operator namespace"))?;
+        Ok(())
+    }
+}
+
+fn record_version(labels: &BTreeMap<String, String>) -> Option<u64> {
+    labels.get(VERSION)?.parse().ok()
+}

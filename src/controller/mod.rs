@@ -1,0 +1,246 @@
+//! The controllers: one reconciler per kind, sharing one [`Context`].
+
+mod managed_secret;
+pub mod plan;
+mod secret_store;
+mod stores;
+mod vault_profile;
+
+pub use managed_secret::FINALIZER;
+pub use stores::StoreRegistry;
+
+use crate::api::{ManagedSecret, SecretStore, VaultProfile};
+use crate::backend::Backend;
+use crate::content::{MANAGED_LABEL, MANAGED_LABEL_VALUE, MANAGED_SECRET_LABEL};
+use crate::crypto::OperatorKeys;
+use crate::error::{Error, Result};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::api::{ObjectMeta, PostParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{Controller, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use std::sync::Arc;
+use tracing::{info, warn};
+
+/// How the operator runs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where the operator keeps its keys and the internal store's records.
+    pub operator_namespace: String,
+    /// Reconcile ManagedSecrets of this namespace only (all namespaces when `None`).
+    pub watch_namespace: Option<String>,
+    /// Manage only SecretStores and VaultProfiles matching this label selector.
+    pub store_selector: Option<String>,
+    /// The field manager of every server-side apply.
+    pub field_manager: String,
+    /// Reconciles of one kind running at once.
+    pub concurrency: u16,
+}
+
+/// What every reconcile shares: the client, caches of the watched kinds, live backends,
+/// the operator's keys and the event recorder.
+pub struct Context {
+    pub client: Client,
+    pub config: Config,
+    pub keys: OperatorKeys,
+    pub stores: Store<SecretStore>,
+    pub profiles: Store<VaultProfile>,
+    pub managed: Store<ManagedSecret>,
+    pub stores_registry: StoreRegistry,
+    recorder: Recorder,
+}
+
+impl Context {
+    /// Waits until the SecretStore and VaultProfile caches hold the cluster's state, so a
+    /// reconcile never mistakes "not listed yet" for "does not exist".
+    pub async fn wait_for_caches(&self) {
+        let _ = self.stores.wait_until_ready().await;
+        let _ = self.profiles.wait_until_ready().await;
+    }
+
+    /// The live backend of the SecretStore named `name`.
+    pub fn backend(&self, name: &str) -> Result<Arc<dyn Backend>> {
+        let store = self
+            .stores
+            .get(&ObjectRef::<SecretStore>::new(name))
+            .ok_or_else(|| {
+                Error::config(
+                    "StoreNotFound",
+                    format!("SecretStore {name} does not exist"),
+                )
+            })?;
+        self.stores_registry.backend(&store)
+    }
+
+    /// Publishes an Event about `obj`. The note must not contain a secret value.
+    pub async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        type_: EventType,
+        reason: &str,
+        note: &str,
+    ) {
+        let ev = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note.into()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
+            warn!(error = %e, reason, "could not publish an event");
+        }
+    }
+}
+
+/// Runs the three controllers until SIGTERM or Ctrl-C.
+pub async fn run(client: Client, config: Config) -> Result<()> {
+    ensure_namespace(&client, &config.operator_namespace).await?;
+    let keys = OperatorKeys::load_or_create(client.clone(), &config.operator_namespace).await?;
+
+    let store_wc = match &config.store_selector {
+        Some(sel) => watcher::Config::default().labels(sel),
+        None => watcher::Config::default(),
+    };
+    let (managed_api, secrets_api): (Api<ManagedSecret>, Api<Secret>) =
+        match &config.watch_namespace {
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+            ),
+            None => (Api::all(client.clone()), Api::all(client.clone())),
+        };
+    let store_ctl = Controller::new(Api::<SecretStore>::all(client.clone()), store_wc.clone());
+    let profile_ctl = Controller::new(Api::<VaultProfile>::all(client.clone()), store_wc.clone());
+    let managed_ctl = Controller::new(managed_api, watcher::Config::default());
+
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        stores: store_ctl.store(),
+        profiles: profile_ctl.store(),
+        managed: managed_ctl.store(),
+        stores_registry: StoreRegistry::new(
+            client.clone(),
+            &config.operator_namespace,
+            keys.clone(),
+        ),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: config.field_manager.clone(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+        ),
+        keys,
+        config: config.clone(),
+    });
+
+    // Profiles follow their stores' health.
+    let profiles = ctx.profiles.clone();
+    let profile_ctl = profile_ctl.watches(
+        Api::<SecretStore>::all(client.clone()),
+        store_wc.clone(),
+        move |store: SecretStore| {
+            let name = store.name_any();
+            profiles
+                .state()
+                .into_iter()
+                .filter(|p| p.spec.stores().any(|s| s == name))
+                .map(|p| ObjectRef::new(&p.name_any()))
+                .collect::<Vec<_>>()
+        },
+    );
+    // ManagedSecrets follow their profile, and their native Secrets, watched by label only.
+    let managed = ctx.managed.clone();
+    let managed_ctl = managed_ctl
+        .watches(
+            Api::<VaultProfile>::all(client.clone()),
+            store_wc,
+            move |profile: VaultProfile| {
+                let name = profile.name_any();
+                managed
+                    .state()
+                    .into_iter()
+                    .filter(|m| m.spec.profile == name)
+                    .map(|m| ObjectRef::from_obj(m.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .watches(
+            secrets_api,
+            watcher::Config::default().labels(&format!("{MANAGED_LABEL}={MANAGED_LABEL_VALUE}")),
+            |secret: Secret| {
+                let owner = secret.labels().get(MANAGED_SECRET_LABEL).cloned();
+                owner.map(|name| {
+                    ObjectRef::new(&name).within(&secret.namespace().unwrap_or_default())
+                })
+            },
+        );
+
+    let controller_config =
+        kube::runtime::controller::Config::default().concurrency(config.concurrency);
+    info!(namespace = %config.operator_namespace, watch_namespace = ?config.watch_namespace, "keyhaven controllers starting");
+    let stores_done = store_ctl
+        .with_config(controller_config.clone())
+        .shutdown_on_signal()
+        .run(
+            secret_store::reconcile,
+            secret_store::error_policy,
+            ctx.clone(),
+        )
+        .for_each(|r| async move { log_result("SecretStore", r) });
+    let profiles_done = profile_ctl
+        .with_config(controller_config.clone())
+        .shutdown_on_signal()
+        .run(
+            vault_profile::reconcile,
+            vault_profile::error_policy,
+            ctx.clone(),
+        )
+        .for_each(|r| async move { log_result("VaultProfile", r) });
+    let managed_done = managed_ctl
+        .with_config(controller_config)
+        .shutdown_on_signal()
+        .run(
+            managed_secret::reconcile,
+            managed_secret::error_policy,
+            ctx.clone(),
+        )
+        .for_each(|r| async move { log_result("ManagedSecret", r) });
+    futures::join!(stores_done, profiles_done, managed_done);
+    info!("keyhaven controllers stopped");
+    Ok(())
+}
+
+fn log_result<K: Resource, E: std::fmt::Display>(
+    kind: &str,
+    result: Result<(ObjectRef<K>, kube::runtime::controller::Action), E>,
+) {
+    if let Err(e) = result {
+        // Reconcile errors are already in the object's status and events.
+        tracing::debug!(kind, error = %e, "reconcile failed");
+    }
+}
+
+/// Creates the operator's namespace when it is missing (out-of-cluster runs).
+async fn ensure_namespace(client: &Client, name: &str) -> Result<()> {
+    let api: Api<Namespace> = Api::all(client.clone());
+    if api.get_opt(name).await?.is_none() {
+        let ns = Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        match api.create(&PostParams::default(), &ns).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+        info!(namespace = name, "created the operator namespace");
+    }
+    Ok(())
+}

@@ -1,0 +1,82 @@
+//! Turns SecretStore objects into live backends, one per store, rebuilt when the store's
+//! spec changes and shared by every reconcile that uses the store.
+
+use crate::api::SecretStore;
+use crate::backend::{Backend, InternalStore, KubernetesStore};
+use crate::crypto::OperatorKeys;
+use crate::error::{Error, Result};
+use kube::{Client, ResourceExt};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Live backends by store name.
+pub struct StoreRegistry {
+    client: Client,
+    operator_namespace: String,
+    keys: OperatorKeys,
+    cache: Mutex<HashMap<String, (BackendKey, Arc<dyn Backend>)>>,
+}
+
+/// What a cached backend was built from: a new uid or generation rebuilds it.
+#[derive(PartialEq, Eq, Clone)]
+struct BackendKey {
+    uid: Option<String>,
+    generation: Option<i64>,
+}
+
+impl StoreRegistry {
+    pub fn new(client: Client, operator_namespace: &str, keys: OperatorKeys) -> Self {
+        StoreRegistry {
+            client,
+            operator_namespace: operator_namespace.to_owned(),
+            keys,
+            cache: Mutex::default(),
+        }
+    }
+
+    /// The backend of `store`, built on first use and whenever its spec changes.
+    pub fn backend(&self, store: &SecretStore) -> Result<Arc<dyn Backend>> {
+        let name = store.name_any();
+        let key = BackendKey {
+            uid: store.uid(),
+            generation: store.metadata.generation,
+        };
+        let mut cache = self.cache.lock().expect("store registry lock");
+        if let Some((k, backend)) = cache.get(&name)
+            && *k == key
+        {
+            return Ok(backend.clone());
+        }
+        let backend = self.build(&name, store)?;
+        cache.insert(name, (key, backend.clone()));
+        Ok(backend)
+    }
+
+    fn build(&self, name: &str, store: &SecretStore) -> Result<Arc<dyn Backend>> {
+        let provider = &store.spec.provider;
+        if provider.internal.is_some() {
+            return Ok(Arc::new(InternalStore::new(
+                name,
+                self.client.clone(),
+                &self.operator_namespace,
+                self.keys.master.clone(),
+            )));
+        }
+        if let Some(k) = &provider.kubernetes {
+            return Ok(Arc::new(KubernetesStore::new(
+                name,
+                self.client.clone(),
+                &k.namespace,
+            )));
+        }
+        Err(Error::config(
+            "InvalidProvider",
+            format!("SecretStore {name} sets no provider"),
+        ))
+    }
+
+    /// Forgets a deleted store.
+    pub fn forget(&self, name: &str) {
+        self.cache.lock().expect("store registry lock").remove(name);
+    }
+}

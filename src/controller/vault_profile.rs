@@ -1,0 +1,60 @@
+//! The VaultProfile reconciler: Ready when its source and sync targets exist and are Active.
+
+use super::Context;
+use crate::api::{
+    ManagedSecret, SecretStore, StorePhase, VaultProfile, VaultProfileStatus, condition,
+    set_condition,
+};
+use crate::error::{Error, Result};
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Resource, ResourceExt};
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::Instrument;
+
+pub async fn reconcile(profile: Arc<VaultProfile>, ctx: Arc<Context>) -> Result<Action> {
+    let span = tracing::info_span!("reconcile", kind = "VaultProfile", name = %profile.name_any());
+    async move {
+        ctx.wait_for_caches().await;
+        let problems: Vec<String> = profile
+            .spec
+            .stores()
+            .filter_map(|name| match ctx.stores.get(&ObjectRef::<SecretStore>::new(name)) {
+                None => Some(format!("SecretStore {name} does not exist")),
+                Some(s) => match s.status.as_ref().and_then(|st| st.phase) {
+                    Some(StorePhase::Active) => None,
+                    Some(phase) => Some(format!("SecretStore {name} is {}", phase.as_str())),
+                    None => Some(format!("SecretStore {name} has not been checked yet")),
+                },
+            })
+            .collect();
+        let name = profile.name_any();
+        let secrets = ctx.managed.state().iter().filter(|ms: &&Arc<ManagedSecret>| ms.spec.profile == name).count() as u64;
+        let ready = problems.is_empty();
+        let message = if ready { "source and sync targets are Active".to_owned() } else { problems.join("; ") };
+        let previous = profile.status.clone().unwrap_or_default();
+        let mut status = VaultProfileStatus {
+            phase: Some(if ready { "Ready" } else { "NotReady" }.into()),
+            message: Some(message.clone()),
+            secrets: Some(secrets),
+            observed_generation: profile.metadata.generation,
+            conditions: previous.conditions.clone(),
+        };
+        let reason = if ready { "StoresActive" } else { "StoresNotActive" };
+        set_condition(&mut status.conditions, condition("Ready", ready, reason, message, profile.metadata.generation));
+        if status != previous {
+            let body = serde_json::json!({"apiVersion": VaultProfile::api_version(&()), "kind": VaultProfile::kind(&()), "status": status});
+            let api: Api<VaultProfile> = Api::all(ctx.client.clone());
+            api.patch_status(&name, &PatchParams::apply(&ctx.config.field_manager).force(), &Patch::Apply(&body)).await?;
+        }
+        Ok(Action::requeue(Duration::from_secs(if ready { 60 } else { 10 })))
+    }
+    .instrument(span)
+    .await
+}
+
+pub fn error_policy(_profile: Arc<VaultProfile>, _error: &Error, _ctx: Arc<Context>) -> Action {
+    Action::requeue(Duration::from_secs(10))
+}

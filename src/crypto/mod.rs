@@ -1,0 +1,24 @@
+//! Cryptography: envelope encryption of stored versions and keyed fingerprints.
+
+mod envelope;
+mod fingerprint;
+mod operator_keys;
+
+pub use envelope::{DataKey, Envelope, KeyWrapper, SoftwareKek, open, seal};
+pub use fingerprint::{Fingerprint, Fingerprinter};
+pub use operator_keys::OperatorKeys;
+
+/// A cryptographic failure. Never carries key material or plaintext.
+#[derive(Debug, thiserror::Error)]
+pub enum CryptoError {
+    #[error(
+        "decryption failed: the ciphertext or its wrapped key was altered, or another key sealed it"
+    )]
+    Decrypt,
+    #[error("encryption failed")]
+    Encrypt,
+    #[error("data key was wrapped by key {found:?}, but this store holds key {expected:?}")]
+    WrongKek { expected: String, found: String },
+    #[error("key wrapping failed: {0}")]
+    Wrap(String),
+}

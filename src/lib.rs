@@ -7,3 +7,10 @@ pub mod controller;
 pub mod crypto;
 pub mod error;
 pub mod secret_data;
+
+/// Selects rustls' crypto provider for the process (ring). Some dependencies enable a
+/// second provider, and rustls then refuses to choose; call this before any TLS client is
+/// built. Calling it again is harmless.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

@@ -58,6 +58,7 @@ enum LogFormat {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    keyhaven::install_crypto_provider();
     match Cli::parse().command {
         Command::Crds { out_dir: None } => {
             for crd in crds() {

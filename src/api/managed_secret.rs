@@ -1,6 +1,10 @@
 //! `ManagedSecret`: one typed secret object, its versions and its Kubernetes Secret
 //! (namespaced).
 
+// Several `printcolumn(..)` in one `#[kube(..)]` repeat `type_ = ..`; clippy reads that as a
+// duplicated attribute.
+#![allow(clippy::duplicated_attributes)]
+
 use super::common::{DURATION_PATTERN, conditions_schema};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
@@ -43,7 +47,7 @@ pub struct ManagedSecretSpec {
     pub type_: SecretType,
     /// The secret object's name in the stores. Defaults to `<namespace>/<name>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$') && size(self) <= 200").message("path is slash-separated segments of letters, digits, '_', '.' and '-', at most 200 characters"))]
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$') && size(self) <= 200").message("path is slash-separated segments of letters, digits, '_', '.' and '-' (a segment may not start with '.' or '-'), at most 200 characters"))]
     #[x_kube(validation = Rule::new("self == oldSelf").message("path is immutable"))]
     pub path: Option<String>,
     /// Where the value comes from.

@@ -1,6 +1,10 @@
 //! `VaultProfile`: one source store, N sync targets and the rules of the secrets under it
 //! (cluster-scoped).
 
+// Several `printcolumn(..)` in one `#[kube(..)]` repeat `type_ = ..`; clippy reads that as a
+// duplicated attribute.
+#![allow(clippy::duplicated_attributes)]
+
 use super::common::conditions_schema;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, KubeSchema};

@@ -9,7 +9,7 @@ use super::plan::{
     decide_version, native_action, record_version, store_action,
 };
 use crate::api::{
-    CreationPolicy, DeletionPolicy, ManagedSecret, ManagedSecretStatus, TargetStatus, VaultProfile,
+    CreationPolicy, DeletionPolicy, ManagedSecret, ManagedSecretStatus, TargetStatus,
     VersionRecord, condition, now, parse_duration, set_condition,
 };
 use crate::backend::VersionStamp;
@@ -23,7 +23,6 @@ use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
-use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -40,7 +39,6 @@ const FINGERPRINT_ANNOTATION: &str = "keyhaven.io/fingerprint";
 pub async fn reconcile(ms: Arc<ManagedSecret>, ctx: Arc<Context>) -> Result<Action> {
     let span = tracing::info_span!("reconcile", kind = "ManagedSecret", namespace = %ms.namespace().unwrap_or_default(), name = %ms.name_any());
     async move {
-        ctx.wait_for_caches().await;
         let api: Api<ManagedSecret> =
             Api::namespaced(ctx.client.clone(), &ms.namespace().unwrap_or_default());
         finalizer(&api, FINALIZER, ms, |event| async {
@@ -68,6 +66,8 @@ struct Synced {
     targets: Vec<TargetStatus>,
     native_written: bool,
     secret_name: String,
+    /// The status the decision was made on (re-read from the API when a version was recorded).
+    status: ManagedSecretStatus,
 }
 
 async fn apply(ms: &ManagedSecret, ctx: &Context) -> Result<Action> {
@@ -163,17 +163,14 @@ fn short(record: &Option<VersionRecord>) -> String {
 
 async fn sync(ms: &ManagedSecret, ctx: &Context) -> Result<Synced> {
     let namespace = ms.namespace().unwrap_or_default();
-    let profile = ctx
-        .profiles
-        .get(&ObjectRef::<VaultProfile>::new(&ms.spec.profile))
-        .ok_or_else(|| {
-            Error::config(
-                "ProfileNotFound",
-                format!("VaultProfile {} does not exist", ms.spec.profile),
-            )
-        })?;
+    let profile = ctx.vault_profile(&ms.spec.profile).await?.ok_or_else(|| {
+        Error::config(
+            "ProfileNotFound",
+            format!("VaultProfile {} does not exist", ms.spec.profile),
+        )
+    })?;
     let source_name = profile.spec.source.clone();
-    let source = ctx.backend(&source_name)?;
+    let source = ctx.backend(&source_name).await?;
     let path = ms.store_path();
     let secret_type = ms.spec.type_;
     let fingerprint = |data: &SecretData| {
@@ -210,9 +207,21 @@ async fn sync(ms: &ManagedSecret, ctx: &Context) -> Result<Synced> {
     };
     content::validate(secret_type, &data)?;
     let fp = fingerprint(&data);
-    let status = ms.status.clone().unwrap_or_default();
+    let mut status = ms.status.clone().unwrap_or_default();
     let source_stamp = source_current.as_ref().and_then(|c| c.stamp.clone());
-    let decision = decide_version(status.versions.last(), source_stamp.as_ref(), &fp);
+    let mut decision = decide_version(status.versions.last(), source_stamp.as_ref(), &fp);
+    if decision != VersionDecision::Unchanged(decision.version()) {
+        // The cached object may predate our own last status write (a watch event on the
+        // native Secret can arrive first): decide again on the stored status before
+        // recording a version.
+        let api: Api<ManagedSecret> = Api::namespaced(ctx.client.clone(), &namespace);
+        status = api
+            .get_status(&ms.name_any())
+            .await?
+            .status
+            .unwrap_or_default();
+        decision = decide_version(status.versions.last(), source_stamp.as_ref(), &fp);
+    }
     let version = decision.version();
     let stamp = VersionStamp {
         version,
@@ -297,6 +306,7 @@ async fn sync(ms: &ManagedSecret, ctx: &Context) -> Result<Synced> {
         targets,
         native_written,
         secret_name,
+        status,
     })
 }
 
@@ -318,7 +328,7 @@ async fn sync_target(
     };
     let previous = status.targets.iter().find(|t| t.store == target);
     let result: Result<StoreAction> = async {
-        let backend = ctx.backend(target)?;
+        let backend = ctx.backend(target).await?;
         let current = backend.read(path, None).await?;
         let obs = current.as_ref().map(|c| StoreObservation {
             stamp: c.stamp.clone(),
@@ -468,7 +478,7 @@ fn desired_secret(
 }
 
 fn synced_status(ms: &ManagedSecret, synced: &Synced) -> ManagedSecretStatus {
-    let mut status = ms.status.clone().unwrap_or_default();
+    let mut status = synced.status.clone();
     if let Some(record) = &synced.record {
         record_version(&mut status.versions, record.clone(), synced.history_keep);
     }

@@ -16,7 +16,7 @@ use crate::crypto::OperatorKeys;
 use crate::error::{Error, Result};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
-use kube::api::{ObjectMeta, PostParams};
+use kube::api::{ListParams, ObjectMeta, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{Controller, watcher};
@@ -53,24 +53,47 @@ pub struct Context {
 }
 
 impl Context {
-    /// Waits until the SecretStore and VaultProfile caches hold the cluster's state, so a
-    /// reconcile never mistakes "not listed yet" for "does not exist".
-    pub async fn wait_for_caches(&self) {
-        let _ = self.stores.wait_until_ready().await;
-        let _ = self.profiles.wait_until_ready().await;
+    /// The SecretStore `name` from the cache, or from the API server when the cache does
+    /// not hold it (yet): a reconcile never mistakes "not listed yet" for "does not exist".
+    pub async fn secret_store(&self, name: &str) -> Result<Option<Arc<SecretStore>>> {
+        self.cached_or_fetched(&self.stores, name).await
+    }
+
+    /// The VaultProfile `name`, like [`Context::secret_store`].
+    pub async fn vault_profile(&self, name: &str) -> Result<Option<Arc<VaultProfile>>> {
+        self.cached_or_fetched(&self.profiles, name).await
+    }
+
+    /// A cluster-scoped object from `cache`, else read from the API server within the
+    /// operator's store selector (an object outside it does not exist for this operator).
+    /// Not `Store::wait_until_ready`: that future keeps a single waker, which the
+    /// controller's own applier already holds, so a second waiter would never wake.
+    async fn cached_or_fetched<K>(&self, cache: &Store<K>, name: &str) -> Result<Option<Arc<K>>>
+    where
+        K: Resource<DynamicType = (), Scope = kube::core::ClusterResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        if let Some(obj) = cache.get(&ObjectRef::new(name)) {
+            return Ok(Some(obj));
+        }
+        let api: Api<K> = Api::all(self.client.clone());
+        let mut lp = ListParams::default().fields(&format!("metadata.name={name}"));
+        if let Some(selector) = &self.config.store_selector {
+            lp = lp.labels(selector);
+        }
+        Ok(api.list(&lp).await?.items.into_iter().next().map(Arc::new))
     }
 
     /// The live backend of the SecretStore named `name`.
-    pub fn backend(&self, name: &str) -> Result<Arc<dyn Backend>> {
-        let store = self
-            .stores
-            .get(&ObjectRef::<SecretStore>::new(name))
-            .ok_or_else(|| {
-                Error::config(
-                    "StoreNotFound",
-                    format!("SecretStore {name} does not exist"),
-                )
-            })?;
+    pub async fn backend(&self, name: &str) -> Result<Arc<dyn Backend>> {
+        let store = self.secret_store(name).await?.ok_or_else(|| {
+            Error::config(
+                "StoreNotFound",
+                format!("SecretStore {name} does not exist"),
+            )
+        })?;
         self.stores_registry.backend(&store)
     }
 

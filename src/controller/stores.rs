@@ -14,8 +14,11 @@ pub struct StoreRegistry {
     client: Client,
     operator_namespace: String,
     keys: OperatorKeys,
-    cache: Mutex<HashMap<String, (BackendKey, Arc<dyn Backend>)>>,
+    cache: Mutex<HashMap<String, CachedBackend>>,
 }
+
+/// A live backend and what it was built from.
+type CachedBackend = (BackendKey, Arc<dyn Backend>);
 
 /// What a cached backend was built from: a new uid or generation rebuilds it.
 #[derive(PartialEq, Eq, Clone)]

@@ -2,13 +2,11 @@
 
 use super::Context;
 use crate::api::{
-    ManagedSecret, SecretStore, StorePhase, VaultProfile, VaultProfileStatus, condition,
-    set_condition,
+    ManagedSecret, StorePhase, VaultProfile, VaultProfileStatus, condition, set_condition,
 };
 use crate::error::{Error, Result};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,19 +15,18 @@ use tracing::Instrument;
 pub async fn reconcile(profile: Arc<VaultProfile>, ctx: Arc<Context>) -> Result<Action> {
     let span = tracing::info_span!("reconcile", kind = "VaultProfile", name = %profile.name_any());
     async move {
-        ctx.wait_for_caches().await;
-        let problems: Vec<String> = profile
-            .spec
-            .stores()
-            .filter_map(|name| match ctx.stores.get(&ObjectRef::<SecretStore>::new(name)) {
+        let mut problems = Vec::new();
+        for name in profile.spec.stores() {
+            let problem = match ctx.secret_store(name).await? {
                 None => Some(format!("SecretStore {name} does not exist")),
                 Some(s) => match s.status.as_ref().and_then(|st| st.phase) {
                     Some(StorePhase::Active) => None,
                     Some(phase) => Some(format!("SecretStore {name} is {}", phase.as_str())),
                     None => Some(format!("SecretStore {name} has not been checked yet")),
                 },
-            })
-            .collect();
+            };
+            problems.extend(problem);
+        }
         let name = profile.name_any();
         let secrets = ctx.managed.state().iter().filter(|ms: &&Arc<ManagedSecret>| ms.spec.profile == name).count() as u64;
         let ready = problems.is_empty();

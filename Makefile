@@ -1,0 +1,28 @@
+# keyhaven — the two commands the README promises, and a few helpers.
+.PHONY: test demo unit e2e crds bed-up bed-down lint
+
+# Everything: unit tests, the CRD drift test and the end-to-end tests on a real control
+# plane, OpenBao and SoftHSM2 (brought up by e2e/testbed, built once and cached).
+test:
+	e2e/testbed up
+	cargo test --locked --all-targets
+
+# The demo: the test bed, the CRDs, the operator, the examples, and the Secrets they make.
+demo:
+	e2e/demo
+
+unit:
+	cargo test --locked --lib --test crds
+
+crds:
+	cargo run --quiet -- crds --out-dir crds
+
+bed-up:
+	e2e/testbed up
+
+bed-down:
+	e2e/testbed down
+
+lint:
+	cargo fmt --check
+	cargo clippy --locked --all-targets -- -D warnings

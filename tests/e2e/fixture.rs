@@ -1,0 +1,372 @@
+//! A keyhaven test on the bed: the CRDs installed, a namespace of its own, an operator
+//! process scoped to it, and helpers to make stores, profiles and ManagedSecrets and wait
+//! for their status. Everything cluster-scoped it creates carries the scope label and is
+//! deleted when the fixture drops.
+
+use super::operator::{Operator, SCOPE_LABEL};
+use futures::Future;
+use k8s_openapi::api::core::v1::{Event, Namespace, Secret};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use keyhaven::api::{ManagedSecret, SecretStore, VaultProfile};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::core::NamespaceResourceScope;
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::time::{Duration, Instant};
+
+pub struct Fixture {
+    pub client: Client,
+    /// The test's namespace: its ManagedSecrets and native Secrets live here.
+    pub ns: String,
+    pub op: Operator,
+    kubeconfig: std::path::PathBuf,
+    /// Extra namespaces the test made (kubernetes stores), deleted at the end.
+    extra_namespaces: std::sync::Mutex<Vec<String>>,
+}
+
+impl Fixture {
+    /// Installs the CRDs, creates a namespace for the test and starts an operator for it.
+    pub async fn new(name: &str) -> Fixture {
+        keyhaven::install_crypto_provider();
+        let bed = super::Testbed::load();
+        let client = bed.client().await;
+        install_crds(&client).await;
+        let ns = format!("{name}-{}", super::unique_suffix());
+        create_namespace(&client, &ns).await;
+        let op = Operator::start(&bed.kubeconfig, &ns);
+        Fixture {
+            client,
+            ns,
+            op,
+            kubeconfig: bed.kubeconfig.clone(),
+            extra_namespaces: Default::default(),
+        }
+    }
+
+    /// A name unique to this test for a cluster-scoped object.
+    pub fn scoped(&self, name: &str) -> String {
+        format!("{}-{name}", self.ns)
+    }
+
+    /// Creates a namespace deleted with the fixture.
+    pub async fn namespace(&self, suffix: &str) -> String {
+        let name = self.scoped(suffix);
+        create_namespace(&self.client, &name).await;
+        self.extra_namespaces.lock().unwrap().push(name.clone());
+        name
+    }
+
+    /// Server-side applies `obj` (a JSON manifest) through `api` as the test's field manager.
+    pub async fn apply<K>(&self, api: Api<K>, obj: Value) -> K
+    where
+        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Serialize + Debug,
+    {
+        let name = obj["metadata"]["name"]
+            .as_str()
+            .expect("manifest has a name")
+            .to_owned();
+        api.patch(
+            &name,
+            &PatchParams::apply("e2e-test").force(),
+            &Patch::Apply(&obj),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("apply {} {name}: {e}", K::kind(&())))
+    }
+
+    /// The API of a namespaced kind in `namespace`.
+    pub fn ns_api<K: Resource<DynamicType = (), Scope = NamespaceResourceScope>>(
+        &self,
+        namespace: &str,
+    ) -> Api<K> {
+        Api::namespaced(self.client.clone(), namespace)
+    }
+
+    /// The API of a kind across the cluster.
+    pub fn cluster_api<K: Resource<DynamicType = ()>>(&self) -> Api<K> {
+        Api::all(self.client.clone())
+    }
+
+    /// A SecretStore named `<ns>-<name>` with `provider`, scoped to this test's operator.
+    pub async fn store(&self, name: &str, provider: Value) -> String {
+        let full = self.scoped(name);
+        self.apply::<SecretStore>(
+            self.cluster_api(),
+            json!({
+                "apiVersion": "keyhaven.io/v1alpha1", "kind": "SecretStore",
+                "metadata": {"name": full, "labels": {SCOPE_LABEL: self.ns}},
+                "spec": {"provider": provider},
+            }),
+        )
+        .await;
+        full
+    }
+
+    /// A VaultProfile named `<ns>-<name>`.
+    pub async fn profile(&self, name: &str, source: &str, targets: &[&str]) -> String {
+        let full = self.scoped(name);
+        self.apply::<VaultProfile>(
+            self.cluster_api(),
+            json!({
+                "apiVersion": "keyhaven.io/v1alpha1", "kind": "VaultProfile",
+                "metadata": {"name": full, "labels": {SCOPE_LABEL: self.ns}},
+                "spec": {"source": source, "syncTargets": targets},
+            }),
+        )
+        .await;
+        full
+    }
+
+    /// A ManagedSecret in the test namespace.
+    pub async fn managed_secret(&self, name: &str, spec: Value) -> ManagedSecret {
+        self.apply(
+            self.ns_api(&self.ns),
+            json!({
+                "apiVersion": "keyhaven.io/v1alpha1", "kind": "ManagedSecret",
+                "metadata": {"name": name, "namespace": self.ns},
+                "spec": spec,
+            }),
+        )
+        .await
+    }
+
+    /// A plain Secret with string values.
+    pub async fn secret(&self, namespace: &str, name: &str, values: &[(&str, &str)]) -> Secret {
+        let data: BTreeMap<&str, &str> = values.iter().copied().collect();
+        // Replace, not merge: keys absent from `values` go.
+        let api = self.ns_api::<Secret>(namespace);
+        let _ = api.delete(name, &DeleteParams::default()).await;
+        api.create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                json!({"metadata": {"name": name, "namespace": namespace}, "stringData": data}),
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("create Secret {namespace}/{name}: {e}"))
+    }
+
+    /// Waits until the ManagedSecret `name` satisfies `ok`, or panics with its last status.
+    pub async fn wait_managed(
+        &self,
+        name: &str,
+        what: &str,
+        ok: impl Fn(&ManagedSecret) -> bool,
+    ) -> ManagedSecret {
+        let api = self.ns_api::<ManagedSecret>(&self.ns);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let last = api.get_opt(name).await.ok().flatten();
+            if let Some(ms) = last.as_ref().filter(|ms| ok(ms)) {
+                return ms.clone();
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "ManagedSecret {name}: {what}: not reached in 60s; status: {:#?}",
+                    last.and_then(|m| m.status)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Waits until the ManagedSecret holds `version` and is Synced.
+    pub async fn wait_synced(&self, name: &str, version: u64) -> ManagedSecret {
+        self.wait_managed(name, &format!("Synced at version {version}"), |ms| {
+            ms.status.as_ref().is_some_and(|s| {
+                s.phase.as_deref() == Some("Synced") && s.current_version == Some(version)
+            })
+        })
+        .await
+    }
+
+    /// Waits for a condition `Ready=False` with `reason`.
+    pub async fn wait_not_ready(&self, name: &str, reason: &str) -> ManagedSecret {
+        self.wait_managed(name, &format!("Ready=False/{reason}"), |ms| {
+            ms.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "False" && c.reason == reason)
+            })
+        })
+        .await
+    }
+
+    /// The data of a Secret as strings, or None when it does not exist.
+    pub async fn secret_data(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Option<BTreeMap<String, String>> {
+        let s = self
+            .ns_api::<Secret>(namespace)
+            .get_opt(name)
+            .await
+            .unwrap()?;
+        Some(
+            s.data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, String::from_utf8_lossy(&v.0).into_owned()))
+                .collect(),
+        )
+    }
+
+    /// Every Event about this test's objects (namespaced ones and the cluster-scoped stores
+    /// and profiles, whose Events land in `default`), as "reason: note" lines.
+    pub async fn events(&self) -> Vec<String> {
+        let mut out = vec![];
+        for ns in [self.ns.as_str(), "default"] {
+            let list = self
+                .ns_api::<Event>(ns)
+                .list(&ListParams::default())
+                .await
+                .unwrap();
+            for e in list.items {
+                let name = e.involved_object.name.clone().unwrap_or_default();
+                if ns == self.ns || name.starts_with(&self.ns) {
+                    out.push(format!(
+                        "{}: {}",
+                        e.reason.unwrap_or_default(),
+                        e.message.unwrap_or_default()
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    /// Waits until an Event with `reason` (and a note containing `text`) exists.
+    pub async fn wait_event(&self, reason: &str, text: &str) -> String {
+        let prefix = format!("{reason}: ");
+        let found = wait_until(Duration::from_secs(60), || async {
+            self.events()
+                .await
+                .into_iter()
+                .find(|e| e.starts_with(&prefix) && e.contains(text))
+        })
+        .await;
+        match found {
+            Some(e) => e,
+            None => panic!(
+                "no {reason} Event mentioning {text:?}; events: {:#?}",
+                self.events().await
+            ),
+        }
+    }
+
+    /// Secret values never reach the operator's log or any Event.
+    pub async fn assert_values_never_leaked(&self, values: &[&str]) {
+        let log = self.op.log_text();
+        assert!(
+            !log.is_empty(),
+            "the operator logged nothing at all: is it running?"
+        );
+        let events = self.events().await.join("\n");
+        for v in values {
+            assert!(
+                !log.contains(v),
+                "a secret value appears in the operator log {}",
+                self.op.log.display()
+            );
+            assert!(!events.contains(v), "a secret value appears in an Event");
+        }
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        self.op.kill();
+        let mut namespaces = std::mem::take(&mut *self.extra_namespaces.lock().unwrap());
+        namespaces.push(self.ns.clone());
+        namespaces.push(self.op.namespace.clone());
+        let scope = self.ns.clone();
+        // A fresh client on its own runtime: this test's runtime is blocked in Drop.
+        super::cleanup_blocking(&self.kubeconfig, move |client| async move {
+            let lp = ListParams::default().labels(&format!("{SCOPE_LABEL}={scope}"));
+            let dp = DeleteParams::default();
+            // With the operator gone, finalizers are removed by hand so the namespace can go.
+            let managed: Api<ManagedSecret> = Api::namespaced(client.clone(), &scope);
+            if let Ok(list) = managed.list(&ListParams::default()).await {
+                for ms in list.items {
+                    let patch = Patch::Merge(json!({"metadata": {"finalizers": null}}));
+                    let _ = managed
+                        .patch(&ms.name_any(), &PatchParams::default(), &patch)
+                        .await;
+                }
+            }
+            let _ = Api::<VaultProfile>::all(client.clone())
+                .delete_collection(&dp, &lp)
+                .await;
+            let _ = Api::<SecretStore>::all(client.clone())
+                .delete_collection(&dp, &lp)
+                .await;
+            let nss: Api<Namespace> = Api::all(client.clone());
+            for ns in namespaces {
+                let _ = nss.delete(&ns, &dp).await;
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Polls `probe` every 250 ms until it returns Some, or `timeout` passes.
+pub async fn wait_until<T, F, Fut>(timeout: Duration, mut probe: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe().await {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn create_namespace(client: &Client, name: &str) {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let ns: Namespace = serde_json::from_value(
+        json!({"metadata": {"name": name, "labels": {"keyhaven.io/e2e": "true"}}}),
+    )
+    .unwrap();
+    match api.create(&PostParams::default(), &ns).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => panic!("create namespace {name}: {e}"),
+    }
+}
+
+/// Applies the CRDs generated from the Rust types and waits until they are Established.
+pub async fn install_crds(client: &Client) {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in keyhaven::api::crds() {
+        let name = crd.name_any();
+        api.patch(
+            &name,
+            &PatchParams::apply("e2e-test").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .expect("apply CRD");
+        let established = wait_until(Duration::from_secs(30), || async {
+            let c = api.get(&name).await.ok()?;
+            let conds = c.status?.conditions?;
+            conds
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True")
+                .then_some(())
+        })
+        .await;
+        assert!(established.is_some(), "CRD {name} not Established");
+    }
+}

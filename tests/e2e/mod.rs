@@ -63,7 +63,15 @@ impl Testbed {
     pub fn load() -> Testbed {
         static BED: OnceLock<Testbed> = OnceLock::new();
         BED.get_or_init(|| {
-            let bed = Testbed::read(&Testbed::state_dir());
+            let dir = Testbed::state_dir();
+            // The demo's operator watches every namespace and store: it would race the
+            // scoped operators the tests start.
+            if let Ok(pid) = std::fs::read_to_string(dir.join("pids/keyhaven.pid"))
+                && Path::new(&format!("/proc/{}", pid.trim())).exists()
+            {
+                panic!("the demo's operator (pid {}) runs on this test bed: stop it first (kill it, or `e2e/testbed down`)", pid.trim());
+            }
+            let bed = Testbed::read(&dir);
             bed.export_softhsm2_conf();
             bed
         })

@@ -45,6 +45,10 @@ struct RunArgs {
     /// Field manager of keyhaven's server-side applies.
     #[arg(long, env = "KEYHAVEN_FIELD_MANAGER", default_value = "keyhaven")]
     field_manager: String,
+    /// The operator's ServiceAccount, in --namespace: Vault's kubernetes auth logs in with
+    /// a token of it (TokenRequest) unless a SecretStore names another.
+    #[arg(long, env = "KEYHAVEN_SERVICE_ACCOUNT", default_value = "keyhaven")]
+    service_account: String,
     /// Log format.
     #[arg(long, env = "KEYHAVEN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -80,6 +84,7 @@ async fn main() -> anyhow::Result<()> {
                 store_selector: args.store_selector,
                 field_manager: args.field_manager,
                 concurrency: args.concurrency,
+                service_account: args.service_account,
             };
             controller::run(client, config).await?;
         }
@@ -89,7 +94,9 @@ async fn main() -> anyhow::Result<()> {
 
 fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_env("KEYHAVEN_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,kube=warn"));
+        // vaultrs and rustify log every non-2xx answer (a 404 for an absent path is normal
+        // here) at ERROR; keyhaven reports what matters itself.
+        .unwrap_or_else(|_| EnvFilter::new("info,kube=warn,vaultrs=off,rustify=off"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -206,6 +206,10 @@ pub struct VersionRecord {
     /// Why the version was made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The store's own version number of this content, where the store has one (the KV v2
+    /// version in Vault/OpenBao).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_version: Option<u64>,
 }
 
 /// Where one store of the profile stands for this secret.

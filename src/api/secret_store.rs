@@ -4,7 +4,7 @@
 // duplicated attribute.
 #![allow(clippy::duplicated_attributes)]
 
-use super::common::conditions_schema;
+use super::common::{DURATION_PATTERN, SecretKeyRef, conditions_schema};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
     group = "keyhaven.io",
     version = "v1alpha1",
     kind = "SecretStore",
-    doc = "A configured secret backend (internal, kubernetes) with its health and the number of secrets it holds.",
+    doc = "A configured secret backend (internal, kubernetes, vault) with its health and the number of secrets it holds.",
     status = "SecretStoreStatus",
     shortname = "khstore",
     category = "keyhaven",
@@ -33,11 +33,11 @@ pub struct SecretStoreSpec {
     pub provider: Provider,
 }
 
-/// The backend of a store: exactly one of `internal` or `kubernetes`.
+/// The backend of a store: exactly one of `internal`, `kubernetes` or `vault`.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("[has(self.internal), has(self.kubernetes)].filter(x, x).size() == 1").message("exactly one provider must be set"),
+    validation = Rule::new("[has(self.internal), has(self.kubernetes), has(self.vault)].filter(x, x).size() == 1").message("exactly one provider must be set"),
 )]
 pub struct Provider {
     /// keyhaven's own software-encrypted store, the zero-dependency default: every version
@@ -50,6 +50,10 @@ pub struct Provider {
     /// version in an immutable copy named `<name>.v<N>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<KubernetesProvider>,
+    /// A HashiCorp Vault or OpenBao KV secrets engine (version 2 or 1). A path holds one
+    /// secret object, its key/values written and read as a whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vault: Option<VaultProvider>,
 }
 
 /// Settings of the internal store (none yet).
@@ -63,6 +67,141 @@ pub struct KubernetesProvider {
     /// The namespace holding the store's Secrets. It must exist.
     #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$') && size(self) <= 63").message("must be a namespace name"))]
     pub namespace: String,
+}
+
+/// Settings of a Vault / OpenBao store.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VaultProvider {
+    /// The server's address, e.g. `https://vault.example.com:8200`.
+    #[x_kube(validation = Rule::new("self.matches('^https?://[^/?#]+$')").message("server is http(s)://host[:port], without a path"))]
+    pub server: String,
+    /// The KV secrets engine's mount path. Default `secret`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$')").message("mount is a path without leading or trailing '/'"))]
+    pub mount: Option<String>,
+    /// The KV engine's version: `v2` (versioned; the default) or `v1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<KvVersion>,
+    /// The Vault Enterprise / OpenBao namespace, sent as `X-Vault-Namespace`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// The PEM bundle of CAs that sign the server's certificate, from a Secret or a ConfigMap.
+    /// The system's roots are used without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_provider: Option<CaProvider>,
+    /// How long one request may take (Go duration). Default `10s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub request_timeout: Option<String>,
+    /// How keyhaven logs in. Exactly one method is set.
+    pub auth: VaultAuth,
+    /// Log in afresh on this schedule (Go duration, e.g. `24h`) even when the token could
+    /// still be renewed. Without it the token is renewed until it cannot be, then replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub token_rotate: Option<String>,
+}
+
+/// The KV secrets engine version.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum KvVersion {
+    #[serde(rename = "v1")]
+    V1,
+    #[default]
+    #[serde(rename = "v2")]
+    V2,
+}
+
+/// Where a CA bundle is kept.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CaProvider {
+    /// `Secret` or `ConfigMap`.
+    #[serde(rename = "type")]
+    pub type_: CaProviderType,
+    /// The object's name.
+    pub name: String,
+    /// The object's namespace; default the operator's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// The key holding the PEM bundle.
+    pub key: String,
+}
+
+/// The kind of object holding a CA bundle.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum CaProviderType {
+    Secret,
+    ConfigMap,
+}
+
+/// How keyhaven authenticates to Vault: exactly one of `tokenSecretRef`, `kubernetes`,
+/// `appRole`. One login per store is shared by every reconcile, renewed before it expires.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("[has(self.tokenSecretRef), has(self.kubernetes), has(self.appRole)].filter(x, x).size() == 1").message("exactly one auth method must be set"),
+)]
+pub struct VaultAuth {
+    /// A static token, from a key of a Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_secret_ref: Option<SecretKeyRef>,
+    /// The kubernetes auth method: a ServiceAccount token from the TokenRequest API, which
+    /// Vault checks with the cluster's TokenReview.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<VaultKubernetesAuth>,
+    /// The AppRole auth method: a role id and a secret id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_role: Option<VaultAppRoleAuth>,
+}
+
+/// Settings of the kubernetes auth method.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VaultKubernetesAuth {
+    /// Where the method is mounted. Default `kubernetes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount_path: Option<String>,
+    /// The Vault role to log in as.
+    pub role: String,
+    /// The ServiceAccount whose token is presented. Default: the operator's own
+    /// (`--service-account` in the operator's namespace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_ref: Option<ServiceAccountRef>,
+    /// Audiences of the requested token. Default: the API server's own audience.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub audiences: Vec<String>,
+}
+
+/// A ServiceAccount.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceAccountRef {
+    pub name: String,
+    /// Default: the operator's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+/// Settings of the AppRole auth method.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("has(self.roleId) != has(self.roleRef)").message("exactly one of roleId and roleRef must be set"),
+)]
+pub struct VaultAppRoleAuth {
+    /// Where the method is mounted. Default `approle`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// The role id, inline (it is not a secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role_id: Option<String>,
+    /// The role id, from a key of a Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role_ref: Option<SecretKeyRef>,
+    /// The secret id, from a key of a Secret.
+    pub secret_ref: SecretKeyRef,
 }
 
 /// The store's health, as `juju secret-backends` shows it.
@@ -100,7 +239,7 @@ pub struct SecretStoreStatus {
     /// Active, Draining, Sealed, Unreachable or Invalid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<StorePhase>,
-    /// The provider kind: internal or kubernetes.
+    /// The provider kind: internal, kubernetes or vault.
     #[serde(default, skip_serializing_if = "Option::is_none", rename = "type")]
     pub type_: Option<String>,
     /// How many secret objects (paths) the store holds for keyhaven.
@@ -132,6 +271,7 @@ impl SecretStoreSpec {
                 kubernetes: Some(_),
                 ..
             } => "kubernetes",
+            Provider { vault: Some(_), .. } => "vault",
             _ => "none",
         }
     }

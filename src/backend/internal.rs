@@ -49,8 +49,8 @@ impl Backend for InternalStore {
         path: &str,
         stamp: &VersionStamp,
         data: &SecretData,
-    ) -> Result<(), BackendError> {
-        self.records.write(path, stamp, data).await
+    ) -> Result<Option<u64>, BackendError> {
+        self.records.write(path, stamp, data).await.map(|()| None)
     }
 
     async fn list_versions(&self, path: &str) -> Result<Vec<u64>, BackendError> {

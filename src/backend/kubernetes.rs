@@ -99,7 +99,11 @@ fn from_secret(secret: &Secret) -> StoredVersion {
             version,
             fingerprint,
         });
-    StoredVersion { data, stamp }
+    StoredVersion {
+        data,
+        stamp,
+        store_version: None,
+    }
 }
 
 #[async_trait]
@@ -140,7 +144,7 @@ impl Backend for KubernetesStore {
         path: &str,
         stamp: &VersionStamp,
         data: &SecretData,
-    ) -> Result<(), BackendError> {
+    ) -> Result<Option<u64>, BackendError> {
         let name = secret_name_for_path(path);
         let annotations = BTreeMap::from([
             (PATH_ANNOTATION.to_owned(), path.to_owned()),
@@ -204,7 +208,7 @@ impl Backend for KubernetesStore {
                 .await
                 .map_err(self.err("creating the current Secret"))?;
         }
-        Ok(())
+        Ok(None)
     }
 
     async fn list_versions(&self, path: &str) -> Result<Vec<u64>, BackendError> {

@@ -7,9 +7,11 @@
 mod internal;
 mod kubernetes;
 mod sealed_records;
+mod vault;
 
 pub use internal::InternalStore;
 pub use kubernetes::KubernetesStore;
+pub use vault::{SessionSource, VaultStore};
 
 use crate::api::StorePhase;
 use crate::crypto::{CryptoError, Fingerprint};
@@ -29,6 +31,8 @@ pub struct VersionStamp {
 pub struct StoredVersion {
     pub data: SecretData,
     pub stamp: Option<VersionStamp>,
+    /// The store's own version number of this value, where it has one (KV v2).
+    pub store_version: Option<u64>,
 }
 
 /// A store's health as its SecretStore's phase shows it.
@@ -60,12 +64,13 @@ pub trait Backend: Send + Sync {
     ) -> Result<Option<StoredVersion>, BackendError>;
     /// Makes `stamp.version` with `data` the current version at `path`, keeping older
     /// versions. Idempotent: writing a version that exists with the same content is a no-op.
+    /// Returns the store's own version number of the value, where it has one (KV v2).
     async fn write(
         &self,
         path: &str,
         stamp: &VersionStamp,
         data: &SecretData,
-    ) -> Result<(), BackendError>;
+    ) -> Result<Option<u64>, BackendError>;
     /// The version numbers kept at `path`, ascending.
     async fn list_versions(&self, path: &str) -> Result<Vec<u64>, BackendError>;
     /// Removes every version at `path`.
@@ -74,6 +79,8 @@ pub trait Backend: Send + Sync {
     async fn health(&self) -> Health;
     /// How many secret objects the store holds for keyhaven.
     async fn count(&self) -> Result<u64, BackendError>;
+    /// Releases what the backend holds outside the process (a Vault token is revoked).
+    async fn shutdown(&self) {}
 }
 
 /// A store operation failed. Messages name the store and path, never a value.

@@ -134,6 +134,7 @@ impl SealedRecords {
                 version,
                 fingerprint,
             }),
+            store_version: None,
         })
     }
 

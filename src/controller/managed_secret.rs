@@ -234,9 +234,11 @@ async fn sync(ms: &ManagedSecret, ctx: &Context) -> Result<Synced> {
         content: fingerprint(&c.data),
     });
     let source_action = store_action(source_obs.as_ref(), version, &fp);
-    if source_action != StoreAction::InSync {
-        source.write(&path, &stamp, &data).await?;
-    }
+    let source_version = if source_action != StoreAction::InSync {
+        source.write(&path, &stamp, &data).await?
+    } else {
+        source_current.as_ref().and_then(|c| c.store_version)
+    };
     let mut targets = vec![TargetStatus {
         store: source_name.clone(),
         role: "Source".into(),
@@ -298,6 +300,7 @@ async fn sync(ms: &ManagedSecret, ctx: &Context) -> Result<Synced> {
         created_at: now(),
         created_by: author(ms),
         reason: Some(ms.spec.reason.clone().unwrap_or(origin)),
+        store_version: source_version,
     });
     Ok(Synced {
         decision,

@@ -37,6 +37,9 @@ pub struct Config {
     pub field_manager: String,
     /// Reconciles of one kind running at once.
     pub concurrency: u16,
+    /// The operator's own ServiceAccount (in `operator_namespace`): the identity Vault's
+    /// kubernetes auth method sees unless a store names another.
+    pub service_account: String,
 }
 
 /// What every reconcile shares: the client, caches of the watched kinds, live backends,
@@ -147,6 +150,7 @@ pub async fn run(client: Client, config: Config) -> Result<()> {
         stores_registry: StoreRegistry::new(
             client.clone(),
             &config.operator_namespace,
+            &config.service_account,
             keys.clone(),
         ),
         recorder: Recorder::new(
@@ -233,6 +237,7 @@ pub async fn run(client: Client, config: Config) -> Result<()> {
         )
         .for_each(|r| async move { log_result("ManagedSecret", r) });
     futures::join!(stores_done, profiles_done, managed_done);
+    ctx.stores_registry.shutdown().await;
     info!("keyhaven controllers stopped");
     Ok(())
 }

@@ -194,6 +194,7 @@ mod tests {
             created_at: now(),
             created_by: "keyhaven".into(),
             reason: None,
+            store_version: None,
         }
     }
 

@@ -2,7 +2,7 @@
 //! spec changes and shared by every reconcile that uses the store.
 
 use crate::api::SecretStore;
-use crate::backend::{Backend, InternalStore, KubernetesStore};
+use crate::backend::{Backend, InternalStore, KubernetesStore, SessionSource, VaultStore};
 use crate::crypto::OperatorKeys;
 use crate::error::{Error, Result};
 use kube::{Client, ResourceExt};
@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 pub struct StoreRegistry {
     client: Client,
     operator_namespace: String,
+    service_account: String,
     keys: OperatorKeys,
     cache: Mutex<HashMap<String, CachedBackend>>,
 }
@@ -28,10 +29,16 @@ struct BackendKey {
 }
 
 impl StoreRegistry {
-    pub fn new(client: Client, operator_namespace: &str, keys: OperatorKeys) -> Self {
+    pub fn new(
+        client: Client,
+        operator_namespace: &str,
+        service_account: &str,
+        keys: OperatorKeys,
+    ) -> Self {
         StoreRegistry {
             client,
             operator_namespace: operator_namespace.to_owned(),
+            service_account: service_account.to_owned(),
             keys,
             cache: Mutex::default(),
         }
@@ -51,7 +58,9 @@ impl StoreRegistry {
             return Ok(backend.clone());
         }
         let backend = self.build(&name, store)?;
-        cache.insert(name, (key, backend.clone()));
+        if let Some((_, replaced)) = cache.insert(name, (key, backend.clone())) {
+            tokio::spawn(async move { replaced.shutdown().await });
+        }
         Ok(backend)
     }
 
@@ -72,14 +81,36 @@ impl StoreRegistry {
                 &k.namespace,
             )));
         }
+        if let Some(v) = &provider.vault {
+            let source = SessionSource {
+                kube: self.client.clone(),
+                operator_namespace: self.operator_namespace.clone(),
+                service_account: self.service_account.clone(),
+            };
+            return Ok(Arc::new(VaultStore::new(name, v, source)?));
+        }
         Err(Error::config(
             "InvalidProvider",
             format!("SecretStore {name} sets no provider"),
         ))
     }
 
-    /// Forgets a deleted store.
+    /// Forgets a deleted store, releasing what its backend holds.
     pub fn forget(&self, name: &str) {
-        self.cache.lock().expect("store registry lock").remove(name);
+        if let Some((_, backend)) = self.cache.lock().expect("store registry lock").remove(name) {
+            tokio::spawn(async move { backend.shutdown().await });
+        }
+    }
+
+    /// Releases what every backend holds (Vault tokens are revoked): on shutdown.
+    pub async fn shutdown(&self) {
+        let backends: Vec<_> = self
+            .cache
+            .lock()
+            .expect("store registry lock")
+            .drain()
+            .map(|(_, (_, b))| b)
+            .collect();
+        futures::future::join_all(backends.iter().map(|b| b.shutdown())).await;
     }
 }

@@ -1,0 +1,590 @@
+//! The vault store: a HashiCorp Vault or OpenBao KV secrets engine, version 2 or 1.
+//!
+//! A path holds one secret object: its key/values are written and read as a whole, as JSON
+//! strings (a value that is not UTF-8 is stored base64-encoded and flagged as such in the
+//! bookkeeping). keyhaven's bookkeeping for a path — the stamp of the current value, the
+//! versions it wrote and, for KV v2, the KV version of each — is a separate object under
+//! the same mount at `keyhaven/objects/<id>`, so applications reading the path see only
+//! their values. KV v1 keeps no versions: keyhaven keeps a copy of each version at
+//! `keyhaven/history/<id>/v<N>`. The store's secret count is the number of bookkeeping
+//! objects.
+//!
+//! One login per store ([`session`]) is shared by every operation.
+
+mod session;
+
+use super::{Backend, BackendError, Health, StoredVersion, VersionStamp, object_id};
+use crate::api::{KvVersion, StorePhase, VaultProvider};
+use crate::crypto::Fingerprint;
+use crate::secret_data::SecretData;
+use async_trait::async_trait;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use session::Session;
+pub use session::SessionSource;
+use std::collections::{BTreeMap, HashMap};
+use vaultrs::client::VaultClient;
+use vaultrs::error::ClientError;
+
+/// Where keyhaven keeps its bookkeeping under the mount.
+const OBJECTS_PREFIX: &str = "keyhaven/objects";
+const HISTORY_PREFIX: &str = "keyhaven/history";
+/// Versions remembered per path in the bookkeeping object.
+const MAX_REMEMBERED_VERSIONS: usize = 64;
+
+/// A Vault / OpenBao KV store.
+pub struct VaultStore {
+    name: String,
+    mount: String,
+    kv: KvVersion,
+    session: Session,
+}
+
+/// keyhaven's bookkeeping for one path.
+#[derive(Serialize, Deserialize, Default, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+struct Bookkeeping {
+    path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    current: Option<VersionEntry>,
+    /// keyhaven version → what the store holds for it.
+    #[serde(default)]
+    versions: BTreeMap<u64, VersionEntry>,
+}
+
+#[derive(Serialize, Deserialize, Default, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+struct VersionEntry {
+    version: u64,
+    fingerprint: String,
+    /// The KV v2 version holding it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    store_version: Option<u64>,
+    /// Keys whose values are stored base64-encoded (not UTF-8).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    binary: Vec<String>,
+}
+
+impl VersionEntry {
+    fn stamp(&self) -> Option<VersionStamp> {
+        Some(VersionStamp {
+            version: self.version,
+            fingerprint: Fingerprint::parse(&self.fingerprint)?,
+        })
+    }
+}
+
+/// A value as Vault holds it: JSON strings, and the keys that are base64-encoded bytes.
+fn encode(data: &SecretData) -> (HashMap<String, String>, Vec<String>) {
+    let mut binary = Vec::new();
+    let values = data
+        .iter()
+        .map(|(k, v)| match std::str::from_utf8(v) {
+            Ok(text) => (k.to_owned(), text.to_owned()),
+            Err(_) => {
+                binary.push(k.to_owned());
+                (k.to_owned(), B64.encode(v))
+            }
+        })
+        .collect();
+    (values, binary)
+}
+
+/// The value Vault returned. Non-string JSON values (written by other tools) become their
+/// JSON text; keys flagged `binary` are base64-decoded.
+fn decode(values: &serde_json::Map<String, Value>, binary: &[String]) -> SecretData {
+    let mut data = SecretData::new();
+    for (k, v) in values {
+        let bytes = match v {
+            Value::String(s) if binary.contains(k) => {
+                B64.decode(s).unwrap_or_else(|_| s.clone().into_bytes())
+            }
+            Value::String(s) => s.clone().into_bytes(),
+            other => other.to_string().into_bytes(),
+        };
+        data.insert(k.clone(), bytes);
+    }
+    data
+}
+
+impl VaultStore {
+    pub fn new(
+        name: &str,
+        spec: &VaultProvider,
+        source: SessionSource,
+    ) -> Result<Self, BackendError> {
+        Ok(VaultStore {
+            name: name.to_owned(),
+            mount: spec.mount.clone().unwrap_or_else(|| "secret".into()),
+            kv: spec.version.unwrap_or_default(),
+            session: Session::new(name, spec, source)?,
+        })
+    }
+
+    /// How many times this store logged in (for tests and metrics).
+    pub fn logins(&self) -> u64 {
+        self.session.logins()
+    }
+
+    fn error(&self, path: &str, e: ClientError) -> BackendError {
+        classify(&self.name, path, e)
+    }
+
+    fn object_path(path: &str) -> String {
+        format!("{OBJECTS_PREFIX}/{}", object_id(path))
+    }
+
+    fn history_path(path: &str, version: u64) -> String {
+        format!("{HISTORY_PREFIX}/{}/v{version}", object_id(path))
+    }
+
+    /// Reads a JSON object at `path` of the mount; `None` when absent.
+    async fn get_object(
+        &self,
+        client: &VaultClient,
+        path: &str,
+        version: Option<u64>,
+    ) -> Result<Option<(serde_json::Map<String, Value>, Option<u64>)>, ClientError> {
+        let result = match self.kv {
+            KvVersion::V2 => {
+                let mut req = vaultrs::api::kv2::requests::ReadSecretRequest::builder();
+                req.mount(&self.mount).path(path);
+                if let Some(v) = version {
+                    req.version(Some(v));
+                }
+                let endpoint = req.build().expect("all fields set");
+                vaultrs::api::exec_with_result(client, endpoint)
+                    .await
+                    .map(|r| (r.data, Some(r.metadata.version)))
+            }
+            KvVersion::V1 => vaultrs::kv1::get::<Value>(client, &self.mount, path)
+                .await
+                .map(|v| (v, None)),
+        };
+        match result {
+            Ok((Value::Object(map), v)) => Ok(Some((map, v))),
+            // KV v2 answers a deleted or destroyed version with null data.
+            Ok((_, _)) => Ok(None),
+            Err(ClientError::APIError { code: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes a JSON object at `path`; returns the KV v2 version made.
+    async fn put_object<T: Serialize>(
+        &self,
+        client: &VaultClient,
+        path: &str,
+        value: &T,
+    ) -> Result<Option<u64>, ClientError> {
+        match self.kv {
+            KvVersion::V2 => {
+                let meta = vaultrs::kv2::set(client, &self.mount, path, value).await?;
+                Ok(Some(meta.version))
+            }
+            KvVersion::V1 => {
+                let value = serde_json::to_value(value)
+                    .map_err(|source| ClientError::JsonParseError { source })?;
+                let map: HashMap<String, Value> = serde_json::from_value(value)
+                    .map_err(|source| ClientError::JsonParseError { source })?;
+                let map: HashMap<&str, &Value> = map.iter().map(|(k, v)| (k.as_str(), v)).collect();
+                vaultrs::kv1::set(client, &self.mount, path, &map).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Removes `path` entirely (every KV v2 version and its metadata).
+    async fn remove_object(&self, client: &VaultClient, path: &str) -> Result<(), ClientError> {
+        let result = match self.kv {
+            KvVersion::V2 => vaultrs::kv2::delete_metadata(client, &self.mount, path).await,
+            KvVersion::V1 => vaultrs::kv1::delete(client, &self.mount, path).await,
+        };
+        match result {
+            Err(ClientError::APIError { code: 404, .. }) => Ok(()),
+            other => other,
+        }
+    }
+
+    async fn bookkeeping(
+        &self,
+        client: &VaultClient,
+        path: &str,
+    ) -> Result<Option<Bookkeeping>, BackendError> {
+        let object = Self::object_path(path);
+        match self
+            .get_object(client, &object, None)
+            .await
+            .map_err(|e| self.error(path, e))?
+        {
+            None => Ok(None),
+            Some((map, _)) => serde_json::from_value(Value::Object(map))
+                .map(Some)
+                .map_err(|e| BackendError::Corrupt {
+                    store: self.name.clone(),
+                    path: path.to_owned(),
+                    message: format!("keyhaven's bookkeeping at {}/{object}: {e}", self.mount),
+                }),
+        }
+    }
+
+    async fn read_with(
+        &self,
+        client: &VaultClient,
+        path: &str,
+        version: Option<u64>,
+    ) -> Result<Option<StoredVersion>, BackendError> {
+        let book = self.bookkeeping(client, path).await?;
+        let Some(version) = version else {
+            let Some((values, store_version)) = self
+                .get_object(client, path, None)
+                .await
+                .map_err(|e| self.error(path, e))?
+            else {
+                return Ok(None);
+            };
+            let current = book.as_ref().and_then(|b| b.current.clone());
+            // Binary flags apply to the value keyhaven wrote, not to one written since by hand.
+            let binary = match &current {
+                Some(c) if self.kv == KvVersion::V1 || c.store_version == store_version => {
+                    c.binary.clone()
+                }
+                _ => Vec::new(),
+            };
+            return Ok(Some(StoredVersion {
+                data: decode(&values, &binary),
+                stamp: current.and_then(|c| c.stamp()),
+                store_version,
+            }));
+        };
+        let Some(entry) = book.and_then(|b| b.versions.get(&version).cloned()) else {
+            return Ok(None);
+        };
+        let found = match self.kv {
+            KvVersion::V2 => self.get_object(client, path, entry.store_version).await,
+            KvVersion::V1 => {
+                self.get_object(client, &Self::history_path(path, version), None)
+                    .await
+            }
+        }
+        .map_err(|e| self.error(path, e))?;
+        Ok(found.map(|(values, store_version)| StoredVersion {
+            data: decode(&values, &entry.binary),
+            stamp: entry.stamp(),
+            store_version,
+        }))
+    }
+
+    async fn write_with(
+        &self,
+        client: &VaultClient,
+        path: &str,
+        stamp: &VersionStamp,
+        data: &SecretData,
+    ) -> Result<Option<u64>, BackendError> {
+        let err = |e| self.error(path, e);
+        let mut book = self
+            .bookkeeping(client, path)
+            .await?
+            .unwrap_or_else(|| Bookkeeping {
+                path: path.to_owned(),
+                ..Bookkeeping::default()
+            });
+        let (values, binary) = encode(data);
+        // The value first. Unchanged content (a value written by hand, adopted as a
+        // version) is not written again: only the bookkeeping changes.
+        let current = self.get_object(client, path, None).await.map_err(err)?;
+        let store_version = match current {
+            Some((old, v)) if decode(&old, &binary) == *data => v,
+            _ => self.put_object(client, path, &values).await.map_err(err)?,
+        };
+        if self.kv == KvVersion::V1 {
+            self.put_object(client, &Self::history_path(path, stamp.version), &values)
+                .await
+                .map_err(err)?;
+        }
+        let entry = VersionEntry {
+            version: stamp.version,
+            fingerprint: stamp.fingerprint.to_string(),
+            store_version,
+            binary,
+        };
+        book.current = Some(entry.clone());
+        book.versions.insert(stamp.version, entry);
+        while book.versions.len() > MAX_REMEMBERED_VERSIONS {
+            let oldest = *book.versions.keys().next().expect("not empty");
+            book.versions.remove(&oldest);
+            if self.kv == KvVersion::V1 {
+                self.remove_object(client, &Self::history_path(path, oldest))
+                    .await
+                    .map_err(err)?;
+            }
+        }
+        self.put_object(client, &Self::object_path(path), &book)
+            .await
+            .map_err(err)?;
+        Ok(store_version)
+    }
+
+    async fn delete_with(&self, client: &VaultClient, path: &str) -> Result<(), BackendError> {
+        let err = |e| self.error(path, e);
+        let book = self.bookkeeping(client, path).await?;
+        self.remove_object(client, path).await.map_err(err)?;
+        if self.kv == KvVersion::V1
+            && let Some(book) = &book
+        {
+            for v in book.versions.keys() {
+                self.remove_object(client, &Self::history_path(path, *v))
+                    .await
+                    .map_err(err)?;
+            }
+        }
+        self.remove_object(client, &Self::object_path(path))
+            .await
+            .map_err(err)
+    }
+
+    async fn count_with(&self, client: &VaultClient) -> Result<u64, BackendError> {
+        let listed = match self.kv {
+            KvVersion::V2 => vaultrs::kv2::list(client, &self.mount, OBJECTS_PREFIX).await,
+            KvVersion::V1 => vaultrs::kv1::list(client, &self.mount, OBJECTS_PREFIX)
+                .await
+                .map(|r| r.data.keys),
+        };
+        match listed {
+            Ok(keys) => Ok(keys.iter().filter(|k| !k.ends_with('/')).count() as u64),
+            Err(ClientError::APIError { code: 404, .. }) => Ok(0),
+            Err(e) => Err(self.error(OBJECTS_PREFIX, e)),
+        }
+    }
+}
+
+/// Classifies a Vault client error. Vault's messages name paths and policies, not values.
+fn classify(store: &str, path: &str, e: ClientError) -> BackendError {
+    let store = store.to_owned();
+    match e {
+        ClientError::APIError { code: 503, errors } => BackendError::Sealed {
+            store,
+            message: if errors.is_empty() {
+                "Vault is sealed".into()
+            } else {
+                errors.join("; ")
+            },
+        },
+        ClientError::APIError {
+            code: code @ (401 | 403),
+            errors,
+        } => BackendError::Invalid {
+            store,
+            message: format!(
+                "{path}: permission denied (HTTP {code}): {}",
+                errors.join("; ")
+            ),
+        },
+        ClientError::APIError { code, errors } if code >= 500 => BackendError::Unreachable {
+            store,
+            message: format!("{path}: HTTP {code}: {}", errors.join("; ")),
+        },
+        ClientError::APIError { code, errors } => BackendError::Invalid {
+            store,
+            message: format!("{path}: HTTP {code}: {}", errors.join("; ")),
+        },
+        ClientError::RestClientError { source } => BackendError::Unreachable {
+            store,
+            message: format!("{path}: {}", error_chain(&source)),
+        },
+        other => BackendError::Invalid {
+            store,
+            message: format!("{path}: {}", error_chain(&other)),
+        },
+    }
+}
+
+/// An error and its causes on one line ("connection refused" is usually a cause).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let c_text = c.to_string();
+        if !text.contains(&c_text) {
+            text.push_str(": ");
+            text.push_str(&c_text);
+        }
+        cause = c.source();
+    }
+    text
+}
+
+/// Runs `op` with the store's session; when Vault refuses the token (it was revoked or
+/// expired early), logs in again once and retries.
+macro_rules! with_session {
+    ($self:ident, |$client:ident| $op:expr) => {{
+        let $client = $self.session.client().await?;
+        match $op {
+            Err(BackendError::Invalid { .. })
+                if $self.session.token_was_revoked(&$client).await =>
+            {
+                let $client = $self.session.client().await?;
+                $op
+            }
+            other => other,
+        }
+    }};
+}
+
+#[async_trait]
+impl Backend for VaultStore {
+    fn store(&self) -> &str {
+        &self.name
+    }
+
+    async fn read(
+        &self,
+        path: &str,
+        version: Option<u64>,
+    ) -> Result<Option<StoredVersion>, BackendError> {
+        with_session!(self, |client| self.read_with(&client, path, version).await)
+    }
+
+    async fn write(
+        &self,
+        path: &str,
+        stamp: &VersionStamp,
+        data: &SecretData,
+    ) -> Result<Option<u64>, BackendError> {
+        with_session!(self, |client| self
+            .write_with(&client, path, stamp, data)
+            .await)
+    }
+
+    async fn list_versions(&self, path: &str) -> Result<Vec<u64>, BackendError> {
+        let book = with_session!(self, |client| self.bookkeeping(&client, path).await)?;
+        Ok(book
+            .map(|b| b.versions.keys().copied().collect())
+            .unwrap_or_default())
+    }
+
+    async fn delete(&self, path: &str) -> Result<(), BackendError> {
+        with_session!(self, |client| self.delete_with(&client, path).await)
+    }
+
+    async fn health(&self) -> Health {
+        let server = match self.session.server_health().await {
+            Ok(server) => server,
+            Err(e) => {
+                return Health {
+                    phase: e.phase(),
+                    message: e.to_string(),
+                };
+            }
+        };
+        if let Err(e) = self.session.client().await {
+            return Health {
+                phase: e.phase(),
+                message: e.to_string(),
+            };
+        }
+        let kv = match self.kv {
+            KvVersion::V1 => "KV v1",
+            KvVersion::V2 => "KV v2",
+        };
+        Health {
+            phase: StorePhase::Active,
+            message: format!(
+                "{server}, {kv} at {}/, logged in with {}",
+                self.mount,
+                self.session.method()
+            ),
+        }
+    }
+
+    async fn count(&self) -> Result<u64, BackendError> {
+        with_session!(self, |client| self.count_with(&client).await)
+    }
+
+    async fn shutdown(&self) {
+        self.session.revoke().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_round_trip_through_vault_json_including_bytes() {
+        let mut data = SecretData::new();
+        data.insert("user", "alice");
+        data.insert("key", vec![0u8, 159, 146, 150]);
+        let (values, binary) = encode(&data);
+        assert_eq!(binary, vec!["key".to_owned()]);
+        let json: serde_json::Map<String, Value> = values
+            .into_iter()
+            .map(|(k, v)| (k, Value::String(v)))
+            .collect();
+        assert!(decode(&json, &binary) == data);
+    }
+
+    #[test]
+    fn non_string_values_written_by_other_tools_read_as_json_text() {
+        let json = serde_json::json!({"port": 5432, "tls": true, "name": "db"});
+        let data = decode(json.as_object().unwrap(), &[]);
+        assert_eq!(data.get("port"), Some(&b"5432"[..]));
+        assert_eq!(data.get("tls"), Some(&b"true"[..]));
+        assert_eq!(data.get("name"), Some(&b"db"[..]));
+    }
+
+    #[test]
+    fn errors_map_to_store_phases() {
+        let sealed = classify(
+            "v",
+            "p",
+            ClientError::APIError {
+                code: 503,
+                errors: vec!["Vault is sealed".into()],
+            },
+        );
+        assert_eq!(sealed.phase(), StorePhase::Sealed);
+        let denied = classify(
+            "v",
+            "p",
+            ClientError::APIError {
+                code: 403,
+                errors: vec!["permission denied".into()],
+            },
+        );
+        assert_eq!(denied.phase(), StorePhase::Invalid);
+        let down = classify(
+            "v",
+            "p",
+            ClientError::APIError {
+                code: 502,
+                errors: vec![],
+            },
+        );
+        assert_eq!(down.phase(), StorePhase::Unreachable);
+    }
+
+    #[test]
+    fn bookkeeping_serializes_with_version_keys() {
+        let mut book = Bookkeeping {
+            path: "a/b".into(),
+            ..Default::default()
+        };
+        book.versions.insert(
+            3,
+            VersionEntry {
+                version: 3,
+                fingerprint: "hmac-sha256:00".into(),
+                store_version: Some(7),
+                binary: vec![],
+            },
+        );
+        let json = serde_json::to_value(&book).unwrap();
+        assert_eq!(json["versions"]["3"]["storeVersion"], 7);
+        let back: Bookkeeping = serde_json::from_value(json).unwrap();
+        assert_eq!(back, book);
+    }
+}

@@ -110,6 +110,9 @@ async fn apply(ms: &ManagedSecret, ctx: &Context) -> Result<Action> {
                 )
                 .await;
             }
+            if !failed.is_empty() {
+                ctx.recheck_stores();
+            }
             for t in &failed {
                 let message = format!(
                     "store {}: {}",
@@ -129,6 +132,7 @@ async fn apply(ms: &ManagedSecret, ctx: &Context) -> Result<Action> {
         }
         Err(e) => {
             warn!(error = %e, "sync failed");
+            ctx.store_failed(&e);
             let mut status = ms.status.clone().unwrap_or_default();
             status.phase = Some("Error".into());
             status.observed_generation = ms.metadata.generation;

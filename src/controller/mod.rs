@@ -53,9 +53,26 @@ pub struct Context {
     pub managed: Store<ManagedSecret>,
     pub stores_registry: StoreRegistry,
     recorder: Recorder,
+    /// Asks the SecretStore controller for a health check now (a reconcile of another kind
+    /// saw a store fail), instead of at its next periodic check.
+    recheck: std::sync::Mutex<futures::channel::mpsc::Sender<()>>,
 }
 
 impl Context {
+    /// Re-checks the stores' health soon, if `error` says a store is unusable.
+    pub fn store_failed(&self, error: &Error) {
+        if let Error::Backend(e) = error
+            && e.phase() != crate::api::StorePhase::Active
+        {
+            self.recheck_stores();
+        }
+    }
+
+    /// Re-checks every store's health soon. A full queue means one is already pending.
+    pub fn recheck_stores(&self) {
+        let _ = self.recheck.lock().expect("recheck lock").try_send(());
+    }
+
     /// The SecretStore `name` from the cache, or from the API server when the cache does
     /// not hold it (yet): a reconcile never mistakes "not listed yet" for "does not exist".
     pub async fn secret_store(&self, name: &str) -> Result<Option<Arc<SecretStore>>> {
@@ -142,7 +159,9 @@ pub async fn run(client: Client, config: Config) -> Result<()> {
     let profile_ctl = Controller::new(Api::<VaultProfile>::all(client.clone()), store_wc.clone());
     let managed_ctl = Controller::new(managed_api, watcher::Config::default());
 
+    let (recheck, recheck_rx) = futures::channel::mpsc::channel(0);
     let ctx = Arc::new(Context {
+        recheck: std::sync::Mutex::new(recheck),
         client: client.clone(),
         stores: store_ctl.store(),
         profiles: profile_ctl.store(),
@@ -210,6 +229,7 @@ pub async fn run(client: Client, config: Config) -> Result<()> {
         kube::runtime::controller::Config::default().concurrency(config.concurrency);
     info!(namespace = %config.operator_namespace, watch_namespace = ?config.watch_namespace, "keyhaven controllers starting");
     let stores_done = store_ctl
+        .reconcile_all_on(recheck_rx)
         .with_config(controller_config.clone())
         .shutdown_on_signal()
         .run(

@@ -1,5 +1,5 @@
 # keyhaven — the two commands the README promises, and a few helpers.
-.PHONY: test demo unit e2e crds bed-up bed-down lint
+.PHONY: test demo unit e2e crds manifests bed-up bed-down lint
 
 # Everything: unit tests, the CRD drift test and the end-to-end tests on a real control
 # plane, OpenBao and SoftHSM2 (brought up by e2e/testbed, built once and cached).
@@ -12,10 +12,15 @@ demo:
 	e2e/demo
 
 unit:
-	cargo test --locked --lib --test crds
+	cargo test --locked --lib --test crds --test chart
 
 crds:
 	cargo run --quiet -- crds --out-dir crds
+	cp crds/*.yaml helm/keyhaven/crds/
+
+# manifests/keyhaven.yaml: the chart rendered with its defaults (helm comes from the test bed).
+manifests: bed-up
+	KEYHAVEN_UPDATE_MANIFESTS=1 cargo test --locked --test e2e_deploy chart_lints_and_manifests
 
 bed-up:
 	e2e/testbed up

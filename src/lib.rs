@@ -6,6 +6,9 @@ pub mod content;
 pub mod controller;
 pub mod crypto;
 pub mod error;
+pub mod http;
+pub mod leader;
+pub mod metrics;
 pub mod secret_data;
 
 /// Selects rustls' crypto provider for the process (ring). Some dependencies enable a

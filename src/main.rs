@@ -2,8 +2,17 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 use keyhaven::api::{crd_file_name, crd_yaml, crds};
-use keyhaven::controller::{self, Config};
+use keyhaven::controller::{self, Config, Runtime, Stopped};
+use keyhaven::http::{self, Probes};
+use keyhaven::leader::LeaderElection;
+use keyhaven::metrics::Metrics;
+use std::io::IsTerminal;
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tracing::info;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -20,7 +29,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the controllers against the cluster KUBECONFIG names (or the one the pod is in).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print every CRD as YAML (or write one file per CRD into --out-dir).
     Crds {
         #[arg(long)]
@@ -52,6 +61,32 @@ struct RunArgs {
     /// Log format.
     #[arg(long, env = "KEYHAVEN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Where /metrics, /healthz and /readyz listen (port 0: any free port, logged).
+    #[arg(long, env = "KEYHAVEN_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// Elect a leader on a Lease before reconciling (for more than one replica).
+    #[arg(long, env = "KEYHAVEN_LEADER_ELECT", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    leader_elect: bool,
+    /// The leader election's Lease.
+    #[arg(
+        long,
+        env = "KEYHAVEN_LEADER_ELECTION_LEASE",
+        default_value = "keyhaven-leader"
+    )]
+    leader_election_lease: String,
+    /// The Lease's namespace (default: --namespace).
+    #[arg(long, env = "KEYHAVEN_LEADER_ELECTION_NAMESPACE")]
+    leader_election_namespace: Option<String>,
+    /// This candidate's identity (default: $POD_NAME, else <hostname>-<pid>).
+    #[arg(long, env = "KEYHAVEN_LEADER_ELECTION_IDENTITY")]
+    leader_election_identity: Option<String>,
+    /// How long the Lease stays valid without renewal: a standby takes over at most this
+    /// long after the leader dies (seconds, at least 2).
+    #[arg(long, env = "KEYHAVEN_LEASE_DURATION", default_value_t = 15)]
+    lease_duration: u64,
+    /// The leader renews this many seconds before its Lease would expire.
+    #[arg(long, env = "KEYHAVEN_LEASE_RENEW_MARGIN", default_value_t = 5)]
+    lease_renew_margin: u64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -77,19 +112,81 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Run(args) => {
             init_tracing(args.log_format);
-            let client = kube::Client::try_default().await?;
-            let config = Config {
-                operator_namespace: args.namespace,
-                watch_namespace: args.watch_namespace,
-                store_selector: args.store_selector,
-                field_manager: args.field_manager,
-                concurrency: args.concurrency,
-                service_account: args.service_account,
-            };
-            controller::run(client, config).await?;
+            return run(*args).await;
         }
     }
     Ok(())
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let metrics = Metrics::global();
+    let probes = Arc::new(Probes::default());
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        info!("shutdown requested: finishing reconciles in flight");
+        let _ = shutdown_tx.send(true);
+    });
+    // The HTTP endpoint outlives the controllers: probes answer until the very end.
+    let (server_stop_tx, server_stop) = tokio::sync::oneshot::channel::<()>();
+    let (_, server) = http::serve(args.metrics_addr, metrics.clone(), probes.clone(), async {
+        let _ = server_stop.await;
+    })
+    .await?;
+
+    let client = kube::Client::try_default().await?;
+    let leader_election = args.leader_elect.then(|| LeaderElection {
+        lease_name: args.leader_election_lease.clone(),
+        namespace: args
+            .leader_election_namespace
+            .clone()
+            .unwrap_or_else(|| args.namespace.clone()),
+        identity: args
+            .leader_election_identity
+            .clone()
+            .unwrap_or_else(LeaderElection::default_identity),
+        lease_duration: Duration::from_secs(args.lease_duration),
+        renew_margin: Duration::from_secs(args.lease_renew_margin),
+    });
+    let config = Config {
+        operator_namespace: args.namespace,
+        watch_namespace: args.watch_namespace,
+        store_selector: args.store_selector,
+        field_manager: args.field_manager,
+        concurrency: args.concurrency,
+        service_account: args.service_account,
+    };
+    let runtime = Runtime {
+        metrics,
+        probes,
+        shutdown,
+        leader_election,
+    };
+    let stopped = controller::run(client, config, runtime).await;
+    let _ = server_stop_tx.send(());
+    let _ = server.await;
+    match stopped? {
+        Stopped::Shutdown => Ok(()),
+        Stopped::LostLeadership => {
+            anyhow::bail!("lost the leader Lease; exiting to rejoin the election")
+        }
+    }
+}
+
+/// SIGTERM (a pod being stopped) or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
 }
 
 fn init_tracing(format: LogFormat) {
@@ -99,6 +196,7 @@ fn init_tracing(format: LogFormat) {
         .unwrap_or_else(|_| EnvFilter::new("info,kube=warn,vaultrs=off,rustify=off"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

@@ -39,6 +39,8 @@ use std::collections::BTreeMap;
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.content.generate) || self.type in ['password', 'secret-key', 'api-key', 'ssh-key', 'private-key', 'certificate']").message("content.generate supports the types password, secret-key, api-key, ssh-key, private-key and certificate"))]
+#[x_kube(validation = Rule::new("!has(self.rotation) || has(self.content.generate)").message("rotation needs content.generate: only generated values can be rotated"))]
 pub struct ManagedSecretSpec {
     /// The VaultProfile whose stores hold this secret.
     pub profile: String,
@@ -62,6 +64,52 @@ pub struct ManagedSecretSpec {
     /// Recorded in the version history as the reason of the next new version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Generated values only: make a new generated version on a schedule. The annotation
+    /// `keyhaven.io/rotate` (any new value) rotates now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<RotationSpec>,
+    /// Make a NEW version holding version N's content, read from the store N was written
+    /// to. While set, it wins over the content source; history is never rewritten.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub rollback_to: Option<u64>,
+    /// Workloads restarted (as `kubectl rollout restart` does) when the native Secret's
+    /// content changes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rollout_restart_targets: Vec<RolloutRestartTarget>,
+    /// api-key, certificate and jwt: warn (condition `Expiring`, Event) when the value
+    /// expires within this window (Go duration). Default 720h.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub expiry_warning: Option<String>,
+}
+
+/// When a generated value is replaced by a new one.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RotationSpec {
+    /// Age of the current version after which a new one is generated (Go duration, e.g. `720h`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub interval: Option<String>,
+}
+
+/// A workload restarted when the native Secret changes.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutRestartTarget {
+    /// Deployment, StatefulSet or DaemonSet.
+    pub kind: WorkloadKind,
+    /// Its name, in the ManagedSecret's namespace.
+    pub name: String,
+}
+
+/// The workload kinds that can be restarted.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum WorkloadKind {
+    Deployment,
+    StatefulSet,
+    DaemonSet,
 }
 
 /// The secret types. Each decides what keys are required and how the native Secret looks.
@@ -78,6 +126,24 @@ pub enum SecretType {
     Password,
     /// `api-key` (and optionally `expires-at`, RFC 3339); an `Opaque` Secret.
     ApiKey,
+    /// `token`: a JWT (three base64url parts, JSON header and claims; `exp` is reported);
+    /// an `Opaque` Secret.
+    Jwt,
+    /// `private-key`: PEM (PKCS#1, PKCS#8, SEC1; RSA, EC P-256/P-384, Ed25519); an
+    /// encrypted PKCS#8 key needs `passphrase`. `Opaque` with `private-key` and the derived
+    /// `public-key`.
+    PrivateKey,
+    /// `key`: raw bytes (of the declared `content.generate.bytes` length when generated);
+    /// an `Opaque` Secret.
+    SecretKey,
+    /// `keystore.p12` (PKCS#12) and its `password`; an `Opaque` Secret.
+    Keystore,
+    /// `tls.crt` (PEM chain, leaf first), `tls.key` (its private key), optional `ca.crt`;
+    /// a `kubernetes.io/tls` Secret.
+    Certificate,
+    /// `ssh-privatekey` (OpenSSH; RSA, ECDSA, Ed25519), optional `passphrase`; a
+    /// `kubernetes.io/ssh-auth` Secret with the derived `ssh-publickey`.
+    SshKey,
 }
 
 impl SecretType {
@@ -89,6 +155,12 @@ impl SecretType {
             SecretType::BasicAuth => "basic-auth",
             SecretType::Password => "password",
             SecretType::ApiKey => "api-key",
+            SecretType::Jwt => "jwt",
+            SecretType::PrivateKey => "private-key",
+            SecretType::SecretKey => "secret-key",
+            SecretType::Keystore => "keystore",
+            SecretType::Certificate => "certificate",
+            SecretType::SshKey => "ssh-key",
         }
     }
 }
@@ -96,7 +168,7 @@ impl SecretType {
 /// Where a ManagedSecret's value comes from: exactly one field is set.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("[has(self.fromStore), has(self.fromSecret)].filter(x, x).size() == 1").message("exactly one content source must be set"))]
+#[x_kube(validation = Rule::new("[has(self.fromStore), has(self.fromSecret), has(self.generate)].filter(x, x).size() == 1").message("exactly one content source must be set"))]
 pub struct ContentSource {
     /// The value is already in the profile's source store at `path` (like an ExternalSecret).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -104,6 +176,93 @@ pub struct ContentSource {
     /// The value is pushed from a Secret in this namespace (like a PushSecret).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_secret: Option<FromSecret>,
+    /// keyhaven generates the value (written to the source store first, then materialized);
+    /// the fields that apply depend on the type.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generate: Option<Generate>,
+}
+
+/// How to generate a value. Each type reads its own fields and ignores the rest.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Generate {
+    /// password: number of characters (default 32); api-key: random characters after the
+    /// prefix (default 40).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 8, max = 1024))]
+    pub length: Option<u32>,
+    /// password: the character classes to use, each at least once (default all four).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub classes: Vec<CharClass>,
+    /// password: characters never used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exclude: Option<String>,
+    /// api-key: text put before the random part, e.g. `kh_live_`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9_.-]{0,32}$"))]
+    pub prefix: Option<String>,
+    /// secret-key: number of random bytes (default 32); also the declared length checked
+    /// on every value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 16, max = 1024))]
+    pub bytes: Option<u32>,
+    /// ssh-key: ed25519 (default), ecdsa-p256 or rsa; private-key: ec (P-256, default),
+    /// ed25519 or rsa. certificate: its key's algorithm, ec (default) or ed25519.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub algorithm: Option<KeyAlgorithm>,
+    /// rsa key size: 3072 (default) or 4096.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self == 3072 || self == 4096").message("bits must be 3072 or 4096"))]
+    pub bits: Option<u32>,
+    /// ssh-key: the public key's comment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+    /// certificate: the subject's common name (default: the first DNS name, else the
+    /// ManagedSecret's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub common_name: Option<String>,
+    /// certificate: subject alternative DNS names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_names: Vec<String>,
+    /// certificate: how long it is valid (Go duration, default 8760h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub validity: Option<String>,
+    /// certificate: make a CA certificate (self-signed, may sign others through `issuerRef`).
+    #[serde(default, rename = "isCA", skip_serializing_if = "std::ops::Not::not")]
+    pub is_ca: bool,
+    /// certificate: signed by the CA held by this ManagedSecret (type certificate, same
+    /// namespace) instead of self-signed; its chain follows the leaf in `tls.crt`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer_ref: Option<IssuerRef>,
+}
+
+/// A ManagedSecret of type certificate, in the same namespace, holding a CA.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuerRef {
+    /// Its name.
+    pub name: String,
+}
+
+/// Password character classes.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum CharClass {
+    Lowercase,
+    Uppercase,
+    Digits,
+    Symbols,
+}
+
+/// Key algorithms keyhaven generates.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyAlgorithm {
+    Ed25519,
+    EcdsaP256,
+    Ec,
+    Rsa,
 }
 
 /// Read the value from the source store.
@@ -141,6 +300,31 @@ pub struct TargetSpec {
     /// The stores keep every version either way.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
+    /// Keys built from the value's keys, e.g. a DSN, or a key under another name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<TargetTemplate>,
+}
+
+/// Keys of the native Secret built from the value.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetTemplate {
+    /// Key name to text, where `{{ .name }}` stands for the value of key `name`, e.g.
+    /// `postgres://{{ .username }}:{{ .password }}@db:5432/app`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub data: BTreeMap<String, String>,
+    /// Merge (default): the template's keys are added to the type's keys. Replace: the
+    /// native Secret holds only the template's keys (types rendered as `Opaque` only).
+    #[serde(default)]
+    pub merge_policy: TemplateMergePolicy,
+}
+
+/// How template keys combine with the type's keys.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum TemplateMergePolicy {
+    #[default]
+    Merge,
+    Replace,
 }
 
 /// How the native Secret is created and owned.
@@ -182,7 +366,16 @@ pub struct ManagedSecretStatus {
     /// The generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Ready` and `Synced`.
+    /// When the current value expires (api-key `expires-at`, certificate notAfter, jwt `exp`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Time>,
+    /// The last `keyhaven.io/rotate` annotation value acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotate_request: Option<String>,
+    /// The version the rolloutRestartTargets were last restarted (or first seen) for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restarted_version: Option<u64>,
+    /// `Ready`, `Synced` and (for expiring types) `Expiring`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,

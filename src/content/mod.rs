@@ -1,4 +1,10 @@
-//! Secret types: what each requires of a value, and how it becomes a native Secret.
+//! Secret types: what each requires of a value, how it is generated, and how it becomes a
+//! native Secret.
+
+mod generate;
+mod parse;
+
+pub use generate::{generate, generate_with};
 
 use crate::api::SecretType;
 use crate::secret_data::SecretData;
@@ -33,11 +39,42 @@ pub enum ContentError {
     },
     #[error("key name {0:?} is not a valid Secret key (letters, digits, '-', '_', '.')")]
     BadKeyName(String),
+    #[error("target.template key {key:?} {problem}")]
+    Template { key: String, problem: String },
+    #[error("cannot generate a {type_} secret: {problem}")]
+    Generate {
+        type_: &'static str,
+        problem: String,
+    },
+}
+
+/// Rules that come from the spec rather than the type.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rules {
+    /// secret-key: the declared length in bytes.
+    pub secret_key_bytes: Option<usize>,
+}
+
+/// What validation learnt about a value (never the value itself).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Inspected {
+    /// When it expires: api-key `expires-at`, certificate notAfter, jwt `exp`.
+    pub expires_at: Option<jiff::Timestamp>,
 }
 
 /// Checks `data` against the rules of `secret_type`.
-pub fn validate(secret_type: SecretType, data: &SecretData) -> Result<(), ContentError> {
+pub fn validate(secret_type: SecretType, data: &SecretData) -> Result<Inspected, ContentError> {
+    validate_with(secret_type, data, Rules::default())
+}
+
+/// Checks `data` against the rules of `secret_type` and the spec's `rules`.
+pub fn validate_with(
+    secret_type: SecretType,
+    data: &SecretData,
+    rules: Rules,
+) -> Result<Inspected, ContentError> {
     let type_ = secret_type.as_str();
+    let mut inspected = Inspected::default();
     for key in data.keys() {
         if key.is_empty()
             || !key
@@ -59,6 +96,16 @@ pub fn validate(secret_type: SecretType, data: &SecretData) -> Result<(), Conten
         }
         Ok(text)
     };
+    let invalid = |key: &'static str, problem: String| ContentError::Invalid {
+        type_,
+        key,
+        problem,
+    };
+    let passphrase = data.get("passphrase").filter(|p| !p.is_empty());
+    let timestamp = |key: &'static str, secs: i64| {
+        jiff::Timestamp::from_second(secs)
+            .map_err(|_| invalid(key, "has an expiry out of range".into()))
+    };
     match secret_type {
         SecretType::KeyValue | SecretType::Generic => {
             if data.is_empty() {
@@ -76,16 +123,102 @@ pub fn validate(secret_type: SecretType, data: &SecretData) -> Result<(), Conten
             text("api-key")?;
             if data.get("expires-at").is_some() {
                 let at = text("expires-at")?;
-                at.parse::<jiff::Timestamp>()
-                    .map_err(|_| ContentError::Invalid {
-                        type_,
-                        key: "expires-at",
-                        problem: "must be an RFC 3339 timestamp".into(),
-                    })?;
+                inspected.expires_at =
+                    Some(
+                        at.parse::<jiff::Timestamp>()
+                            .map_err(|_| ContentError::Invalid {
+                                type_,
+                                key: "expires-at",
+                                problem: "must be an RFC 3339 timestamp".into(),
+                            })?,
+                    );
+            }
+        }
+        SecretType::Jwt => {
+            let exp = parse::jwt(text("token")?).map_err(|p| invalid("token", p))?;
+            if let Some(exp) = exp {
+                inspected.expires_at = Some(timestamp("token", exp)?);
+            }
+        }
+        SecretType::PrivateKey => {
+            parse::private_key_spki(text("private-key")?, passphrase)
+                .map_err(|p| invalid("private-key", p))?;
+        }
+        SecretType::SecretKey => {
+            let key = data.get("key").ok_or_else(|| ContentError::MissingKey {
+                type_,
+                key: "key",
+                present: data.keys().map(str::to_owned).collect(),
+            })?;
+            if key.is_empty() {
+                return Err(ContentError::EmptyKey { type_, key: "key" });
+            }
+            if let Some(want) = rules.secret_key_bytes
+                && key.len() != want
+            {
+                return Err(invalid(
+                    "key",
+                    format!(
+                        "must be {want} bytes (the declared length), it is {}",
+                        key.len()
+                    ),
+                ));
+            }
+        }
+        SecretType::Keystore => {
+            let store = data
+                .get("keystore.p12")
+                .ok_or_else(|| ContentError::MissingKey {
+                    type_,
+                    key: "keystore.p12",
+                    present: data.keys().map(str::to_owned).collect(),
+                })?;
+            let password = data
+                .get("password")
+                .ok_or_else(|| ContentError::MissingKey {
+                    type_,
+                    key: "password",
+                    present: data.keys().map(str::to_owned).collect(),
+                })?;
+            let password = std::str::from_utf8(password).map_err(|_| ContentError::NotText {
+                type_,
+                key: "password",
+            })?;
+            parse::keystore(store, password).map_err(|p| invalid("keystore.p12", p))?;
+        }
+        SecretType::Certificate => {
+            let key = text("tls.key")?;
+            let chain = text("tls.crt")?;
+            let spki = parse::private_key_spki(key, None).map_err(|p| invalid("tls.key", p))?;
+            let chain =
+                parse::certificate_chain(chain, Some(&spki)).map_err(|p| invalid("tls.crt", p))?;
+            if data.get("ca.crt").is_some() {
+                parse::certificate_chain(text("ca.crt")?, None)
+                    .map_err(|p| invalid("ca.crt", p))?;
+            }
+            inspected.expires_at = Some(timestamp("tls.crt", chain.not_after)?);
+        }
+        SecretType::SshKey => {
+            let public = parse::ssh_public_key(text("ssh-privatekey")?, passphrase)
+                .map_err(|p| invalid("ssh-privatekey", p))?;
+            if data.get("ssh-publickey").is_some() {
+                let given = text("ssh-publickey")?;
+                if !same_ssh_public_key(given, &public) {
+                    return Err(invalid(
+                        "ssh-publickey",
+                        "does not match the private key".into(),
+                    ));
+                }
             }
         }
     }
-    Ok(())
+    Ok(inspected)
+}
+
+/// Compares two OpenSSH public keys by algorithm and key, ignoring comments.
+fn same_ssh_public_key(a: &str, b: &str) -> bool {
+    let fields = |s: &str| s.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+    fields(a) == fields(b)
 }
 
 /// A native Secret's type and data for a value of `secret_type`.
@@ -94,17 +227,119 @@ pub struct Rendered {
     pub data: SecretData,
 }
 
-/// The native Secret for a value: basic-auth becomes `kubernetes.io/basic-auth`; the other
-/// types become `Opaque` Secrets with the value's keys.
+/// The native Secret for a (validated) value: basic-auth becomes `kubernetes.io/basic-auth`;
+/// certificate `kubernetes.io/tls` with `tls.crt`, `tls.key` and `ca.crt` (the chain's
+/// issuers, or the leaf when self-signed, unless the value has one); ssh-key
+/// `kubernetes.io/ssh-auth` with `ssh-privatekey` and the derived `ssh-publickey`;
+/// private-key gains the derived `public-key`. The other types become `Opaque` Secrets with
+/// the value's keys.
 pub fn render(secret_type: SecretType, data: &SecretData) -> Rendered {
+    let text = |key: &str| data.get(key).and_then(|v| std::str::from_utf8(v).ok());
+    let passphrase = data.get("passphrase").filter(|p| !p.is_empty());
+    let mut out = data.clone();
     let type_ = match secret_type {
         SecretType::BasicAuth => "kubernetes.io/basic-auth",
+        SecretType::Certificate => {
+            if data.get("ca.crt").is_none()
+                && let Some(ca) = text("tls.crt")
+                    .and_then(|c| parse::certificate_chain(c, None).ok())
+                    .and_then(|c| c.ca_pem)
+            {
+                out.insert("ca.crt", ca.into_bytes());
+            }
+            "kubernetes.io/tls"
+        }
+        SecretType::SshKey => {
+            if data.get("ssh-publickey").is_none()
+                && let Some(public) =
+                    text("ssh-privatekey").and_then(|k| parse::ssh_public_key(k, passphrase).ok())
+            {
+                out.insert("ssh-publickey", format!("{public}\n").into_bytes());
+            }
+            "kubernetes.io/ssh-auth"
+        }
+        SecretType::PrivateKey => {
+            if data.get("public-key").is_none()
+                && let Some(spki) =
+                    text("private-key").and_then(|k| parse::private_key_spki(k, passphrase).ok())
+            {
+                out.insert("public-key", parse::spki_pem(&spki).into_bytes());
+            }
+            "Opaque"
+        }
         _ => "Opaque",
     };
-    Rendered {
-        type_,
-        data: data.clone(),
+    Rendered { type_, data: out }
+}
+
+/// Applies `target.template` to a rendered native Secret: each template key's text with every
+/// `{{ .key }}` replaced by the value of `key`.
+pub fn apply_template(
+    rendered: &mut Rendered,
+    template: &crate::api::TargetTemplate,
+    data: &SecretData,
+) -> Result<(), ContentError> {
+    use crate::api::TemplateMergePolicy;
+    let err = |key: &str, problem: String| ContentError::Template {
+        key: key.to_owned(),
+        problem,
+    };
+    if template.merge_policy == TemplateMergePolicy::Replace && rendered.type_ != "Opaque" {
+        let key = template.data.keys().next().map_or("", String::as_str);
+        return Err(err(
+            key,
+            format!(
+                "cannot use mergePolicy Replace: this type renders as {}, whose keys are required",
+                rendered.type_
+            ),
+        ));
     }
+    let mut out = SecretData::new();
+    for (key, text) in &template.data {
+        if key.is_empty()
+            || !key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return Err(ContentError::BadKeyName(key.clone()));
+        }
+        out.insert(key.clone(), expand(text, data).map_err(|p| err(key, p))?);
+    }
+    if template.merge_policy == TemplateMergePolicy::Merge {
+        for (k, v) in rendered.data.iter() {
+            if out.get(k).is_none() {
+                out.insert(k, v);
+            }
+        }
+    }
+    rendered.data = out;
+    Ok(())
+}
+
+/// `text` with every `{{ .key }}` replaced by the value of `key`. Errors quote the template
+/// (spec text), never a value.
+fn expand(text: &str, data: &SecretData) -> Result<Vec<u8>, String> {
+    let mut out = zeroize::Zeroizing::new(Vec::new());
+    let mut rest = text;
+    while let Some(start) = rest.find("{{") {
+        out.extend_from_slice(&rest.as_bytes()[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find("}}")
+            .ok_or_else(|| "has a '{{' without '}}'".to_owned())?;
+        let expr = after[..end].trim();
+        let key = expr
+            .strip_prefix('.')
+            .filter(|k| !k.is_empty())
+            .ok_or_else(|| format!("has {{{{ {expr} }}}}: expected {{{{ .key }}}}"))?;
+        let value = data
+            .get(key)
+            .ok_or_else(|| format!("refers to key {key:?}, which the value does not have"))?;
+        out.extend_from_slice(value);
+        rest = &after[end + 2..];
+    }
+    out.extend_from_slice(rest.as_bytes());
+    Ok(out.to_vec())
 }
 
 /// Labels keyhaven puts on every native Secret it manages; the controller watches Secrets
@@ -121,6 +356,9 @@ pub const MANAGED_LABEL: &str = "keyhaven.io/managed";
 pub const MANAGED_LABEL_VALUE: &str = "true";
 /// The label naming the ManagedSecret behind a native Secret.
 pub const MANAGED_SECRET_LABEL: &str = "keyhaven.io/managed-secret";
+
+#[cfg(test)]
+mod type_tests;
 
 #[cfg(test)]
 mod tests {

@@ -5,12 +5,15 @@
 
 use super::Context;
 use super::plan::{
-    NativeAction, NativeObservation, StoreAction, StoreObservation, VersionDecision,
-    decide_version, native_action, record_version, store_action,
+    Expiry, GenerateDecision, NativeAction, NativeObservation, RestartDecision, RotationInput,
+    StoreAction, StoreObservation, Stored, VersionDecision, decide_generate, decide_version,
+    expiry, native_action, next_rotation, record_version, restart_decision, rollback_source,
+    store_action,
 };
 use crate::api::{
-    CreationPolicy, DeletionPolicy, ManagedSecret, ManagedSecretStatus, TargetStatus,
-    VersionRecord, condition, now, parse_duration, set_condition,
+    CreationPolicy, DeletionPolicy, ManagedSecret, ManagedSecretStatus, RolloutRestartTarget,
+    SecretType, TargetStatus, VersionRecord, WorkloadKind, condition, now, parse_duration,
+    set_condition,
 };
 use crate::backend::VersionStamp;
 use crate::content::{self, MANAGED_SECRET_LABEL, native_secret_labels};
@@ -18,7 +21,9 @@ use crate::crypto::Fingerprint;
 use crate::error::{Error, Result};
 use crate::secret_data::SecretData;
 use k8s_openapi::ByteString;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
@@ -34,6 +39,11 @@ pub const FINALIZER: &str = "keyhaven.io/cleanup";
 const DEFAULT_REFRESH: Duration = Duration::from_secs(3600);
 const VERSION_ANNOTATION: &str = "keyhaven.io/version";
 const FINGERPRINT_ANNOTATION: &str = "keyhaven.io/fingerprint";
+/// Any new value of this annotation on a generated ManagedSecret rotates it now.
+pub const ROTATE_ANNOTATION: &str = "keyhaven.io/rotate";
+/// Set on the pod template of each rolloutRestartTarget when the native Secret changes.
+pub const RESTARTED_AT_ANNOTATION: &str = "keyhaven.io/restartedAt";
+const DEFAULT_EXPIRY_WARNING: Duration = Duration::from_secs(720 * 3600);
 
 /// Reconciles one ManagedSecret, in a span naming it.
 pub async fn reconcile(ms: Arc<ManagedSecret>, ctx: Arc<Context>) -> Result<Action> {
@@ -68,6 +78,17 @@ struct Synced {
     secret_name: String,
     /// The status the decision was made on (re-read from the API when a version was recorded).
     status: ManagedSecretStatus,
+    /// When the value expires, for the types that can.
+    expires_at: Option<jiff::Timestamp>,
+    /// The rotate annotation value acted on (None: leave status as it is).
+    rotate_request: Option<String>,
+    /// Workloads restarted (`Kind/name`), and those that do not exist.
+    restarted: Vec<String>,
+    missing_workloads: Vec<String>,
+    /// The version the workloads now run with (None: leave status as it is).
+    restarted_version: Option<u64>,
+    /// When a scheduled rotation is next due.
+    next_rotation: Option<jiff::Timestamp>,
 }
 
 async fn apply(ms: &ManagedSecret, ctx: &Context) -> Result<Action> {
@@ -82,6 +103,7 @@ async fn apply(ms: &ManagedSecret, ctx: &Context) -> Result<Action> {
             let version = synced.decision.version();
             match synced.decision {
                 VersionDecision::New(v) => {
+                    ctx.metrics.version_written(&ms.spec.profile);
                     ctx.event(
                         ms,
                         EventType::Normal,
@@ -110,6 +132,39 @@ async fn apply(ms: &ManagedSecret, ctx: &Context) -> Result<Action> {
                 )
                 .await;
             }
+            if !synced.restarted.is_empty() {
+                ctx.event(
+                    ms,
+                    EventType::Normal,
+                    "RolloutRestarted",
+                    &format!(
+                        "restarted {} for version {version}",
+                        synced.restarted.join(", ")
+                    ),
+                )
+                .await;
+            }
+            for w in &synced.missing_workloads {
+                ctx.event(
+                    ms,
+                    EventType::Warning,
+                    "RolloutTargetNotFound",
+                    &format!("rolloutRestartTargets: {w} does not exist"),
+                )
+                .await;
+            }
+            if let Some(c) = status.conditions.iter().find(|c| c.type_ == "Expiring")
+                && c.status == "True"
+            {
+                let before = ms
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.iter().find(|o| o.type_ == "Expiring"));
+                if before.is_none_or(|b| b.status != "True" || b.reason != c.reason) {
+                    ctx.event(ms, EventType::Warning, &c.reason, &c.message)
+                        .await;
+                }
+            }
             if !failed.is_empty() {
                 ctx.recheck_stores();
             }
@@ -122,10 +177,11 @@ async fn apply(ms: &ManagedSecret, ctx: &Context) -> Result<Action> {
                 ctx.event(ms, EventType::Warning, "TargetSyncFailed", &message)
                     .await;
             }
+            let wake = wake_after(ms, &synced);
             patch_status(ms, ctx, status).await?;
             // A failed target is retried soon; the others are not held back by it.
             Ok(if failed.is_empty() {
-                Action::requeue(jittered(refresh_interval(ms)))
+                Action::requeue(wake)
             } else {
                 Action::requeue(Duration::from_secs(15))
             })
@@ -185,8 +241,122 @@ async fn sync(ms: &ManagedSecret, ctx: &Context) -> Result<Synced> {
 
     // Observe: the value, and what the source holds.
     let source_current = source.read(&path, None).await?;
-    let (data, origin) = match (&ms.spec.content.from_store, &ms.spec.content.from_secret) {
-        (Some(_), _) => match &source_current {
+    let mut status = ms.status.clone().unwrap_or_default();
+    let rotate_annotation = ms.annotations().get(ROTATE_ANNOTATION).cloned();
+    let rotation_interval = ms
+        .spec
+        .rotation
+        .as_ref()
+        .and_then(|r| r.interval.as_deref())
+        .and_then(|d| parse_duration(d).ok());
+    fn rotation_input<'a>(
+        interval: Option<Duration>,
+        requested: Option<&'a str>,
+        status: &'a ManagedSecretStatus,
+    ) -> RotationInput<'a> {
+        RotationInput {
+            interval,
+            latest_created: status.versions.last().map(|r| r.created_at.0),
+            requested,
+            handled: status.rotate_request.as_deref(),
+        }
+    }
+
+    let rules = content::Rules {
+        secret_key_bytes: ms
+            .spec
+            .content
+            .generate
+            .as_ref()
+            .and_then(|g| g.bytes)
+            .map(|b| b as usize),
+    };
+    // The reason recorded for a rotation or rollback, whatever spec.reason says.
+    let mut forced_reason: Option<String> = None;
+    let mut rotate_request = None;
+    let (data, origin) = match (
+        ms.spec.rollback_to,
+        &ms.spec.content.from_store,
+        &ms.spec.content.from_secret,
+        &ms.spec.content.generate,
+    ) {
+        (Some(n), ..) => {
+            let (store, recorded) = rollback_source(&status.versions, n, &source_name);
+            let backend = ctx.backend(store).await?;
+            let stored = backend.read(&path, Some(n)).await?.ok_or_else(|| {
+                Error::config(
+                    "RollbackVersionNotFound",
+                    format!("rollbackTo: version {n} does not exist in store {store} at {path}"),
+                )
+            })?;
+            if let Some(recorded) = recorded
+                && fingerprint(&stored.data).as_str() != recorded
+            {
+                return Err(Error::config(
+                    "RollbackVersionMismatch",
+                    format!(
+                        "rollbackTo: store {store} holds content for version {n} other than its recorded fingerprint"
+                    ),
+                ));
+            }
+            forced_reason = Some(
+                ms.spec
+                    .reason
+                    .clone()
+                    .unwrap_or_else(|| format!("rollback to version {n}")),
+            );
+            (stored.data.clone(), format!("rollback to version {n}"))
+        }
+        (None, None, None, Some(spec)) => {
+            let stored = match &source_current {
+                None => Stored::Absent,
+                Some(c) if content::validate_with(secret_type, &c.data, rules).is_ok() => {
+                    Stored::Valid
+                }
+                Some(_) => Stored::Invalid,
+            };
+            let mut decision = decide_generate(
+                stored,
+                &rotation_input(rotation_interval, rotate_annotation.as_deref(), &status),
+                jiff::Timestamp::now(),
+            );
+            if decision != GenerateDecision::UseStored && source_current.is_some() {
+                // A rotation: decide again on the stored status, so that a cache older than
+                // our last status write does not rotate twice.
+                status = stored_status(ms, ctx).await?;
+                decision = decide_generate(
+                    stored,
+                    &rotation_input(rotation_interval, rotate_annotation.as_deref(), &status),
+                    jiff::Timestamp::now(),
+                );
+            }
+            rotate_request = rotate_annotation.clone();
+            match (decision, &source_current) {
+                (GenerateDecision::UseStored, Some(current)) => (
+                    current.data.clone(),
+                    format!("read from store {source_name}"),
+                ),
+                (GenerateDecision::Generate { reason }, current) => {
+                    if current.is_some() {
+                        forced_reason = Some(reason.clone());
+                    }
+                    let issuer = match &spec.issuer_ref {
+                        Some(r) if secret_type == SecretType::Certificate => {
+                            Some(issuer_value(ctx, &namespace, &r.name).await?)
+                        }
+                        _ => None,
+                    };
+                    (
+                        content::generate_with(secret_type, spec, &ms.name_any(), issuer.as_ref())?,
+                        reason,
+                    )
+                }
+                (GenerateDecision::UseStored, None) => {
+                    unreachable!("nothing stored means generate")
+                }
+            }
+        }
+        (None, Some(_), ..) => match &source_current {
             Some(current) => (
                 current.data.clone(),
                 format!("read from store {source_name}"),
@@ -198,32 +368,31 @@ async fn sync(ms: &ManagedSecret, ctx: &Context) -> Result<Synced> {
                 ));
             }
         },
-        (None, Some(from)) => (
+        (None, None, Some(from), _) => (
             read_secret(ctx, &namespace, &from.name).await?,
             format!("pushed from Secret {}", from.name),
         ),
-        (None, None) => {
+        (None, None, None, None) => {
             return Err(Error::config(
                 "NoContentSource",
                 "spec.content sets no source",
             ));
         }
     };
-    content::validate(secret_type, &data)?;
+    let inspected = content::validate_with(secret_type, &data, rules)?;
+    // Rendered before anything is written: a template that does not fit stores nothing.
+    let mut rendered = content::render(secret_type, &data);
+    if let Some(template) = &ms.spec.target.template {
+        content::apply_template(&mut rendered, template, &data)?;
+    }
     let fp = fingerprint(&data);
-    let mut status = ms.status.clone().unwrap_or_default();
     let source_stamp = source_current.as_ref().and_then(|c| c.stamp.clone());
     let mut decision = decide_version(status.versions.last(), source_stamp.as_ref(), &fp);
     if decision != VersionDecision::Unchanged(decision.version()) {
         // The cached object may predate our own last status write (a watch event on the
         // native Secret can arrive first): decide again on the stored status before
         // recording a version.
-        let api: Api<ManagedSecret> = Api::namespaced(ctx.client.clone(), &namespace);
-        status = api
-            .get_status(&ms.name_any())
-            .await?
-            .status
-            .unwrap_or_default();
+        status = stored_status(ms, ctx).await?;
         decision = decide_version(status.versions.last(), source_stamp.as_ref(), &fp);
     }
     let version = decision.version();
@@ -257,9 +426,9 @@ async fn sync(ms: &ManagedSecret, ctx: &Context) -> Result<Synced> {
 
     // The native Secret.
     let secret_name = ms.secret_name();
-    let rendered = content::render(secret_type, &data);
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let existing = secrets.get_opt(&secret_name).await?;
+    let native_existed = existing.is_some();
     let observed = observe_native(ms, existing.as_ref(), &rendered.data);
     let policy = ms.spec.target.creation_policy;
     let native_written = match native_action(
@@ -293,6 +462,34 @@ async fn sync(ms: &ManagedSecret, ctx: &Context) -> Result<Synced> {
         }
     };
 
+    // Workloads that consume the Secret follow its content.
+    let targets_spec = &ms.spec.rollout_restart_targets;
+    let mut restart = restart_decision(
+        !targets_spec.is_empty(),
+        native_existed,
+        status.restarted_version,
+        version,
+    );
+    if restart == RestartDecision::Restart {
+        // Decide on the stored status: a stale cache must not restart twice.
+        status = stored_status(ms, ctx).await?;
+        restart = restart_decision(true, native_existed, status.restarted_version, version);
+    }
+    let (mut restarted, mut missing_workloads) = (vec![], vec![]);
+    if restart == RestartDecision::Restart {
+        let at = jiff::Timestamp::now().to_string();
+        for target in targets_spec {
+            let name = format!("{:?}/{}", target.kind, target.name);
+            if restart_workload(ctx, &namespace, target, &at).await? {
+                info!(workload = %name, version, "rollout restarted");
+                restarted.push(name);
+            } else {
+                missing_workloads.push(name);
+            }
+        }
+    }
+    let restarted_version = (restart != RestartDecision::Nothing).then_some(version);
+
     let record = matches!(
         decision,
         VersionDecision::New(_) | VersionDecision::Adopt(_)
@@ -303,9 +500,26 @@ async fn sync(ms: &ManagedSecret, ctx: &Context) -> Result<Synced> {
         store: source_name.clone(),
         created_at: now(),
         created_by: author(ms),
-        reason: Some(ms.spec.reason.clone().unwrap_or(origin)),
+        reason: Some(
+            forced_reason
+                .clone()
+                .unwrap_or_else(|| ms.spec.reason.clone().unwrap_or(origin)),
+        ),
         store_version: source_version,
     });
+    let next_rotation = match (&ms.spec.content.generate, ms.spec.rollback_to) {
+        (Some(_), None) => next_rotation(&RotationInput {
+            latest_created: Some(
+                record
+                    .as_ref()
+                    .map(|r| r.created_at.0)
+                    .or_else(|| status.versions.last().map(|r| r.created_at.0))
+                    .unwrap_or_else(jiff::Timestamp::now),
+            ),
+            ..rotation_input(rotation_interval, rotate_annotation.as_deref(), &status)
+        }),
+        _ => None,
+    };
     Ok(Synced {
         decision,
         record,
@@ -314,6 +528,189 @@ async fn sync(ms: &ManagedSecret, ctx: &Context) -> Result<Synced> {
         native_written,
         secret_name,
         status,
+        expires_at: inspected.expires_at,
+        rotate_request,
+        restarted,
+        missing_workloads,
+        restarted_version,
+        next_rotation,
+    })
+}
+
+/// The current value of the CA ManagedSecret `name` (type certificate), read from its
+/// profile's source store and validated.
+async fn issuer_value(ctx: &Context, namespace: &str, name: &str) -> Result<SecretData> {
+    let api: Api<ManagedSecret> = Api::namespaced(ctx.client.clone(), namespace);
+    let issuer = api.get_opt(name).await?.ok_or_else(|| {
+        Error::config(
+            "IssuerNotFound",
+            format!("issuerRef: ManagedSecret {name} does not exist"),
+        )
+    })?;
+    if issuer.spec.type_ != SecretType::Certificate {
+        return Err(Error::config(
+            "IssuerNotCertificate",
+            format!("issuerRef: ManagedSecret {name} is not of type certificate"),
+        ));
+    }
+    let profile = ctx
+        .vault_profile(&issuer.spec.profile)
+        .await?
+        .ok_or_else(|| {
+            Error::config(
+                "IssuerNotReady",
+                format!("issuerRef: the VaultProfile of ManagedSecret {name} does not exist"),
+            )
+        })?;
+    let store = ctx.backend(&profile.spec.source).await?;
+    let value = store
+        .read(&issuer.store_path(), None)
+        .await?
+        .ok_or_else(|| {
+            Error::config(
+                "IssuerNotReady",
+                format!("issuerRef: ManagedSecret {name} has no value yet"),
+            )
+        })?;
+    content::validate(SecretType::Certificate, &value.data).map_err(|e| {
+        Error::config(
+            "IssuerNotReady",
+            format!("issuerRef: ManagedSecret {name}: {e}"),
+        )
+    })?;
+    Ok(value.data)
+}
+
+/// The status as stored, not as cached.
+async fn stored_status(ms: &ManagedSecret, ctx: &Context) -> Result<ManagedSecretStatus> {
+    let api: Api<ManagedSecret> =
+        Api::namespaced(ctx.client.clone(), &ms.namespace().unwrap_or_default());
+    Ok(api
+        .get_status(&ms.name_any())
+        .await?
+        .status
+        .unwrap_or_default())
+}
+
+/// Sets the restart annotation on a workload's pod template (as `kubectl rollout restart`
+/// does). False when the workload does not exist.
+async fn restart_workload(
+    ctx: &Context,
+    namespace: &str,
+    target: &RolloutRestartTarget,
+    at: &str,
+) -> Result<bool> {
+    let patch = Patch::Merge(serde_json::json!({
+        "spec": {"template": {"metadata": {"annotations": {RESTARTED_AT_ANNOTATION: at}}}}
+    }));
+    let pp = PatchParams {
+        field_manager: Some(ctx.config.field_manager.clone()),
+        ..Default::default()
+    };
+    let client = ctx.client.clone();
+    let result = match target.kind {
+        WorkloadKind::Deployment => Api::<Deployment>::namespaced(client, namespace)
+            .patch(&target.name, &pp, &patch)
+            .await
+            .map(drop),
+        WorkloadKind::StatefulSet => Api::<StatefulSet>::namespaced(client, namespace)
+            .patch(&target.name, &pp, &patch)
+            .await
+            .map(drop),
+        WorkloadKind::DaemonSet => Api::<DaemonSet>::namespaced(client, namespace)
+            .patch(&target.name, &pp, &patch)
+            .await
+            .map(drop),
+    };
+    match result {
+        Ok(()) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// When to reconcile again: the refresh interval, or sooner when a rotation is due or the
+/// value enters its expiry warning window.
+fn wake_after(ms: &ManagedSecret, synced: &Synced) -> Duration {
+    let mut wake = jittered(refresh_interval(ms));
+    let now = jiff::Timestamp::now();
+    let until = |t: jiff::Timestamp| {
+        Duration::try_from(t.duration_since(now)).unwrap_or(Duration::ZERO) + Duration::from_secs(1)
+    };
+    if let Some(due) = synced.next_rotation {
+        wake = wake.min(until(due));
+    }
+    if let Some(expires) = synced.expires_at {
+        let window = jiff::SignedDuration::try_from(expiry_warning(ms)).unwrap_or_default();
+        for t in [expires.checked_sub(window).ok(), Some(expires)]
+            .into_iter()
+            .flatten()
+        {
+            if t > now {
+                wake = wake.min(until(t));
+            }
+        }
+    }
+    wake
+}
+
+fn expiry_warning(ms: &ManagedSecret) -> Duration {
+    ms.spec
+        .expiry_warning
+        .as_deref()
+        .and_then(|d| parse_duration(d).ok())
+        .unwrap_or(DEFAULT_EXPIRY_WARNING)
+}
+
+/// The `Expiring` condition of a value of `secret_type` expiring at `expires_at`.
+fn expiring_condition(
+    ms: &ManagedSecret,
+    secret_type: SecretType,
+    expires_at: Option<jiff::Timestamp>,
+) -> Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    if !matches!(
+        secret_type,
+        SecretType::ApiKey | SecretType::Certificate | SecretType::Jwt
+    ) {
+        return None;
+    }
+    let generation = ms.metadata.generation;
+    let Some(at) = expires_at else {
+        return Some(condition(
+            "Expiring",
+            false,
+            "NoExpiry",
+            "the value has no expiry",
+            generation,
+        ));
+    };
+    let window = expiry_warning(ms);
+    let at_text = at.strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
+    Some(match expiry(at, jiff::Timestamp::now(), window) {
+        Expiry::Expired => condition(
+            "Expiring",
+            true,
+            "Expired",
+            format!("the value expired at {at_text}"),
+            generation,
+        ),
+        Expiry::Expiring => condition(
+            "Expiring",
+            true,
+            "ExpiresSoon",
+            format!(
+                "the value expires at {at_text}, within the {} warning window",
+                ms.spec.expiry_warning.as_deref().unwrap_or("720h")
+            ),
+            generation,
+        ),
+        Expiry::Valid => condition(
+            "Expiring",
+            false,
+            "NotExpiring",
+            format!("the value expires at {at_text}"),
+            generation,
+        ),
     })
 }
 
@@ -497,6 +894,17 @@ fn synced_status(ms: &ManagedSecret, synced: &Synced) -> ManagedSecretStatus {
         .map(|t| t.store.as_str())
         .collect();
     status.current_version = Some(version);
+    status.expires_at = synced.expires_at.map(Time);
+    if synced.rotate_request.is_some() {
+        status.rotate_request = synced.rotate_request.clone();
+    }
+    if synced.restarted_version.is_some() {
+        status.restarted_version = synced.restarted_version;
+    }
+    match expiring_condition(ms, ms.spec.type_, synced.expires_at) {
+        Some(c) => set_condition(&mut status.conditions, c),
+        None => status.conditions.retain(|c| c.type_ != "Expiring"),
+    }
     status.targets = synced.targets.clone();
     status.secret_name = Some(synced.secret_name.clone());
     status.observed_generation = ms.metadata.generation;

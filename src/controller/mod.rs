@@ -14,14 +14,20 @@ use crate::backend::Backend;
 use crate::content::{MANAGED_LABEL, MANAGED_LABEL_VALUE, MANAGED_SECRET_LABEL};
 use crate::crypto::OperatorKeys;
 use crate::error::{Error, Result};
+use crate::http::Probes;
+use crate::leader::LeaderElection;
+use crate::metrics::Metrics;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{ListParams, ObjectMeta, PostParams};
+use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::{Controller, watcher};
+use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 /// How the operator runs.
@@ -52,6 +58,8 @@ pub struct Context {
     pub profiles: Store<VaultProfile>,
     pub managed: Store<ManagedSecret>,
     pub stores_registry: StoreRegistry,
+    /// Counters and latencies (`/metrics`).
+    pub metrics: Arc<Metrics>,
     recorder: Recorder,
     /// Asks the SecretStore controller for a health check now (a reconcile of another kind
     /// saw a store fail), instead of at its next periodic check.
@@ -138,9 +146,135 @@ impl Context {
     }
 }
 
-/// Runs the three controllers until SIGTERM or Ctrl-C.
-pub async fn run(client: Client, config: Config) -> Result<()> {
+/// What [`run`] shares with the process around it: the metrics, the probes `/readyz`
+/// reads, and the shutdown request (SIGTERM).
+#[derive(Clone)]
+pub struct Runtime {
+    pub metrics: Arc<Metrics>,
+    pub probes: Arc<Probes>,
+    /// Becomes `true` when the process must stop (SIGTERM, Ctrl-C).
+    pub shutdown: watch::Receiver<bool>,
+    /// Elect a leader on a Lease before reconciling; `None` reconciles at once.
+    pub leader_election: Option<LeaderElection>,
+}
+
+/// How [`run`] ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// Shutdown was requested; in-flight reconciles finished and the Lease was released.
+    Shutdown,
+    /// The leader Lease was lost (not renewed in time): the process should exit and start
+    /// again as a candidate.
+    LostLeadership,
+}
+
+/// Waits for leadership (when elected), then runs the three controllers until shutdown
+/// is requested or leadership is lost. Reconciles in flight finish before it returns.
+pub async fn run(client: Client, config: Config, rt: Runtime) -> Result<Stopped> {
     ensure_namespace(&client, &config.operator_namespace).await?;
+    let mut shutdown = rt.shutdown.clone();
+
+    let candidate = match &rt.leader_election {
+        None => {
+            rt.probes.set_leadership(true);
+            rt.metrics.set_leader(true);
+            None
+        }
+        Some(election) => {
+            let mut candidate = election.join(client.clone()).await.map_err(|e| {
+                Error::config("LeaderElectionFailed", format!("leader election: {e}"))
+            })?;
+            // A free Lease is taken within moments; still not leading then means another
+            // holder: leadership is known, this process is a (ready) standby.
+            let led = tokio::time::timeout(Duration::from_secs(2), candidate.leading()).await;
+            if led.is_err() {
+                rt.probes.set_leadership(false);
+                info!(identity = %election.identity, "standing by: another process leads");
+            }
+            tokio::select! {
+                led = candidate.leading() => if led.is_none() {
+                    return Err(Error::config("LeaderElectionFailed", "leader election ended"));
+                },
+                _ = shutdown.wait_for(|stop| *stop) => {
+                    candidate.release().await;
+                    return Ok(Stopped::Shutdown);
+                }
+            }
+            info!(identity = %election.identity, "leading: starting the controllers");
+            rt.metrics.set_leader(true);
+            Some(candidate)
+        }
+    };
+    rt.probes.expect_caches(3);
+    rt.probes.set_leadership(true);
+
+    // One stop signal for every controller, saying why: shutdown requested, or leadership lost.
+    let (stop_tx, stop_rx) = watch::channel(None);
+    let lost = candidate.as_ref().map(|c| c.lost());
+    let stopper = tokio::spawn(async move {
+        let lost_leadership = async {
+            match lost {
+                Some(lost) => lost.await,
+                None => std::future::pending().await,
+            }
+        };
+        let why = tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => Stopped::Shutdown,
+            _ = lost_leadership => Stopped::LostLeadership,
+        };
+        let _ = stop_tx.send(Some(why));
+    });
+
+    let result = run_controllers(client, config, &rt, stop_rx.clone()).await;
+    rt.probes.stopping();
+    rt.metrics.set_leader(false);
+    stopper.abort();
+    let stopped = stop_rx.borrow().unwrap_or(Stopped::Shutdown);
+    if stopped == Stopped::LostLeadership {
+        warn!("lost the leader Lease: stopped reconciling");
+    }
+    if let Some(candidate) = candidate {
+        candidate.release().await;
+    }
+    result.map(|()| stopped)
+}
+
+/// A future that completes when `stop` says why (or its sender goes).
+async fn stopped(mut stop: watch::Receiver<Option<Stopped>>) {
+    let _ = stop.wait_for(Option::is_some).await;
+}
+
+/// A controller of `K` whose cache reports its first full list to `probes`.
+fn controller<K>(api: Api<K>, wc: watcher::Config, probes: Arc<Probes>) -> Controller<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let writer = reflector::store::Writer::<K>::default();
+    let reader = writer.as_reader();
+    let mut first_list = true;
+    let objects = reflector(writer, watcher::watcher(api, wc))
+        .inspect(move |event| {
+            if first_list && matches!(event, Ok(watcher::Event::InitDone)) {
+                first_list = false;
+                probes.cache_synced();
+            }
+        })
+        .applied_objects();
+    Controller::for_stream(objects, reader)
+}
+
+async fn run_controllers(
+    client: Client,
+    config: Config,
+    rt: &Runtime,
+    stop: watch::Receiver<Option<Stopped>>,
+) -> Result<()> {
     let keys = OperatorKeys::load_or_create(client.clone(), &config.operator_namespace).await?;
 
     let store_wc = match &config.store_selector {
@@ -155,9 +289,18 @@ pub async fn run(client: Client, config: Config) -> Result<()> {
             ),
             None => (Api::all(client.clone()), Api::all(client.clone())),
         };
-    let store_ctl = Controller::new(Api::<SecretStore>::all(client.clone()), store_wc.clone());
-    let profile_ctl = Controller::new(Api::<VaultProfile>::all(client.clone()), store_wc.clone());
-    let managed_ctl = Controller::new(managed_api, watcher::Config::default());
+    let probes = rt.probes.clone();
+    let store_ctl = controller(
+        Api::<SecretStore>::all(client.clone()),
+        store_wc.clone(),
+        probes.clone(),
+    );
+    let profile_ctl = controller(
+        Api::<VaultProfile>::all(client.clone()),
+        store_wc.clone(),
+        probes.clone(),
+    );
+    let managed_ctl = controller(managed_api, watcher::Config::default(), probes);
 
     let (recheck, recheck_rx) = futures::channel::mpsc::channel(0);
     let ctx = Arc::new(Context {
@@ -181,7 +324,10 @@ pub async fn run(client: Client, config: Config) -> Result<()> {
         ),
         keys,
         config: config.clone(),
+        metrics: rt.metrics.clone(),
     });
+    rt.metrics
+        .watch_caches(ctx.stores.clone(), ctx.managed.clone());
 
     // Profiles follow their stores' health.
     let profiles = ctx.profiles.clone();
@@ -231,35 +377,45 @@ pub async fn run(client: Client, config: Config) -> Result<()> {
     let stores_done = store_ctl
         .reconcile_all_on(recheck_rx)
         .with_config(controller_config.clone())
-        .shutdown_on_signal()
-        .run(
-            secret_store::reconcile,
-            secret_store::error_policy,
-            ctx.clone(),
-        )
+        .graceful_shutdown_on(stopped(stop.clone()))
+        .run(reconcile_store, secret_store::error_policy, ctx.clone())
         .for_each(|r| async move { log_result("SecretStore", r) });
     let profiles_done = profile_ctl
         .with_config(controller_config.clone())
-        .shutdown_on_signal()
-        .run(
-            vault_profile::reconcile,
-            vault_profile::error_policy,
-            ctx.clone(),
-        )
+        .graceful_shutdown_on(stopped(stop.clone()))
+        .run(reconcile_profile, vault_profile::error_policy, ctx.clone())
         .for_each(|r| async move { log_result("VaultProfile", r) });
     let managed_done = managed_ctl
         .with_config(controller_config)
-        .shutdown_on_signal()
-        .run(
-            managed_secret::reconcile,
-            managed_secret::error_policy,
-            ctx.clone(),
-        )
+        .graceful_shutdown_on(stopped(stop))
+        .run(reconcile_managed, managed_secret::error_policy, ctx.clone())
         .for_each(|r| async move { log_result("ManagedSecret", r) });
     futures::join!(stores_done, profiles_done, managed_done);
     ctx.stores_registry.shutdown().await;
     info!("keyhaven controllers stopped");
     Ok(())
+}
+
+// The reconcilers, counted and timed by kind.
+async fn reconcile_store(obj: Arc<SecretStore>, ctx: Arc<Context>) -> Result<Action> {
+    let metrics = ctx.metrics.clone();
+    metrics
+        .reconcile("SecretStore", secret_store::reconcile(obj, ctx))
+        .await
+}
+
+async fn reconcile_profile(obj: Arc<VaultProfile>, ctx: Arc<Context>) -> Result<Action> {
+    let metrics = ctx.metrics.clone();
+    metrics
+        .reconcile("VaultProfile", vault_profile::reconcile(obj, ctx))
+        .await
+}
+
+async fn reconcile_managed(obj: Arc<ManagedSecret>, ctx: Arc<Context>) -> Result<Action> {
+    let metrics = ctx.metrics.clone();
+    metrics
+        .reconcile("ManagedSecret", managed_secret::reconcile(obj, ctx))
+        .await
 }
 
 fn log_result<K: Resource, E: std::fmt::Display>(
@@ -275,7 +431,12 @@ fn log_result<K: Resource, E: std::fmt::Display>(
 /// Creates the operator's namespace when it is missing (out-of-cluster runs).
 async fn ensure_namespace(client: &Client, name: &str) -> Result<()> {
     let api: Api<Namespace> = Api::all(client.clone());
-    if api.get_opt(name).await?.is_none() {
+    let existing = match api.get_opt(name).await {
+        // In a cluster the chart made the namespace and grants no access to namespaces.
+        Err(kube::Error::Api(s)) if s.code == 403 => return Ok(()),
+        other => other?,
+    };
+    if existing.is_none() {
         let ns = Namespace {
             metadata: ObjectMeta {
                 name: Some(name.into()),

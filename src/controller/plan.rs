@@ -177,10 +177,251 @@ pub fn native_action(
     }
 }
 
+/// Whether a generated secret keeps the value its source store holds or gets a new one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GenerateDecision {
+    /// The source holds a value and no rotation is due: keep it.
+    UseStored,
+    /// Generate a new value; the reason is recorded with the version.
+    Generate { reason: String },
+}
+
+/// What rotation looks at.
+#[derive(Debug, Clone, Default)]
+pub struct RotationInput<'a> {
+    /// `rotation.interval`, parsed.
+    pub interval: Option<std::time::Duration>,
+    /// When the newest recorded version was made.
+    pub latest_created: Option<jiff::Timestamp>,
+    /// The `keyhaven.io/rotate` annotation's value.
+    pub requested: Option<&'a str>,
+    /// The annotation value already acted on (`status.rotateRequest`).
+    pub handled: Option<&'a str>,
+}
+
+/// When the next scheduled rotation is due, if any.
+pub fn next_rotation(rotation: &RotationInput<'_>) -> Option<jiff::Timestamp> {
+    let interval = jiff::SignedDuration::try_from(rotation.interval?).ok()?;
+    rotation.latest_created?.checked_add(interval).ok()
+}
+
+/// What the source store holds for a generated secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    Absent,
+    /// A value that fits the type (and the spec's declared length).
+    Valid,
+    /// A value that does not (the type changed, or it was edited by hand).
+    Invalid,
+}
+
+/// Decides whether to generate: when the source holds nothing or a value that does not fit,
+/// when the rotate annotation has a value not yet acted on, or when the newest version is
+/// older than the interval.
+pub fn decide_generate(
+    stored: Stored,
+    rotation: &RotationInput<'_>,
+    now: jiff::Timestamp,
+) -> GenerateDecision {
+    match stored {
+        Stored::Absent => {
+            return GenerateDecision::Generate {
+                reason: "generated".into(),
+            };
+        }
+        Stored::Invalid => {
+            return GenerateDecision::Generate {
+                reason: "regenerated: the stored value does not fit the type".into(),
+            };
+        }
+        Stored::Valid => {}
+    }
+    if let Some(requested) = rotation.requested
+        && rotation.handled != Some(requested)
+    {
+        return GenerateDecision::Generate {
+            reason: "rotated (keyhaven.io/rotate annotation)".into(),
+        };
+    }
+    if next_rotation(rotation).is_some_and(|due| due <= now) {
+        return GenerateDecision::Generate {
+            reason: "rotated (rotation.interval)".into(),
+        };
+    }
+    GenerateDecision::UseStored
+}
+
+/// Where version `n` is read from for a rollback: the store it was recorded in (the
+/// current source when the history no longer lists it) and its recorded fingerprint.
+pub fn rollback_source<'a>(
+    history: &'a [VersionRecord],
+    n: u64,
+    current_source: &'a str,
+) -> (&'a str, Option<&'a str>) {
+    match history.iter().find(|r| r.version == n) {
+        Some(r) => (r.store.as_str(), Some(r.fingerprint.as_str())),
+        None => (current_source, None),
+    }
+}
+
+/// What to do about rolloutRestartTargets after the native Secret was brought to `version`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartDecision {
+    Nothing,
+    /// Remember `version` as restarted-for without restarting (first sight: the workloads
+    /// start with this content anyway).
+    Record,
+    /// The content the workloads run with changed: restart them, then record.
+    Restart,
+}
+
+/// `native_existed`: the native Secret existed before this reconcile; `restarted`: the
+/// version the workloads were last restarted (or first seen) for.
+pub fn restart_decision(
+    has_targets: bool,
+    native_existed: bool,
+    restarted: Option<u64>,
+    version: u64,
+) -> RestartDecision {
+    if !has_targets {
+        return RestartDecision::Nothing;
+    }
+    match restarted {
+        Some(r) if r == version => RestartDecision::Nothing,
+        Some(_) if native_existed => RestartDecision::Restart,
+        _ => RestartDecision::Record,
+    }
+}
+
+/// Where an expiring value stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    Valid,
+    /// Within the warning window.
+    Expiring,
+    Expired,
+}
+
+pub fn expiry(
+    expires_at: jiff::Timestamp,
+    now: jiff::Timestamp,
+    window: std::time::Duration,
+) -> Expiry {
+    let window = jiff::SignedDuration::try_from(window).unwrap_or(jiff::SignedDuration::MAX);
+    if expires_at <= now {
+        Expiry::Expired
+    } else if now
+        .checked_add(window)
+        .map_or(true, |limit| expires_at <= limit)
+    {
+        Expiry::Expiring
+    } else {
+        Expiry::Valid
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::api::now;
+    use std::time::Duration;
+
+    fn ts(s: i64) -> jiff::Timestamp {
+        jiff::Timestamp::from_second(s).unwrap()
+    }
+
+    #[test]
+    fn generation_and_rotation() {
+        let none = RotationInput::default();
+        assert_eq!(
+            decide_generate(Stored::Absent, &none, ts(0)),
+            GenerateDecision::Generate {
+                reason: "generated".into()
+            }
+        );
+        assert_eq!(
+            decide_generate(Stored::Valid, &none, ts(0)),
+            GenerateDecision::UseStored
+        );
+        let requested = RotationInput {
+            requested: Some("now"),
+            ..Default::default()
+        };
+        assert!(matches!(
+            decide_generate(Stored::Valid, &requested, ts(0)),
+            GenerateDecision::Generate { reason } if reason.contains("annotation")
+        ));
+        let handled = RotationInput {
+            requested: Some("now"),
+            handled: Some("now"),
+            ..Default::default()
+        };
+        assert_eq!(
+            decide_generate(Stored::Valid, &handled, ts(0)),
+            GenerateDecision::UseStored
+        );
+        let scheduled = RotationInput {
+            interval: Some(Duration::from_secs(3600)),
+            latest_created: Some(ts(1000)),
+            ..Default::default()
+        };
+        assert_eq!(next_rotation(&scheduled), Some(ts(4600)));
+        assert_eq!(
+            decide_generate(Stored::Valid, &scheduled, ts(4599)),
+            GenerateDecision::UseStored
+        );
+        assert!(matches!(
+            decide_generate(Stored::Valid, &scheduled, ts(4600)),
+            GenerateDecision::Generate { reason } if reason.contains("interval")
+        ));
+        assert!(matches!(
+            decide_generate(Stored::Invalid, &handled, ts(0)),
+            GenerateDecision::Generate { reason } if reason.contains("does not fit")
+        ));
+        // No history yet: nothing is scheduled.
+        let fresh = RotationInput {
+            interval: Some(Duration::from_secs(1)),
+            ..Default::default()
+        };
+        assert_eq!(next_rotation(&fresh), None);
+    }
+
+    #[test]
+    fn rollback_reads_where_the_version_was_written() {
+        let mut a = record(1, &fp(1));
+        a.store = "old-source".into();
+        let b = record(2, &fp(2));
+        let history = vec![a, b];
+        assert_eq!(
+            rollback_source(&history, 1, "new-source"),
+            ("old-source", Some(fp(1).as_str()))
+        );
+        assert_eq!(rollback_source(&history, 2, "new-source").0, "s");
+        assert_eq!(
+            rollback_source(&history, 9, "new-source"),
+            ("new-source", None)
+        );
+    }
+
+    #[test]
+    fn restarts_only_when_running_content_changes() {
+        use RestartDecision::*;
+        assert_eq!(restart_decision(false, true, Some(1), 2), Nothing);
+        assert_eq!(restart_decision(true, false, None, 1), Record);
+        assert_eq!(restart_decision(true, true, None, 3), Record);
+        assert_eq!(restart_decision(true, true, Some(2), 2), Nothing);
+        assert_eq!(restart_decision(true, true, Some(1), 2), Restart);
+        // The native Secret was deleted and recreated: pods restart on their own terms.
+        assert_eq!(restart_decision(true, false, Some(1), 2), Record);
+    }
+
+    #[test]
+    fn expiry_windows() {
+        let day = Duration::from_secs(86400);
+        assert_eq!(expiry(ts(100), ts(100), day), Expiry::Expired);
+        assert_eq!(expiry(ts(100 + 3600), ts(100), day), Expiry::Expiring);
+        assert_eq!(expiry(ts(100 + 2 * 86400), ts(100), day), Expiry::Valid);
+    }
 
     fn fp(n: u8) -> Fingerprint {
         Fingerprint::parse(&format!("hmac-sha256:{}", hex::encode([n; 32]))).unwrap()

@@ -57,7 +57,7 @@ impl StoreRegistry {
         {
             return Ok(backend.clone());
         }
-        let backend = self.build(&name, store)?;
+        let backend = crate::metrics::metered(self.build(&name, store)?);
         if let Some((_, replaced)) = cache.insert(name, (key, backend.clone())) {
             tokio::spawn(async move { replaced.shutdown().await });
         }

@@ -1,0 +1,485 @@
+//! Prometheus metrics: reconciles by kind, backend calls by store, versions written, and
+//! gauges read from the caches at scrape time. Served on `/metrics` by [`crate::http`].
+//!
+//! One registry per process ([`Metrics::global`]): backends are wrapped where they are built
+//! ([`metered`]), far from the [`Context`](crate::controller::Context) that holds the handle.
+
+use crate::api::{ManagedSecret, SecretStore};
+use crate::backend::{Backend, BackendError, Health, StoredVersion, VersionStamp};
+use crate::secret_data::SecretData;
+use async_trait::async_trait;
+use kube::ResourceExt;
+use kube::runtime::reflector::Store;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::collections::BTreeMap;
+use std::sync::{Arc, LazyLock, OnceLock};
+use std::time::Instant;
+
+/// Labels of the per-kind reconcile metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+/// Labels of a failed reconcile: the kind and the error's reason (a CamelCase word).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    kind: &'static str,
+    reason: &'static str,
+}
+
+/// Labels of a backend call.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    store: String,
+    operation: &'static str,
+    outcome: &'static str,
+}
+
+/// Labels of a backend call's latency.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OperationLabels {
+    store: String,
+    operation: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProfileLabels {
+    profile: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StoreLabels {
+    store: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabels {
+    phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ObjectLabels {
+    namespace: String,
+    name: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 1 ms .. ~33 s
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+type Latencies<L> = Family<L, Histogram>;
+
+/// The operator's metrics.
+pub struct Metrics {
+    registry: Registry,
+    reconciles: Family<KindLabels, Counter>,
+    reconcile_errors: Family<ErrorLabels, Counter>,
+    reconcile_duration: Latencies<KindLabels>,
+    backend_calls: Family<CallLabels, Counter>,
+    backend_duration: Latencies<OperationLabels>,
+    versions_written: Family<ProfileLabels, Counter>,
+    leader: Gauge,
+    caches: Arc<CacheGauges>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every keyhaven metric (prefix `keyhaven_`).
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("keyhaven");
+        let reconciles = Family::<KindLabels, Counter>::default();
+        let reconcile_errors = Family::<ErrorLabels, Counter>::default();
+        let reconcile_duration = Latencies::<KindLabels>::new_with_constructor(latency_histogram);
+        let backend_calls = Family::<CallLabels, Counter>::default();
+        let backend_duration =
+            Latencies::<OperationLabels>::new_with_constructor(latency_histogram);
+        let versions_written = Family::<ProfileLabels, Counter>::default();
+        let leader = Gauge::default();
+        let caches = Arc::new(CacheGauges::default());
+        registry.register("reconciles", "Reconciles run, by kind", reconciles.clone());
+        registry.register(
+            "reconcile_errors",
+            "Reconciles that failed, by kind and reason",
+            reconcile_errors.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "How long a reconcile took, by kind",
+            reconcile_duration.clone(),
+        );
+        registry.register(
+            "backend_calls",
+            "Calls to a store's backend, by store, operation and outcome (ok or the error kind)",
+            backend_calls.clone(),
+        );
+        registry.register(
+            "backend_call_duration_seconds",
+            "Latency of calls to a store's backend, by store and operation",
+            backend_duration.clone(),
+        );
+        registry.register(
+            "versions_written",
+            "New secret versions recorded, by profile",
+            versions_written.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this process holds the leader Lease (or runs without leader election)",
+            leader.clone(),
+        );
+        registry.register_collector(Box::new(caches.clone()));
+        Metrics {
+            registry,
+            reconciles,
+            reconcile_errors,
+            reconcile_duration,
+            backend_calls,
+            backend_duration,
+            versions_written,
+            leader,
+            caches,
+        }
+    }
+
+    /// The process's metrics.
+    pub fn global() -> Arc<Metrics> {
+        static GLOBAL: LazyLock<Arc<Metrics>> = LazyLock::new(|| Arc::new(Metrics::new()));
+        GLOBAL.clone()
+    }
+
+    /// Everything in the Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    /// Runs a reconcile of `kind`, counting it, its failure reason and its duration.
+    pub async fn reconcile<T>(
+        &self,
+        kind: &'static str,
+        reconcile: impl Future<Output = crate::error::Result<T>>,
+    ) -> crate::error::Result<T> {
+        let start = Instant::now();
+        let result = reconcile.await;
+        let labels = KindLabels { kind };
+        self.reconciles.get_or_create(&labels).inc();
+        self.reconcile_duration
+            .get_or_create(&labels)
+            .observe(start.elapsed().as_secs_f64());
+        if let Err(e) = &result {
+            self.reconcile_errors
+                .get_or_create(&ErrorLabels {
+                    kind,
+                    reason: e.reason(),
+                })
+                .inc();
+        }
+        result
+    }
+
+    /// A new version was recorded for a ManagedSecret of `profile`.
+    pub fn version_written(&self, profile: &str) {
+        self.versions_written
+            .get_or_create(&ProfileLabels {
+                profile: profile.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Whether this process leads.
+    pub fn set_leader(&self, leader: bool) {
+        self.leader.set(i64::from(leader));
+    }
+
+    /// Reads the per-store and per-phase gauges from these caches at each scrape.
+    pub fn watch_caches(&self, stores: Store<SecretStore>, managed: Store<ManagedSecret>) {
+        let _ = self.caches.stores.set(stores);
+        let _ = self.caches.managed.set(managed);
+    }
+
+    fn backend_call(&self, store: &str, operation: &'static str, outcome: &'static str, s: f64) {
+        self.backend_calls
+            .get_or_create(&CallLabels {
+                store: store.to_owned(),
+                operation,
+                outcome,
+            })
+            .inc();
+        self.backend_duration
+            .get_or_create(&OperationLabels {
+                store: store.to_owned(),
+                operation,
+            })
+            .observe(s);
+    }
+}
+
+/// Gauges computed from the controllers' caches when scraped: nothing to keep in step.
+#[derive(Default)]
+struct CacheGauges {
+    stores: OnceLock<Store<SecretStore>>,
+    managed: OnceLock<Store<ManagedSecret>>,
+}
+
+impl std::fmt::Debug for CacheGauges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CacheGauges").finish_non_exhaustive()
+    }
+}
+
+impl Collector for CacheGauges {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        if let Some(stores) = self.stores.get() {
+            let secrets = Family::<StoreLabels, Gauge>::default();
+            let active = Family::<StoreLabels, Gauge>::default();
+            for store in stores.state() {
+                let labels = StoreLabels {
+                    store: store.name_any(),
+                };
+                let status = store.status.as_ref();
+                let count = status.and_then(|s| s.secrets).unwrap_or(0);
+                secrets
+                    .get_or_create(&labels)
+                    .set(i64::try_from(count).unwrap_or(i64::MAX));
+                let is_active = status
+                    .and_then(|s| s.phase.as_ref())
+                    .is_some_and(|p| *p == crate::api::StorePhase::Active);
+                active.get_or_create(&labels).set(i64::from(is_active));
+            }
+            let m = encoder.encode_descriptor(
+                "store_secrets",
+                "Secret objects a store holds for keyhaven (its status.secrets)",
+                None,
+                secrets.metric_type(),
+            )?;
+            secrets.encode(m)?;
+            let m = encoder.encode_descriptor(
+                "store_active",
+                "1 when a store's phase is Active",
+                None,
+                active.metric_type(),
+            )?;
+            active.encode(m)?;
+        }
+        if let Some(managed) = self.managed.get() {
+            let mut by_phase: BTreeMap<String, i64> = BTreeMap::new();
+            let expiry = Family::<ObjectLabels, Gauge>::default();
+            let expiring = Gauge::<i64>::default();
+            for ms in managed.state() {
+                let status = ms.status.as_ref();
+                let phase = status
+                    .and_then(|s| s.phase.clone())
+                    .unwrap_or_else(|| "Pending".into());
+                *by_phase.entry(phase).or_default() += 1;
+                if let Some(at) = status.and_then(|s| s.expires_at.as_ref()) {
+                    expiry
+                        .get_or_create(&ObjectLabels {
+                            namespace: ms.namespace().unwrap_or_default(),
+                            name: ms.name_any(),
+                        })
+                        .set(at.0.as_second());
+                }
+                let is_expiring = status.is_some_and(|s| {
+                    s.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Expiring" && c.status == "True")
+                });
+                if is_expiring {
+                    expiring.inc();
+                }
+            }
+            let m = encoder.encode_descriptor(
+                "secret_expiry_timestamp_seconds",
+                "When a ManagedSecret's current value expires (api-key expires-at, certificate notAfter, jwt exp), Unix time",
+                None,
+                expiry.metric_type(),
+            )?;
+            expiry.encode(m)?;
+            let m = encoder.encode_descriptor(
+                "managed_secrets_expiring",
+                "ManagedSecrets whose value expires within their expiryWarning window (condition Expiring=True)",
+                None,
+                expiring.metric_type(),
+            )?;
+            expiring.encode(m)?;
+            let family = Family::<PhaseLabels, Gauge>::default();
+            for (phase, n) in by_phase {
+                family.get_or_create(&PhaseLabels { phase }).set(n);
+            }
+            let m = encoder.encode_descriptor(
+                "managed_secrets",
+                "ManagedSecrets in the cache, by status phase",
+                None,
+                family.metric_type(),
+            )?;
+            family.encode(m)?;
+        }
+        Ok(())
+    }
+}
+
+/// Wraps a freshly built backend so that its calls are counted and timed (by store).
+pub fn metered(backend: Arc<dyn Backend>) -> Arc<dyn Backend> {
+    Arc::new(MeteredBackend {
+        inner: backend,
+        metrics: Metrics::global(),
+    })
+}
+
+/// A [`Backend`] that records each call's outcome and latency.
+struct MeteredBackend {
+    inner: Arc<dyn Backend>,
+    metrics: Arc<Metrics>,
+}
+
+impl MeteredBackend {
+    async fn timed<T>(
+        &self,
+        operation: &'static str,
+        call: impl Future<Output = Result<T, BackendError>>,
+    ) -> Result<T, BackendError> {
+        let start = Instant::now();
+        let result = call.await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(e) => outcome(e),
+        };
+        self.metrics.backend_call(
+            self.inner.store(),
+            operation,
+            outcome,
+            start.elapsed().as_secs_f64(),
+        );
+        result
+    }
+}
+
+/// The error's kind as a label value: a fixed word, never the message.
+fn outcome(e: &BackendError) -> &'static str {
+    match e {
+        BackendError::Unreachable { .. } => "unreachable",
+        BackendError::Sealed { .. } => "sealed",
+        BackendError::Invalid { .. } => "invalid",
+        BackendError::Conflict { .. } => "conflict",
+        _ => "error",
+    }
+}
+
+#[async_trait]
+impl Backend for MeteredBackend {
+    fn store(&self) -> &str {
+        self.inner.store()
+    }
+
+    async fn read(
+        &self,
+        path: &str,
+        version: Option<u64>,
+    ) -> Result<Option<StoredVersion>, BackendError> {
+        self.timed("read", self.inner.read(path, version)).await
+    }
+
+    async fn write(
+        &self,
+        path: &str,
+        stamp: &VersionStamp,
+        data: &SecretData,
+    ) -> Result<Option<u64>, BackendError> {
+        self.timed("write", self.inner.write(path, stamp, data))
+            .await
+    }
+
+    async fn list_versions(&self, path: &str) -> Result<Vec<u64>, BackendError> {
+        self.timed("list_versions", self.inner.list_versions(path))
+            .await
+    }
+
+    async fn delete(&self, path: &str) -> Result<(), BackendError> {
+        self.timed("delete", self.inner.delete(path)).await
+    }
+
+    async fn health(&self) -> Health {
+        let start = Instant::now();
+        let health = self.inner.health().await;
+        let outcome = if health.phase == crate::api::StorePhase::Active {
+            "ok"
+        } else {
+            "unhealthy"
+        };
+        self.metrics.backend_call(
+            self.inner.store(),
+            "health",
+            outcome,
+            start.elapsed().as_secs_f64(),
+        );
+        health
+    }
+
+    async fn count(&self) -> Result<u64, BackendError> {
+        self.timed("count", self.inner.count()).await
+    }
+
+    async fn shutdown(&self) {
+        self.inner.shutdown().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn reconciles_are_counted_by_kind_and_reason() {
+        let m = Metrics::new();
+        m.reconcile("SecretStore", async { Ok(()) }).await.unwrap();
+        let _ = m
+            .reconcile::<()>("ManagedSecret", async {
+                Err(crate::error::Error::config(
+                    "StoreNotFound",
+                    "no such store",
+                ))
+            })
+            .await;
+        m.version_written("prod");
+        m.set_leader(true);
+        let text = m.encode();
+        assert!(
+            text.contains(r#"keyhaven_reconciles_total{kind="SecretStore"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"keyhaven_reconcile_errors_total{kind="ManagedSecret",reason="StoreNotFound"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains(r#"keyhaven_versions_written_total{profile="prod"} 1"#));
+        assert!(text.contains("keyhaven_leader 1"));
+        assert!(text.contains("keyhaven_reconcile_duration_seconds_bucket"));
+        assert!(
+            !text.contains("no such store"),
+            "messages never become labels"
+        );
+    }
+}

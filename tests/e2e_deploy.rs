@@ -1,0 +1,528 @@
+//! End-to-end tests of what a production install relies on: `/metrics` and the probes, leader
+//! election with failover, and the Helm chart (lint, the rendered `manifests/`, and an
+//! install whose RBAC is enough for the operator and no more).
+
+mod e2e;
+
+use e2e::Testbed;
+use e2e::fixture::{Fixture, wait_until};
+use e2e::operator::Operator;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::ListParams;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// `GET path` on `addr`: the status code and body, or None when nothing answers.
+async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut conn = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    conn.write_all(request.as_bytes()).await.ok()?;
+    let mut raw = Vec::new();
+    conn.read_to_end(&mut raw).await.ok()?;
+    let text = String::from_utf8_lossy(&raw);
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, text.split_once("\r\n\r\n")?.1.to_owned()))
+}
+
+/// The value of the series `series` (name and labels exactly as exposed) in `text`.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// The operator's metrics address, once it listens.
+async fn metrics_addr(op: &Operator) -> String {
+    wait_until(Duration::from_secs(30), || async { op.metrics_addr() })
+        .await
+        .unwrap_or_else(|| panic!("no metrics address in {}", op.log.display()))
+}
+
+async fn scrape(addr: &str) -> String {
+    match http_get(addr, "/metrics").await {
+        Some((200, body)) => body,
+        other => panic!("GET {addr}/metrics: {other:?}"),
+    }
+}
+
+/// No secret value in these operators' logs, nor in the test's Events.
+async fn assert_not_leaked(fx: &Fixture, ops: &[&Operator], values: &[&str]) {
+    let events = fx.events().await.join("\n");
+    for op in ops {
+        let log = op.log_text();
+        assert!(!log.is_empty(), "{} is empty", op.log.display());
+        for v in values {
+            assert!(!log.contains(v), "a secret value in {}", op.log.display());
+            assert!(!events.contains(v), "a secret value in an Event");
+        }
+    }
+}
+
+async fn wait_ready(addr: &str) {
+    let ready = wait_until(Duration::from_secs(30), || async {
+        (http_get(addr, "/readyz").await?.0 == 200).then_some(())
+    })
+    .await;
+    assert!(
+        ready.is_some(),
+        "/readyz of {addr} not 200 in 30s: {:?}",
+        http_get(addr, "/readyz").await
+    );
+}
+
+/// An internal store, a profile on it, a source Secret and a ManagedSecret pushing it
+/// (re-read every second). Returns the store's and the profile's names.
+async fn push_secret(fx: &Fixture, value: &str) -> (String, String) {
+    let store = fx.store("internal", json!({"internal": {}})).await;
+    let profile = fx.profile("p", &store, &[]).await;
+    fx.secret(&fx.ns, "src", &[("password", value)]).await;
+    fx.managed_secret(
+        "db",
+        json!({"profile": profile, "type": "password", "refreshInterval": "1s",
+               "content": {"fromSecret": {"name": "src"}}}),
+    )
+    .await;
+    (store, profile)
+}
+
+#[tokio::test]
+async fn metrics_and_probes_follow_a_sync() {
+    let fx = Fixture::new("metrics").await;
+    let addr = metrics_addr(&fx.op).await;
+    assert_eq!(http_get(&addr, "/healthz").await.map(|r| r.0), Some(200));
+    wait_ready(&addr).await;
+    let before = scrape(&addr).await;
+    assert_eq!(sample(&before, "keyhaven_leader"), Some(1.0), "{before}");
+
+    let value = "metrics-Pa55word-e2e";
+    let (store, profile) = push_secret(&fx, value).await;
+    fx.wait_synced("db", 1).await;
+
+    let after = scrape(&addr).await;
+    let count = |text: &str, series: &str| sample(text, series).unwrap_or(0.0);
+    let reconciles = r#"keyhaven_reconciles_total{kind="ManagedSecret"}"#;
+    assert!(
+        count(&after, reconciles) > count(&before, reconciles),
+        "{after}"
+    );
+    assert!(
+        count(
+            &after,
+            r#"keyhaven_reconcile_duration_seconds_count{kind="ManagedSecret"}"#
+        ) >= 1.0
+    );
+    assert_eq!(
+        sample(
+            &after,
+            &format!(r#"keyhaven_versions_written_total{{profile="{profile}"}}"#)
+        ),
+        Some(1.0),
+        "{after}"
+    );
+    let writes = format!(
+        r#"keyhaven_backend_calls_total{{store="{store}",operation="write",outcome="ok"}}"#
+    );
+    assert!(count(&after, &writes) >= 1.0, "{after}");
+    assert!(
+        after.contains(&format!(
+            r#"keyhaven_backend_call_duration_seconds_count{{store="{store}",operation="write"}}"#
+        )),
+        "{after}"
+    );
+    // Gauges read from the caches at scrape time.
+    let gauges = wait_until(Duration::from_secs(30), || async {
+        let text = scrape(&addr).await;
+        (sample(&text, r#"keyhaven_managed_secrets{phase="Synced"}"#)? >= 1.0
+            && sample(
+                &text,
+                &format!(r#"keyhaven_store_active{{store="{store}"}}"#),
+            )? == 1.0)
+            .then_some(text)
+    })
+    .await;
+    assert!(gauges.is_some(), "{}", scrape(&addr).await);
+    assert!(!scrape(&addr).await.contains(value));
+    fx.assert_values_never_leaked(&[value]).await;
+}
+
+/// Lease duration of the electing operators the tests start.
+const LEASE_SECS: u64 = 4;
+
+/// Two electing operators for `fx` (whose own operator is stopped), once exactly one leads:
+/// (leader, standby, standby's metrics address).
+async fn electing_pair(fx: &mut Fixture) -> (Operator, Operator, String) {
+    fx.op.kill();
+    let bed = Testbed::load();
+    let start = |name: &str| {
+        Operator::start_with(
+            &bed.kubeconfig,
+            &fx.ns,
+            &format!("-{name}"),
+            &[
+                "--leader-elect",
+                "--lease-duration",
+                &LEASE_SECS.to_string(),
+                "--lease-renew-margin",
+                "1",
+                "--leader-election-identity",
+                name,
+            ],
+        )
+    };
+    let (a, b) = (start("a"), start("b"));
+    let (addr_a, addr_b) = (metrics_addr(&a).await, metrics_addr(&b).await);
+    wait_ready(&addr_a).await;
+    wait_ready(&addr_b).await;
+    let leader = |addr: String| async move { sample(&scrape(&addr).await, "keyhaven_leader") };
+    let a_leads = wait_until(Duration::from_secs(30), || async {
+        match (leader(addr_a.clone()).await?, leader(addr_b.clone()).await?) {
+            (1.0, 0.0) => Some(true),
+            (0.0, 1.0) => Some(false),
+            _ => None,
+        }
+    })
+    .await
+    .expect("exactly one of two operators leads");
+    let pair = if a_leads {
+        (a, b, addr_b)
+    } else {
+        (b, a, addr_a)
+    };
+    assert!(
+        pair.1.log_text().contains("standing by"),
+        "{}",
+        pair.1.log_text()
+    );
+    pair
+}
+
+/// Waits until the operator at `addr` leads; how long that took since `since`.
+async fn wait_leading(addr: &str, since: Instant) -> Duration {
+    let took = wait_until(Duration::from_secs(LEASE_SECS * 4), || async {
+        let leads = sample(&scrape(addr).await, "keyhaven_leader")? == 1.0;
+        leads.then(|| since.elapsed())
+    })
+    .await
+    .expect("the standby never took over");
+    // The Lease expires at most LEASE_SECS after the leader's last renewal; the standby
+    // then takes it within a second (a random pause that breaks ties between candidates).
+    assert!(
+        took <= Duration::from_secs(LEASE_SECS + 2),
+        "failover took {took:?}"
+    );
+    took
+}
+
+#[tokio::test]
+async fn two_operators_elect_one_leader_and_fail_over_after_sigkill() {
+    let mut fx = Fixture::new("leader").await;
+    let (mut old, new, new_addr) = electing_pair(&mut fx).await;
+
+    push_secret(&fx, "leader-v1-Pa55word-e2e").await;
+    fx.wait_synced("db", 1).await;
+    assert!(
+        !new.log_text().contains("keyhaven controllers starting"),
+        "the standby reconciled"
+    );
+
+    let killed = Instant::now();
+    old.kill();
+    let took_over = wait_leading(&new_addr, killed).await;
+    eprintln!("failover after SIGKILL: {took_over:?} (lease duration {LEASE_SECS}s)");
+    wait_ready(&new_addr).await;
+
+    // The new leader reconciles: a new value becomes version 2.
+    fx.secret(&fx.ns, "src", &[("password", "leader-v2-Pa55word-e2e")])
+        .await;
+    fx.wait_synced("db", 2).await;
+
+    // SIGTERM: reconciles finish, the Lease is released, the process exits 0.
+    let mut new = new;
+    let status = new
+        .terminate(Duration::from_secs(20))
+        .expect("the leader did not exit within 20s of SIGTERM");
+    assert!(status.success(), "exit status {status}");
+    let lease = Api::<Lease>::namespaced(fx.client.clone(), &new.namespace)
+        .get("keyhaven-leader")
+        .await
+        .unwrap();
+    let holder = lease.spec.and_then(|s| s.holder_identity);
+    assert!(
+        holder.as_deref().is_none_or(str::is_empty),
+        "the Lease is still held by {holder:?} after a graceful stop"
+    );
+    assert_not_leaked(
+        &fx,
+        &[&old, &new],
+        &["leader-v1-Pa55word-e2e", "leader-v2-Pa55word-e2e"],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_frozen_leader_that_lost_its_lease_stops_and_exits() {
+    let mut fx = Fixture::new("frozen").await;
+    let (mut old, mut new, new_addr) = electing_pair(&mut fx).await;
+    // SIGSTOP: the leader neither renews nor knows it; the standby takes the expired Lease.
+    let frozen = Instant::now();
+    old.signal("STOP");
+    let took_over = wait_leading(&new_addr, frozen).await;
+    eprintln!("failover after SIGSTOP: {took_over:?} (lease duration {LEASE_SECS}s)");
+    // Thawed, the old leader sees the Lease is gone, stops reconciling and exits 1 to
+    // rejoin as a candidate.
+    old.signal("CONT");
+    let status = old
+        .wait_exit(Duration::from_secs(LEASE_SECS * 3))
+        .expect("the thawed ex-leader kept running");
+    assert_eq!(status.code(), Some(1), "{}", old.log_text());
+    assert!(
+        old.log_text().contains("lost the leader Lease"),
+        "{}",
+        old.log_text()
+    );
+    assert!(new.is_running());
+}
+
+/// The helm binary the test bed built (`e2e/testbed up` names it in its env file).
+fn helm() -> PathBuf {
+    let bed = Testbed::load();
+    match bed.vars.get("KEYHAVEN_HELM_BIN") {
+        Some(bin) => PathBuf::from(bin),
+        None => panic!(
+            "{}/env names no helm: run e2e/testbed up (it builds helm)",
+            bed.dir.display()
+        ),
+    }
+}
+
+fn chart_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("helm/keyhaven")
+}
+
+/// Runs helm with `args`, its state kept in a temporary directory; panics on failure.
+fn run_helm(args: &[&str]) -> String {
+    let home = std::env::temp_dir().join("keyhaven-e2e-helm");
+    let out = Command::new(helm())
+        .args(args)
+        .env("HELM_CACHE_HOME", home.join("cache"))
+        .env("HELM_CONFIG_HOME", home.join("config"))
+        .env("HELM_DATA_HOME", home.join("data"))
+        .output()
+        .expect("run helm");
+    assert!(
+        out.status.success(),
+        "helm {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+const MANIFESTS_HEADER: &str = "\
+# keyhaven's plain install: helm/keyhaven rendered with its default values (release
+# `keyhaven` in namespace keyhaven-system), CRDs first. Do not edit: regenerate with
+# `make manifests`. Install: kubectl apply --server-side -f manifests/
+---
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: keyhaven-system
+";
+
+/// `manifests/keyhaven.yaml` as the chart renders it now.
+fn rendered_manifests() -> String {
+    let chart = chart_dir();
+    let rendered = run_helm(&[
+        "template",
+        "keyhaven",
+        chart.to_str().unwrap(),
+        "--namespace",
+        "keyhaven-system",
+        "--include-crds",
+    ]);
+    format!("{MANIFESTS_HEADER}{rendered}")
+}
+
+#[test]
+fn chart_lints_and_manifests_are_the_rendered_chart() {
+    let chart = chart_dir();
+    let chart = chart.to_str().unwrap();
+    run_helm(&["lint", "--strict", chart]);
+    run_helm(&[
+        "lint",
+        "--strict",
+        chart,
+        "--set",
+        "watchNamespace=apps",
+        "--set",
+        "secretNamespaces={stores}",
+    ]);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/keyhaven.yaml");
+    let rendered = rendered_manifests();
+    if std::env::var_os("KEYHAVEN_UPDATE_MANIFESTS").is_some() {
+        std::fs::write(&path, &rendered).unwrap();
+    }
+    let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        on_disk == rendered,
+        "manifests/keyhaven.yaml drifted from helm/keyhaven: run `make manifests`"
+    );
+    // Confined to one namespace, the operator gets no cluster-wide Secret access.
+    let confined = run_helm(&[
+        "template",
+        "keyhaven",
+        chart,
+        "--namespace",
+        "keyhaven-system",
+        "--set",
+        "watchNamespace=apps",
+    ]);
+    assert!(
+        !confined.contains("name: keyhaven-secrets\n  labels"),
+        "{confined}"
+    );
+    assert!(confined.contains("name: keyhaven-secrets\n  namespace: apps"));
+}
+
+/// Uninstalls a Helm release when dropped.
+struct Release {
+    name: String,
+    namespace: String,
+    kubeconfig: PathBuf,
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        let _ = Command::new(helm())
+            .args(["uninstall", &self.name, "--namespace", &self.namespace])
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .output();
+    }
+}
+
+/// A copy of the bed's admin kubeconfig that impersonates the ServiceAccount `ns/name`.
+fn impersonating_kubeconfig(admin: &Path, ns: &str, name: &str) -> PathBuf {
+    let mut config: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(admin).unwrap()).unwrap();
+    let user = &mut config["users"][0]["user"];
+    user["as"] = format!("system:serviceaccount:{ns}:{name}").into();
+    user["as-groups"] = serde_yaml::to_value([
+        "system:serviceaccounts".to_owned(),
+        format!("system:serviceaccounts:{ns}"),
+        "system:authenticated".to_owned(),
+    ])
+    .unwrap();
+    let path = std::env::temp_dir().join(format!("keyhaven-e2e-{ns}-{name}.kubeconfig"));
+    std::fs::write(&path, serde_yaml::to_string(&config).unwrap()).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn helm_install_grants_the_operator_enough_and_no_more() {
+    let mut fx = Fixture::new("helm").await;
+    fx.op.kill(); // replaced by one running as the chart's ServiceAccount
+    let bed = Testbed::load();
+    let release_ns = fx.op.namespace.clone();
+    let release = format!("keyhaven-{}", fx.ns);
+    let chart = chart_dir();
+    let kubeconfig = bed.kubeconfig.to_str().unwrap();
+    let selector = format!("storeSelector=keyhaven.io/e2e-scope={}", fx.ns);
+    run_helm(&[
+        "install",
+        &release,
+        chart.to_str().unwrap(),
+        "--namespace",
+        &release_ns,
+        "--create-namespace",
+        "--kubeconfig",
+        kubeconfig,
+        "--set",
+        &format!("watchNamespace={}", fx.ns),
+        "--set",
+        &selector,
+    ]);
+    let _release = Release {
+        name: release.clone(),
+        namespace: release_ns.clone(),
+        kubeconfig: bed.kubeconfig.clone(),
+    };
+
+    // The operator as the chart's ServiceAccount (the release's full name is its name).
+    let as_sa = impersonating_kubeconfig(&bed.kubeconfig, &release_ns, &release);
+    let op = Operator::start_with(
+        &as_sa,
+        &fx.ns,
+        "-sa",
+        &[
+            "--service-account",
+            &release,
+            "--leader-elect",
+            "--lease-duration",
+            "4",
+            "--lease-renew-margin",
+            "1",
+        ],
+    );
+    let value = "helm-rbac-Pa55word-e2e";
+    push_secret(&fx, value).await;
+    fx.wait_synced("db", 1).await;
+    assert_eq!(
+        fx.secret_data(&fx.ns, "db")
+            .await
+            .and_then(|d| d.get("password").cloned())
+            .as_deref(),
+        Some(value)
+    );
+    let log = op.log_text();
+    assert!(
+        !log.contains("forbidden"),
+        "the chart's RBAC refused something:\n{log}"
+    );
+
+    // Least privilege: no Secret outside the namespaces it manages.
+    let other = fx.namespace("other").await;
+    fx.secret(&other, "private", &[("token", "not-for-keyhaven")])
+        .await;
+    let sa_client = Client::try_from(
+        kube::Config::from_custom_kubeconfig(
+            Kubeconfig::read_from(&as_sa).unwrap(),
+            &KubeConfigOptions::default(),
+        )
+        .await
+        .unwrap(),
+    )
+    .unwrap();
+    let forbidden =
+        |r: Result<_, kube::Error>| matches!(r, Err(kube::Error::Api(s)) if s.code == 403);
+    assert!(forbidden(
+        Api::<Secret>::namespaced(sa_client.clone(), &other)
+            .get("private")
+            .await
+            .map(|_| ())
+    ));
+    assert!(forbidden(
+        Api::<Secret>::all(sa_client.clone())
+            .list(&ListParams::default())
+            .await
+            .map(|_| ())
+    ));
+    assert!(forbidden(
+        Api::<Secret>::namespaced(sa_client.clone(), "kube-system")
+            .list(&ListParams::default())
+            .await
+            .map(|_| ())
+    ));
+    // ... while it reads those of its own namespaces.
+    Api::<Secret>::namespaced(sa_client.clone(), &fx.ns)
+        .get("src")
+        .await
+        .expect("the ServiceAccount reads Secrets of the watched namespace");
+    assert_not_leaked(&fx, &[&op], &[value]).await;
+}

@@ -9,6 +9,7 @@ pub mod error;
 pub mod http;
 pub mod leader;
 pub mod metrics;
+pub mod profiles;
 pub mod secret_data;
 
 /// Selects rustls' crypto provider for the process (ring). Some dependencies enable a

@@ -48,6 +48,10 @@ struct RunArgs {
     /// Manage only SecretStores and VaultProfiles matching this label selector.
     #[arg(long, env = "KEYHAVEN_STORE_SELECTOR")]
     store_selector: Option<String>,
+    /// Reconcile only ManagedSecrets matching this label selector (shards a cluster between
+    /// operators; with --store-selector, keeps one operator off another's objects).
+    #[arg(long, env = "KEYHAVEN_MANAGED_SELECTOR")]
+    managed_selector: Option<String>,
     /// Reconciles of one kind running at once.
     #[arg(long, env = "KEYHAVEN_CONCURRENCY", default_value_t = 16)]
     concurrency: u16,
@@ -152,6 +156,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         operator_namespace: args.namespace,
         watch_namespace: args.watch_namespace,
         store_selector: args.store_selector,
+        managed_selector: args.managed_selector,
         field_manager: args.field_manager,
         concurrency: args.concurrency,
         service_account: args.service_account,

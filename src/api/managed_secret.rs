@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
     shortname = "ms",
     category = "keyhaven",
     printcolumn(name = "Type", type_ = "string", json_path = ".spec.type"),
-    printcolumn(name = "Profile", type_ = "string", json_path = ".spec.profile"),
+    printcolumn(name = "Profile", type_ = "string", json_path = ".status.profile"),
     printcolumn(
         name = "Version",
         type_ = "integer",
@@ -42,8 +42,12 @@ use std::collections::BTreeMap;
 #[x_kube(validation = Rule::new("!has(self.content.generate) || self.type in ['password', 'secret-key', 'api-key', 'ssh-key', 'private-key', 'certificate']").message("content.generate supports the types password, secret-key, api-key, ssh-key, private-key and certificate"))]
 #[x_kube(validation = Rule::new("!has(self.rotation) || has(self.content.generate)").message("rotation needs content.generate: only generated values can be rotated"))]
 pub struct ManagedSecretSpec {
-    /// The VaultProfile whose stores hold this secret.
-    pub profile: String,
+    /// The VaultProfile whose stores hold this secret. Not set: the namespace's annotation
+    /// `keyhaven.io/profile`, else the default profile selecting the namespace, else the
+    /// fallback profile (`status.profile` records the one used). The profile's
+    /// namespaceSelector must select this namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
     /// What the secret is; decides validation and the native Secret's type and keys.
     #[serde(rename = "type")]
     pub type_: SecretType,
@@ -363,6 +367,9 @@ pub struct ManagedSecretStatus {
     /// The native Secret's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_name: Option<String>,
+    /// The VaultProfile in use: `spec.profile`, or the one resolved for the namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
     /// The generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,

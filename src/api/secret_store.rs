@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
     group = "keyhaven.io",
     version = "v1alpha1",
     kind = "SecretStore",
-    doc = "A configured secret backend (internal, kubernetes, vault) with its health and the number of secrets it holds.",
+    doc = "A configured secret backend (internal, kubernetes, vault, pkcs11) with its health and the number of secrets it holds.",
     status = "SecretStoreStatus",
     shortname = "khstore",
     category = "keyhaven",
@@ -33,11 +33,11 @@ pub struct SecretStoreSpec {
     pub provider: Provider,
 }
 
-/// The backend of a store: exactly one of `internal`, `kubernetes` or `vault`.
+/// The backend of a store: exactly one of `internal`, `kubernetes`, `vault` or `pkcs11`.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("[has(self.internal), has(self.kubernetes), has(self.vault)].filter(x, x).size() == 1").message("exactly one provider must be set"),
+    validation = Rule::new("[has(self.internal), has(self.kubernetes), has(self.vault), has(self.pkcs11)].filter(x, x).size() == 1").message("exactly one provider must be set"),
 )]
 pub struct Provider {
     /// keyhaven's own software-encrypted store, the zero-dependency default: every version
@@ -54,6 +54,11 @@ pub struct Provider {
     /// secret object, its key/values written and read as a whole.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vault: Option<VaultProvider>,
+    /// A PKCS#11 token (an HSM): envelope encryption as in the internal store, but every
+    /// data key is wrapped by an AES-256 key-encryption key that never leaves the token.
+    /// Ciphertexts and wrapped keys are kept in Secrets of the operator's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pkcs11: Option<Pkcs11Provider>,
 }
 
 /// Settings of the internal store (none yet).
@@ -101,6 +106,44 @@ pub struct VaultProvider {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub token_rotate: Option<String>,
+}
+
+/// Settings of a PKCS#11 (HSM) store.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("has(self.tokenLabel) != has(self.slotId)").message("exactly one of tokenLabel and slotId must be set"),
+)]
+pub struct Pkcs11Provider {
+    /// Absolute path of the PKCS#11 module (a shared library) in the operator's filesystem,
+    /// e.g. `/usr/lib/softhsm/libsofthsm2.so`. It is loaded once per operator process.
+    #[x_kube(validation = Rule::new("self.startsWith('/')").message("module is an absolute path"))]
+    pub module: String,
+    /// The label of the token holding the key-encryption key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("size(self) >= 1 && size(self) <= 32").message("a token label has 1 to 32 characters"))]
+    pub token_label: Option<String>,
+    /// The slot of the token, where labels are ambiguous. Prefer `tokenLabel`: slot ids
+    /// may change when tokens are added.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot_id: Option<u64>,
+    /// The user PIN of the token, from a key of a Secret (namespace: the operator's by
+    /// default). Re-read while the store runs: a changed PIN is tried once, and a PIN the
+    /// token refused is not tried again until the Secret changes, so keyhaven never locks
+    /// the token by retrying a wrong PIN.
+    pub pin_secret_ref: SecretKeyRef,
+    /// The label of the AES-256 key-encryption key (KEK) on the token. Created on first
+    /// use (sensitive, non-extractable) when no key has this label. Changing it rotates the
+    /// KEK: every data key of the store is re-wrapped under the new key, and the old key is
+    /// then reported unused in `status.kekRotation`; keyhaven never deletes a key.
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$')").message("kekLabel has 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"))]
+    pub kek_label: String,
+    /// Sessions keyhaven keeps open on the token at most (shared by every store on the
+    /// same token; the largest setting wins). Default 16, the operator's default number of
+    /// concurrent reconciles.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 1024").message("maxSessions is between 1 and 1024"))]
+    pub max_sessions: Option<u32>,
 }
 
 /// The KV secrets engine version.
@@ -239,7 +282,7 @@ pub struct SecretStoreStatus {
     /// Active, Draining, Sealed, Unreachable or Invalid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<StorePhase>,
-    /// The provider kind: internal, kubernetes or vault.
+    /// The provider kind: internal, kubernetes, vault or pkcs11.
     #[serde(default, skip_serializing_if = "Option::is_none", rename = "type")]
     pub type_: Option<String>,
     /// How many secret objects (paths) the store holds for keyhaven.
@@ -258,6 +301,54 @@ pub struct SecretStoreStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,
+    /// pkcs11 stores: the label of the key-encryption key that wraps new data keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_kek: Option<String>,
+    /// pkcs11 stores: the key-encryption key rotation in progress, or the last one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kek_rotation: Option<KekRotationStatus>,
+}
+
+/// Progress of a key-encryption key rotation: every data key of the store is re-wrapped,
+/// one sealed version at a time, from the keys in `from` to the key `to`.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KekRotationStatus {
+    /// Labels of the keys data keys are moved off.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from: Vec<String>,
+    /// Label of the key data keys are moved to (`spec.provider.pkcs11.kekLabel`).
+    pub to: String,
+    /// `Rotating` or `Complete`.
+    pub phase: KekRotationPhase,
+    /// Data keys (sealed versions) re-wrapped under `to` so far.
+    pub rewrapped: u64,
+    /// Data keys to re-wrap in all: those found under another key, counting any that
+    /// appeared during the rotation.
+    pub total: u64,
+    /// Keys of `from` that wrap no data key of this store any more. They stay on the
+    /// token (keyhaven never deletes a key): delete them once no backup needs them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unused_keys: Vec<String>,
+    /// Why the rotation is where it is (e.g. versions that could not be re-wrapped yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// When the rotation started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+    /// When the last data key was re-wrapped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<Time>,
+}
+
+/// The state of a key-encryption key rotation.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum KekRotationPhase {
+    /// Data keys under another key remain; they are being re-wrapped.
+    #[default]
+    Rotating,
+    /// Every data key is under `to`.
+    Complete,
 }
 
 impl SecretStoreSpec {
@@ -272,6 +363,9 @@ impl SecretStoreSpec {
                 ..
             } => "kubernetes",
             Provider { vault: Some(_), .. } => "vault",
+            Provider {
+                pkcs11: Some(_), ..
+            } => "pkcs11",
             _ => "none",
         }
     }

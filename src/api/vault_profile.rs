@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
     shortname = "khprofile",
     category = "keyhaven",
     printcolumn(name = "Source", type_ = "string", json_path = ".spec.source"),
+    printcolumn(name = "Default", type_ = "boolean", json_path = ".spec.default"),
     printcolumn(
         name = "Targets",
         type_ = "string",
@@ -38,6 +39,7 @@ use serde::{Deserialize, Serialize};
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.syncTargets) || !(self.source in self.syncTargets)").message("the source store cannot also be a sync target"))]
+#[x_kube(validation = Rule::new("!has(self.default) || !self.default || has(self.namespaceSelector)").message("default: true needs a namespaceSelector (fallback: true makes a profile the one of every namespace no default selects)"))]
 pub struct VaultProfileSpec {
     /// The SecretStore that holds the authoritative copy: values are read from it
     /// (`content.fromStore`) or written to it first (`fromSecret`).
@@ -47,9 +49,23 @@ pub struct VaultProfileSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "set"))]
     pub sync_targets: Vec<String>,
-    /// Namespaces whose ManagedSecrets may use this profile. Empty selects every namespace.
+    /// Namespaces whose ManagedSecrets may use this profile (by `spec.profile`, the
+    /// namespace annotation `keyhaven.io/profile`, as their default or as the fallback).
+    /// Not set: every namespace. A ManagedSecret of a namespace it does not select is
+    /// refused (`ProfileNotAllowed`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace_selector: Option<LabelSelector>,
+    /// The preferred profile of every namespace `namespaceSelector` selects: ManagedSecrets
+    /// there without `spec.profile` (and without the namespace annotation
+    /// `keyhaven.io/profile`) use it. Needs a namespaceSelector. Two defaults selecting one
+    /// namespace are a conflict, reported on both profiles; such ManagedSecrets are refused.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub default: bool,
+    /// The cluster-wide fallback: the profile of ManagedSecrets without `spec.profile` in
+    /// namespaces no default profile selects (its own namespaceSelector, when set, still
+    /// applies). At most one profile may be the fallback; two are a conflict.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fallback: bool,
     /// History kept in each ManagedSecret's status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub history: Option<HistoryPolicy>,
@@ -97,7 +113,8 @@ pub struct VaultProfileStatus {
     /// The generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Ready`.
+    /// `Ready`, and `Conflict` (True while this profile is a default or fallback together
+    /// with another one).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,

@@ -6,11 +6,13 @@
 
 mod internal;
 mod kubernetes;
+mod pkcs11;
 mod sealed_records;
 mod vault;
 
 pub use internal::InternalStore;
 pub use kubernetes::KubernetesStore;
+pub use pkcs11::{Pkcs11Store, RotationStep};
 pub use vault::{SessionSource, VaultStore};
 
 use crate::api::StorePhase;

@@ -1,14 +1,21 @@
-//! Encrypted versions kept as Secrets in the operator's namespace: one immutable Secret per
+//! Encrypted versions kept as Secrets in the operator's namespace: one Secret per
 //! (store, path, version) holding an [`Envelope`]. Shared by every store whose values are
 //! sealed by a key-encryption key (the internal store; the pkcs11 store).
+//!
+//! A record's value never changes once written, but its Secret is not marked immutable:
+//! a KEK rotation replaces the wrapped data key in place ([`SealedRecords::rewrap`]), one
+//! atomic update per record, so a crash mid-rotation leaves every record whole under one
+//! key or the other. Integrity does not rest on the flag: each envelope is authenticated
+//! and bound to its store, path and version.
 
 use super::labels::*;
 use super::{BackendError, StoredVersion, VersionStamp, object_id};
-use crate::crypto::{Envelope, Fingerprint, KeyWrapper, open, seal};
+use crate::crypto::{CryptoError, Envelope, Fingerprint, KeyWrapper, open, rewrap, seal};
 use crate::secret_data::SecretData;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams};
+use kube::core::PartialObjectMeta;
 use kube::{Api, ResourceExt};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -48,6 +55,23 @@ impl SealedRecords {
     /// version does not decrypt.
     fn aad(&self, path: &str, version: u64) -> Vec<u8> {
         format!("keyhaven sealed v1\0{}\0{path}\0{version}", self.store).into_bytes()
+    }
+
+    /// A failure of the KEK: [`CryptoError::KekUnavailable`] makes the store Sealed (the
+    /// data may be fine); anything else is about this record.
+    fn crypto_err(&self, path: &str) -> impl Fn(CryptoError) -> BackendError + '_ {
+        let path = path.to_owned();
+        move |source| match source {
+            CryptoError::KekUnavailable(message) => BackendError::Sealed {
+                store: self.store.clone(),
+                message,
+            },
+            source => BackendError::Crypto {
+                store: self.store.clone(),
+                path: path.clone(),
+                source,
+            },
+        }
     }
 
     fn kube_err(&self, what: &str) -> impl Fn(kube::Error) -> BackendError + '_ {
@@ -118,11 +142,7 @@ impl SealedRecords {
         };
         let plaintext = open(self.kek.as_ref(), &envelope, &self.aad(path, version))
             .await
-            .map_err(|source| BackendError::Crypto {
-                store: self.store.clone(),
-                path: path.to_owned(),
-                source,
-            })?;
+            .map_err(self.crypto_err(path))?;
         let data = SecretData::from_sealed_bytes(&plaintext).map_err(|m| corrupt(&m))?;
         let fingerprint = secret
             .annotations()
@@ -158,6 +178,8 @@ impl SealedRecords {
                     path: path.to_owned(),
                     message: format!("version {} exists with other content", stamp.version),
                 }),
+                // A KEK that cannot be used now says nothing about the record: keep it.
+                Err(e @ BackendError::Sealed { .. }) => Err(e),
                 // Unreadable (tampered with, or sealed by a lost key): replace it.
                 Err(_) => {
                     self.api
@@ -184,11 +206,7 @@ impl SealedRecords {
             &self.aad(path, stamp.version),
         )
         .await
-        .map_err(|source| BackendError::Crypto {
-            store: self.store.clone(),
-            path: path.to_owned(),
-            source,
-        })?;
+        .map_err(self.crypto_err(path))?;
         let secret = Secret {
             metadata: ObjectMeta {
                 name: Some(name.to_owned()),
@@ -206,7 +224,6 @@ impl SealedRecords {
                 ])),
                 ..Default::default()
             },
-            immutable: Some(true),
             data: Some(BTreeMap::from([
                 ("ciphertext".into(), ByteString(envelope.ciphertext)),
                 ("nonce".into(), ByteString(envelope.nonce)),
@@ -279,6 +296,121 @@ impl SealedRecords {
             .await
             .map_err(self.kube_err("listing the operator namespace"))?;
         Ok(())
+    }
+}
+
+/// A sealed version as a KEK rotation sees it: which record, under which key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordKek {
+    /// The record's Secret.
+    pub name: String,
+    /// The KEK that wraps its data key.
+    pub kek_id: String,
+}
+
+/// What [`SealedRecords::rewrap`] did to one record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rewrapped {
+    /// Its data key is now wrapped by the current KEK.
+    Moved,
+    /// It already was (a re-run after a crash, or a record written since).
+    AlreadyCurrent,
+    /// It no longer exists (its path was deleted meanwhile).
+    Gone,
+}
+
+impl SealedRecords {
+    /// The KEK id of every sealed version of the store, from metadata alone.
+    pub async fn census(&self) -> Result<Vec<RecordKek>, BackendError> {
+        let lp =
+            ListParams::default().labels(&format!("{STORE}={},{ROLE}={ROLE_SEALED}", self.store));
+        let list = self
+            .api
+            .list_metadata(&lp)
+            .await
+            .map_err(self.kube_err("listing sealed versions"))?;
+        Ok(list
+            .items
+            .iter()
+            .map(|m: &PartialObjectMeta<Secret>| RecordKek {
+                name: m.name_any(),
+                kek_id: m
+                    .annotations()
+                    .get(KEK_ID_ANNOTATION)
+                    .cloned()
+                    .unwrap_or_default(),
+            })
+            .collect())
+    }
+
+    /// Re-wraps the data key of the record `name` under the current KEK, in one update
+    /// guarded by the record's resourceVersion: the record is whole under the old key or
+    /// under the new one, never neither. Idempotent.
+    pub async fn rewrap(&self, name: &str) -> Result<Rewrapped, BackendError> {
+        let Some(mut secret) = self
+            .api
+            .get_opt(name)
+            .await
+            .map_err(self.kube_err("reading a sealed version"))?
+        else {
+            return Ok(Rewrapped::Gone);
+        };
+        let annotations = secret.annotations();
+        let path = annotations
+            .get(PATH_ANNOTATION)
+            .cloned()
+            .unwrap_or_default();
+        let corrupt = |message: &str| BackendError::Corrupt {
+            store: self.store.clone(),
+            path: path.clone(),
+            message: message.to_owned(),
+        };
+        let kek_id = annotations
+            .get(KEK_ID_ANNOTATION)
+            .cloned()
+            .ok_or_else(|| corrupt("no KEK id"))?;
+        if kek_id == self.kek.kek_id() {
+            return Ok(Rewrapped::AlreadyCurrent);
+        }
+        let version = record_version(secret.labels()).ok_or_else(|| corrupt("no version label"))?;
+        let data = secret.data.as_mut().ok_or_else(|| corrupt("no data"))?;
+        let field = |k: &str| {
+            data.get(k)
+                .map(|b| b.0.clone())
+                .ok_or_else(|| corrupt(&format!("no {k:?}")))
+        };
+        let envelope = Envelope {
+            kek_id,
+            wrapped_key: field("wrapped-key")?,
+            nonce: field("nonce")?,
+            ciphertext: field("ciphertext")?,
+        };
+        let moved = rewrap(self.kek.as_ref(), &envelope, &self.aad(&path, version))
+            .await
+            .map_err(self.crypto_err(&path))?;
+        data.insert("wrapped-key".into(), ByteString(moved.wrapped_key));
+        secret
+            .annotations_mut()
+            .insert(KEK_ID_ANNOTATION.into(), moved.kek_id);
+        // `secret` carries the resourceVersion read above: a concurrent change is a 409.
+        match self
+            .api
+            .replace(name, &PostParams::default(), &secret)
+            .await
+        {
+            Ok(_) => Ok(Rewrapped::Moved),
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(Rewrapped::Gone),
+            Err(kube::Error::Api(e)) if e.code == 409 => Err(BackendError::Conflict {
+                store: self.store.clone(),
+                path,
+                message: format!("version {version} changed while its key was re-wrapped"),
+            }),
+            Err(e) => Err(BackendError::from_kube(
+                &self.store,
+                "re-wrapping a sealed version",
+                e,
+            )),
+        }
     }
 }
 

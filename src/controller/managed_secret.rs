@@ -12,13 +12,14 @@ use super::plan::{
 };
 use crate::api::{
     CreationPolicy, DeletionPolicy, ManagedSecret, ManagedSecretStatus, RolloutRestartTarget,
-    SecretType, TargetStatus, VersionRecord, WorkloadKind, condition, now, parse_duration,
-    set_condition,
+    SecretType, TargetStatus, VaultProfile, VersionRecord, WorkloadKind, condition, now,
+    parse_duration, set_condition,
 };
 use crate::backend::VersionStamp;
 use crate::content::{self, MANAGED_SECRET_LABEL, native_secret_labels};
 use crate::crypto::Fingerprint;
 use crate::error::{Error, Result};
+use crate::profiles;
 use crate::secret_data::SecretData;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
@@ -70,6 +71,10 @@ pub async fn reconcile(ms: Arc<ManagedSecret>, ctx: Arc<Context>) -> Result<Acti
 
 /// What a successful sync found and did.
 struct Synced {
+    /// The VaultProfile used (`spec.profile` or the namespace's).
+    profile: String,
+    /// How it was chosen.
+    via: profiles::Via,
     decision: VersionDecision,
     record: Option<VersionRecord>,
     history_keep: usize,
@@ -103,7 +108,7 @@ async fn apply(ms: &ManagedSecret, ctx: &Context) -> Result<Action> {
             let version = synced.decision.version();
             match synced.decision {
                 VersionDecision::New(v) => {
-                    ctx.metrics.version_written(&ms.spec.profile);
+                    ctx.metrics.version_written(&synced.profile);
                     ctx.event(
                         ms,
                         EventType::Normal,
@@ -190,6 +195,9 @@ async fn apply(ms: &ManagedSecret, ctx: &Context) -> Result<Action> {
             warn!(error = %e, "sync failed");
             ctx.store_failed(&e);
             let mut status = ms.status.clone().unwrap_or_default();
+            if RESOLUTION_REASONS.contains(&e.reason()) {
+                status.profile = None;
+            }
             status.phase = Some("Error".into());
             status.observed_generation = ms.metadata.generation;
             set_condition(
@@ -221,14 +229,46 @@ fn short(record: &Option<VersionRecord>) -> String {
     })
 }
 
+/// Condition reasons of a ManagedSecret whose profile cannot be resolved.
+const RESOLUTION_REASONS: &[&str] = &[
+    "ProfileNotFound",
+    "ProfileNotAllowed",
+    "DefaultProfileConflict",
+    "FallbackProfileConflict",
+    "NoProfile",
+    "NamespaceNotFound",
+];
+
+/// The VaultProfile `ms` uses: [`profiles::resolve`] of its `spec.profile`, its namespace's
+/// labels and annotations, and the profiles this operator manages. A refusal is confirmed
+/// on a fresh list of the profiles (the cache may not hold one created a moment ago).
+async fn resolve_profile(
+    ms: &ManagedSecret,
+    ctx: &Context,
+) -> Result<(Arc<VaultProfile>, profiles::Via)> {
+    let ns = ctx
+        .namespace_info(&ms.namespace().unwrap_or_default())
+        .await?;
+    let requested = ms.spec.profile.as_deref();
+    let cached = ctx.profiles.state();
+    if let Ok(resolved) = profiles::resolve(requested, &ns, cached.iter().map(|p| p.as_ref()))
+        && let Some(p) = cached.iter().find(|p| p.name_any() == resolved.profile)
+    {
+        return Ok((p.clone(), resolved.via));
+    }
+    let fresh = ctx.list_profiles().await?;
+    let resolved = profiles::resolve(requested, &ns, &fresh)
+        .map_err(|r| Error::config(r.reason, r.message))?;
+    let profile = fresh
+        .into_iter()
+        .find(|p| p.name_any() == resolved.profile)
+        .expect("resolve returns a listed profile");
+    Ok((Arc::new(profile), resolved.via))
+}
+
 async fn sync(ms: &ManagedSecret, ctx: &Context) -> Result<Synced> {
     let namespace = ms.namespace().unwrap_or_default();
-    let profile = ctx.vault_profile(&ms.spec.profile).await?.ok_or_else(|| {
-        Error::config(
-            "ProfileNotFound",
-            format!("VaultProfile {} does not exist", ms.spec.profile),
-        )
-    })?;
+    let (profile, via) = resolve_profile(ms, ctx).await?;
     let source_name = profile.spec.source.clone();
     let source = ctx.backend(&source_name).await?;
     let path = ms.store_path();
@@ -521,6 +561,8 @@ async fn sync(ms: &ManagedSecret, ctx: &Context) -> Result<Synced> {
         _ => None,
     };
     Ok(Synced {
+        profile: profile.name_any(),
+        via,
         decision,
         record,
         history_keep: profile.spec.history_keep(),
@@ -553,15 +595,18 @@ async fn issuer_value(ctx: &Context, namespace: &str, name: &str) -> Result<Secr
             format!("issuerRef: ManagedSecret {name} is not of type certificate"),
         ));
     }
-    let profile = ctx
-        .vault_profile(&issuer.spec.profile)
-        .await?
-        .ok_or_else(|| {
-            Error::config(
-                "IssuerNotReady",
-                format!("issuerRef: the VaultProfile of ManagedSecret {name} does not exist"),
-            )
-        })?;
+    let issuer_profile = issuer
+        .spec
+        .profile
+        .clone()
+        .or_else(|| issuer.status.as_ref().and_then(|s| s.profile.clone()))
+        .unwrap_or_default();
+    let profile = ctx.vault_profile(&issuer_profile).await?.ok_or_else(|| {
+        Error::config(
+            "IssuerNotReady",
+            format!("issuerRef: the VaultProfile of ManagedSecret {name} does not exist"),
+        )
+    })?;
     let store = ctx.backend(&profile.spec.source).await?;
     let value = store
         .read(&issuer.store_path(), None)
@@ -907,6 +952,7 @@ fn synced_status(ms: &ManagedSecret, synced: &Synced) -> ManagedSecretStatus {
     }
     status.targets = synced.targets.clone();
     status.secret_name = Some(synced.secret_name.clone());
+    status.profile = Some(synced.profile.clone());
     status.observed_generation = ms.metadata.generation;
     status.phase = Some(
         if failed.is_empty() {
@@ -923,7 +969,12 @@ fn synced_status(ms: &ManagedSecret, synced: &Synced) -> ManagedSecretStatus {
             "Ready",
             true,
             "SecretSynced",
-            format!("Secret {} holds version {version}", synced.secret_name),
+            format!(
+                "Secret {} holds version {version} (VaultProfile {}, by {})",
+                synced.secret_name,
+                synced.profile,
+                synced.via.as_str()
+            ),
             generation,
         ),
     );

@@ -3,10 +3,12 @@
 mod managed_secret;
 pub mod plan;
 mod secret_store;
+mod store_guard;
 mod stores;
 mod vault_profile;
 
-pub use managed_secret::FINALIZER;
+pub use managed_secret::{FINALIZER, ROTATE_ANNOTATION};
+pub use store_guard::{FORCE_DELETE_ANNOTATION, STORE_FINALIZER};
 pub use stores::StoreRegistry;
 
 use crate::api::{ManagedSecret, SecretStore, VaultProfile};
@@ -19,7 +21,7 @@ use crate::leader::LeaderElection;
 use crate::metrics::Metrics;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
-use kube::api::{ListParams, ObjectMeta, PostParams};
+use kube::api::{ListParams, ObjectMeta, PartialObjectMeta, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
@@ -39,6 +41,8 @@ pub struct Config {
     pub watch_namespace: Option<String>,
     /// Manage only SecretStores and VaultProfiles matching this label selector.
     pub store_selector: Option<String>,
+    /// Reconcile (and cache) only ManagedSecrets matching this label selector.
+    pub managed_selector: Option<String>,
     /// The field manager of every server-side apply.
     pub field_manager: String,
     /// Reconciles of one kind running at once.
@@ -57,6 +61,9 @@ pub struct Context {
     pub stores: Store<SecretStore>,
     pub profiles: Store<VaultProfile>,
     pub managed: Store<ManagedSecret>,
+    /// Namespaces' metadata (labels, annotations): the watched namespace only, with
+    /// `--watch-namespace`.
+    pub namespaces: Store<PartialObjectMeta<Namespace>>,
     pub stores_registry: StoreRegistry,
     /// Counters and latencies (`/metrics`).
     pub metrics: Arc<Metrics>,
@@ -112,6 +119,32 @@ impl Context {
             lp = lp.labels(selector);
         }
         Ok(api.list(&lp).await?.items.into_iter().next().map(Arc::new))
+    }
+
+    /// The labels and annotations of namespace `name`, from the cache or the API server.
+    pub async fn namespace_info(&self, name: &str) -> Result<crate::profiles::NamespaceInfo> {
+        if let Some(ns) = self.namespaces.get(&ObjectRef::new(name)) {
+            return Ok(crate::profiles::NamespaceInfo::from_meta(&ns.metadata));
+        }
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        let ns = api.get_metadata_opt(name).await?.ok_or_else(|| {
+            Error::config(
+                "NamespaceNotFound",
+                format!("namespace {name} does not exist"),
+            )
+        })?;
+        Ok(crate::profiles::NamespaceInfo::from_meta(&ns.metadata))
+    }
+
+    /// Every VaultProfile within the store selector, read from the API server (not the
+    /// cache): to confirm a refusal the cache may be too young to decide.
+    pub async fn list_profiles(&self) -> Result<Vec<VaultProfile>> {
+        let api: Api<VaultProfile> = Api::all(self.client.clone());
+        let mut lp = ListParams::default();
+        if let Some(selector) = &self.config.store_selector {
+            lp = lp.labels(selector);
+        }
+        Ok(api.list(&lp).await?.items)
     }
 
     /// The live backend of the SecretStore named `name`.
@@ -244,8 +277,14 @@ async fn stopped(mut stop: watch::Receiver<Option<Stopped>>) {
     let _ = stop.wait_for(Option::is_some).await;
 }
 
-/// A controller of `K` whose cache reports its first full list to `probes`.
-fn controller<K>(api: Api<K>, wc: watcher::Config, probes: Arc<Probes>) -> Controller<K>
+/// A controller of `K` whose cache reports its first full list to `probes`; `tap` sees
+/// every watch event (after the cache holds the change).
+fn controller<K>(
+    api: Api<K>,
+    wc: watcher::Config,
+    probes: Arc<Probes>,
+    mut tap: impl FnMut(&watcher::Event<K>) + Send + 'static,
+) -> Controller<K>
 where
     K: Resource<DynamicType = ()>
         + Clone
@@ -263,6 +302,9 @@ where
             if first_list && matches!(event, Ok(watcher::Event::InitDone)) {
                 first_list = false;
                 probes.cache_synced();
+            }
+            if let Ok(event) = event {
+                tap(event);
             }
         })
         .applied_objects();
@@ -290,17 +332,102 @@ async fn run_controllers(
             None => (Api::all(client.clone()), Api::all(client.clone())),
         };
     let probes = rt.probes.clone();
+    // Store changes reach the profiles that name them from the store controller's own cache
+    // (already updated), so a profile never reads a store's older state than its trigger.
+    let (store_changed, store_changes) = futures::channel::mpsc::unbounded::<SecretStore>();
     let store_ctl = controller(
         Api::<SecretStore>::all(client.clone()),
         store_wc.clone(),
         probes.clone(),
+        move |event: &watcher::Event<SecretStore>| {
+            if let watcher::Event::Apply(s) | watcher::Event::Delete(s) = event {
+                let _ = store_changed.unbounded_send(s.clone());
+            }
+        },
     );
-    let profile_ctl = controller(
-        Api::<VaultProfile>::all(client.clone()),
-        store_wc.clone(),
-        probes.clone(),
-    );
-    let managed_ctl = controller(managed_api, watcher::Config::default(), probes);
+    // Every profile change reaches the ManagedSecret controller (whose profile resolution
+    // reads this same cache, already updated) and re-checks every profile's conflicts.
+    let (profile_changed, profile_changes) = futures::channel::mpsc::unbounded::<VaultProfile>();
+    let (profiles_recheck, profiles_recheck_rx) = futures::channel::mpsc::unbounded::<()>();
+    let profiles_recheck_managed = profiles_recheck.clone();
+    let profile_ctl = {
+        let profiles_recheck = profiles_recheck.clone();
+        controller(
+            Api::<VaultProfile>::all(client.clone()),
+            store_wc.clone(),
+            probes.clone(),
+            move |event: &watcher::Event<VaultProfile>| {
+                if let watcher::Event::Apply(p)
+                | watcher::Event::Delete(p)
+                | watcher::Event::InitApply(p) = event
+                {
+                    let _ = profile_changed.unbounded_send(p.clone());
+                    let _ = profiles_recheck.unbounded_send(());
+                }
+            },
+        )
+    };
+    // Namespaces, metadata only (labels and the profile annotation decide profiles): the
+    // watched one, or all.
+    let ns_wc = match &config.watch_namespace {
+        Some(ns) => watcher::Config::default().fields(&format!("metadata.name={ns}")),
+        None => watcher::Config::default(),
+    };
+    let ns_writer = reflector::store::Writer::<PartialObjectMeta<Namespace>>::default();
+    let namespaces = ns_writer.as_reader();
+    let ns_changes = reflector(
+        ns_writer,
+        watcher::watcher(
+            Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
+            ns_wc,
+        ),
+    )
+    .inspect(move |event| {
+        if matches!(
+            event,
+            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_))
+        ) {
+            let _ = profiles_recheck.unbounded_send(());
+        }
+    })
+    .touched_objects();
+    let managed_wc = match &config.managed_selector {
+        Some(sel) => watcher::Config::default().labels(sel),
+        None => watcher::Config::default(),
+    };
+    // A ManagedSecret that comes, goes or changes profile changes its profiles' counts.
+    let managed_ctl = {
+        let profiles_recheck = profiles_recheck_managed;
+        let mut seen: std::collections::HashMap<(String, String), Option<String>> =
+            Default::default();
+        controller(
+            managed_api,
+            managed_wc,
+            probes,
+            move |event: &watcher::Event<ManagedSecret>| {
+                let (ms, deleted, init) = match event {
+                    watcher::Event::Apply(ms) => (ms, false, false),
+                    watcher::Event::InitApply(ms) => (ms, false, true),
+                    watcher::Event::Delete(ms) => (ms, true, false),
+                    _ => return,
+                };
+                let key = (ms.namespace().unwrap_or_default(), ms.name_any());
+                let changed = if deleted {
+                    seen.remove(&key).is_some()
+                } else {
+                    let profile = ms
+                        .spec
+                        .profile
+                        .clone()
+                        .or_else(|| ms.status.as_ref().and_then(|s| s.profile.clone()));
+                    seen.insert(key, profile.clone()) != Some(profile)
+                };
+                if changed && !init {
+                    let _ = profiles_recheck.unbounded_send(());
+                }
+            },
+        )
+    };
 
     let (recheck, recheck_rx) = futures::channel::mpsc::channel(0);
     let ctx = Arc::new(Context {
@@ -309,6 +436,7 @@ async fn run_controllers(
         stores: store_ctl.store(),
         profiles: profile_ctl.store(),
         managed: managed_ctl.store(),
+        namespaces,
         stores_registry: StoreRegistry::new(
             client.clone(),
             &config.operator_namespace,
@@ -329,12 +457,11 @@ async fn run_controllers(
     rt.metrics
         .watch_caches(ctx.stores.clone(), ctx.managed.clone());
 
-    // Profiles follow their stores' health.
+    // Profiles follow their stores' health, and each other and the namespaces (conflicts).
     let profiles = ctx.profiles.clone();
-    let profile_ctl = profile_ctl.watches(
-        Api::<SecretStore>::all(client.clone()),
-        store_wc.clone(),
-        move |store: SecretStore| {
+    let profile_ctl = profile_ctl
+        .reconcile_all_on(profiles_recheck_rx)
+        .watches_stream(store_changes.map(Ok), move |store: SecretStore| {
             let name = store.name_any();
             profiles
                 .state()
@@ -342,24 +469,34 @@ async fn run_controllers(
                 .filter(|p| p.spec.stores().any(|s| s == name))
                 .map(|p| ObjectRef::new(&p.name_any()))
                 .collect::<Vec<_>>()
-        },
-    );
-    // ManagedSecrets follow their profile, and their native Secrets, watched by label only.
+        });
+    // ManagedSecrets follow their profile (those without spec.profile: every profile, as
+    // any may change what they resolve to), their namespace's labels and annotations, and
+    // their native Secrets, watched by label only.
     let managed = ctx.managed.clone();
+    let managed_in_ns = ctx.managed.clone();
     let managed_ctl = managed_ctl
-        .watches(
-            Api::<VaultProfile>::all(client.clone()),
-            store_wc,
-            move |profile: VaultProfile| {
-                let name = profile.name_any();
-                managed
-                    .state()
-                    .into_iter()
-                    .filter(|m| m.spec.profile == name)
-                    .map(|m| ObjectRef::from_obj(m.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
+        .watches_stream(profile_changes.map(Ok), move |profile: VaultProfile| {
+            let name = profile.name_any();
+            managed
+                .state()
+                .into_iter()
+                .filter(|m| {
+                    m.spec.profile.as_deref().is_none_or(|p| p == name)
+                        || m.status.as_ref().and_then(|s| s.profile.as_deref()) == Some(&name)
+                })
+                .map(|m| ObjectRef::from_obj(m.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .watches_stream(ns_changes, move |ns: PartialObjectMeta<Namespace>| {
+            let name = ns.name_any();
+            managed_in_ns
+                .state()
+                .into_iter()
+                .filter(|m| m.namespace().as_deref() == Some(name.as_str()))
+                .map(|m| ObjectRef::from_obj(m.as_ref()))
+                .collect::<Vec<_>>()
+        })
         .watches(
             secrets_api,
             watcher::Config::default().labels(&format!("{MANAGED_LABEL}={MANAGED_LABEL_VALUE}")),

@@ -1,7 +1,11 @@
-//! The SecretStore reconciler: health and secret count into status.
+//! The SecretStore reconciler: health and secret count into status; for pkcs11 stores,
+//! one step of a KEK rotation per reconcile while one is under way.
 
 use super::Context;
-use crate::api::{SecretStore, SecretStoreStatus, StorePhase, condition, now, set_condition};
+use crate::api::{
+    KekRotationPhase, KekRotationStatus, SecretStore, SecretStoreStatus, StorePhase, condition,
+    now, set_condition,
+};
 use crate::error::{Error, Result};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -9,23 +13,52 @@ use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 use std::sync::Arc;
 use std::time::Duration;
-use tracing::Instrument;
+use tracing::{Instrument, warn};
 
 /// Status is rewritten at least this often even when nothing changed, so `lastChecked` stays meaningful.
 const STATUS_HEARTBEAT: Duration = Duration::from_secs(300);
+/// The pause between two steps of a KEK rotation that made progress.
+const ROTATION_STEP: Duration = Duration::from_millis(200);
 
 pub async fn reconcile(store: Arc<SecretStore>, ctx: Arc<Context>) -> Result<Action> {
     let span = tracing::info_span!("reconcile", kind = "SecretStore", name = %store.name_any());
     async move {
-        let (phase, message, secrets) = match ctx.stores_registry.backend(&store) {
+        if let Some(action) = super::store_guard::guard(&store, &ctx).await? { return Ok(action); }
+        let (phase, mut message, secrets) = match ctx.stores_registry.backend(&store) {
             Ok(backend) => {
                 let health = backend.health().await;
-                let count = if health.phase == StorePhase::Active { backend.count().await.ok() } else { None };
-                (health.phase, health.message, count.or(store.status.as_ref().and_then(|s| s.secrets)))
+                let count = if health.phase == StorePhase::Active {
+                    backend.count().await.ok()
+                } else {
+                    None
+                };
+                (
+                    health.phase,
+                    health.message,
+                    count.or(store.status.as_ref().and_then(|s| s.secrets)),
+                )
             }
             Err(e) => (StorePhase::Invalid, e.to_string(), None),
         };
         let previous = store.status.clone().unwrap_or_default();
+        let rotation = if phase == StorePhase::Active {
+            rotate_kek(&store, &ctx, &previous).await
+        } else {
+            None
+        };
+        let (active_kek, kek_rotation) = match &rotation {
+            Some(r) => (r.active_kek.clone(), r.status.clone()),
+            None => (previous.active_kek.clone(), previous.kek_rotation.clone()),
+        };
+        if let Some(r) = kek_rotation
+            .as_ref()
+            .filter(|r| r.phase == KekRotationPhase::Rotating)
+        {
+            message = format!(
+                "{message}; KEK rotation to {:?}: {}/{} data keys re-wrapped",
+                r.to, r.rewrapped, r.total
+            );
+        }
         let mut status = SecretStoreStatus {
             phase: Some(phase),
             type_: Some(store.spec.provider_type().into()),
@@ -34,26 +67,138 @@ pub async fn reconcile(store: Arc<SecretStore>, ctx: Arc<Context>) -> Result<Act
             last_checked: previous.last_checked.clone(),
             observed_generation: store.metadata.generation,
             conditions: previous.conditions.clone(),
+            active_kek,
+            kek_rotation,
         };
-        let reason = if phase == StorePhase::Active { "Active".to_owned() } else { phase.as_str().to_owned() };
-        set_condition(&mut status.conditions, condition("Ready", phase == StorePhase::Active, &reason, message.clone(), store.metadata.generation));
+        let reason = if phase == StorePhase::Active {
+            "Active".to_owned()
+        } else {
+            phase.as_str().to_owned()
+        };
+        set_condition(
+            &mut status.conditions,
+            condition(
+                "Ready",
+                phase == StorePhase::Active,
+                &reason,
+                message.clone(),
+                store.metadata.generation,
+            ),
+        );
         let stale = previous.last_checked.as_ref().is_none_or(|t| {
             jiff::Timestamp::now().duration_since(t.0).unsigned_abs() > STATUS_HEARTBEAT
         });
         if previous.phase != Some(phase) {
-            let type_ = if phase == StorePhase::Active { EventType::Normal } else { EventType::Warning };
-            ctx.event(store.as_ref(), type_, phase.as_str(), &message).await;
+            let type_ = if phase == StorePhase::Active {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            };
+            ctx.event(store.as_ref(), type_, phase.as_str(), &message)
+                .await;
         }
+        rotation_events(&store, &ctx, previous.kek_rotation.as_ref(), &status).await;
         if status != previous || stale {
             status.last_checked = Some(now());
             let body = serde_json::json!({"apiVersion": SecretStore::api_version(&()), "kind": SecretStore::kind(&()), "status": status});
             let api: Api<SecretStore> = Api::all(ctx.client.clone());
-            api.patch_status(&store.name_any(), &PatchParams::apply(&ctx.config.field_manager).force(), &Patch::Apply(&body)).await?;
+            api.patch_status(
+                &store.name_any(),
+                &PatchParams::apply(&ctx.config.field_manager).force(),
+                &Patch::Apply(&body),
+            )
+            .await?;
         }
-        Ok(Action::requeue(if phase == StorePhase::Active { Duration::from_secs(60) } else { Duration::from_secs(10) }))
+        Ok(Action::requeue(match rotation {
+            Some(r) if r.rotating && r.progressed => ROTATION_STEP,
+            // Stuck on records that cannot be re-wrapped now: try again later.
+            Some(r) if r.rotating => Duration::from_secs(10),
+            _ if phase == StorePhase::Active => Duration::from_secs(60),
+            _ => Duration::from_secs(10),
+        }))
     }
     .instrument(span)
     .await
+}
+
+/// What a KEK rotation step means for the status and the next reconcile.
+struct Rotation {
+    active_kek: Option<String>,
+    status: Option<KekRotationStatus>,
+    rotating: bool,
+    progressed: bool,
+}
+
+/// One step of the KEK rotation of a pkcs11 store (None for other stores). A failure
+/// keeps the previous rotation status and is retried at the next reconcile.
+async fn rotate_kek(
+    store: &SecretStore,
+    ctx: &Context,
+    previous: &SecretStoreStatus,
+) -> Option<Rotation> {
+    let backend = match ctx.stores_registry.pkcs11(store) {
+        Ok(b) => b?,
+        Err(e) => {
+            warn!(error = %e, "KEK rotation: no backend");
+            return None;
+        }
+    };
+    match backend
+        .rotate(
+            previous.active_kek.as_deref(),
+            previous.kek_rotation.as_ref(),
+        )
+        .await
+    {
+        Ok(step) => Some(Rotation {
+            active_kek: Some(backend.kek_label().to_owned()),
+            rotating: step.rotating(),
+            progressed: step.progressed,
+            status: step.status,
+        }),
+        Err(e) => {
+            warn!(error = %e, "KEK rotation step failed");
+            Some(Rotation {
+                active_kek: previous.active_kek.clone(),
+                status: previous.kek_rotation.clone(),
+                rotating: true,
+                progressed: false,
+            })
+        }
+    }
+}
+
+/// Events when a rotation starts and when it completes.
+async fn rotation_events(
+    store: &SecretStore,
+    ctx: &Context,
+    before: Option<&KekRotationStatus>,
+    status: &SecretStoreStatus,
+) {
+    let Some(now) = status.kek_rotation.as_ref() else {
+        return;
+    };
+    let same_rotation = before.is_some_and(|b| b.to == now.to && b.started_at == now.started_at);
+    let was = before.filter(|_| same_rotation).map(|b| b.phase);
+    if now.phase == KekRotationPhase::Rotating && was.is_none() {
+        let note = format!(
+            "re-wrapping {} data key(s) from {} to key-encryption key {:?}",
+            now.total,
+            now.from.join(", "),
+            now.to
+        );
+        ctx.event(store, EventType::Normal, "KekRotationStarted", &note)
+            .await;
+    }
+    if now.phase == KekRotationPhase::Complete && was != Some(KekRotationPhase::Complete) {
+        let note = format!(
+            "every data key is wrapped by key-encryption key {:?}; unused by this store now: {} (kept on the token: delete once no backup needs them)",
+            now.to,
+            now.unused_keys.join(", ")
+        );
+        ctx.event(store, EventType::Normal, "KekRotationComplete", &note)
+            .await;
+    }
 }
 
 pub fn error_policy(_store: Arc<SecretStore>, _error: &Error, _ctx: Arc<Context>) -> Action {

@@ -2,7 +2,9 @@
 //! spec changes and shared by every reconcile that uses the store.
 
 use crate::api::SecretStore;
-use crate::backend::{Backend, InternalStore, KubernetesStore, SessionSource, VaultStore};
+use crate::backend::{
+    Backend, InternalStore, KubernetesStore, Pkcs11Store, SessionSource, VaultStore,
+};
 use crate::crypto::OperatorKeys;
 use crate::error::{Error, Result};
 use kube::{Client, ResourceExt};
@@ -16,6 +18,9 @@ pub struct StoreRegistry {
     service_account: String,
     keys: OperatorKeys,
     cache: Mutex<HashMap<String, CachedBackend>>,
+    /// The pkcs11 backends again, typed: their KEK rotation is driven by the SecretStore
+    /// reconciler, which the `Backend` trait knows nothing of.
+    pkcs11: Mutex<HashMap<String, (BackendKey, Arc<Pkcs11Store>)>>,
 }
 
 /// A live backend and what it was built from.
@@ -26,6 +31,15 @@ type CachedBackend = (BackendKey, Arc<dyn Backend>);
 struct BackendKey {
     uid: Option<String>,
     generation: Option<i64>,
+}
+
+impl BackendKey {
+    fn of(store: &SecretStore) -> Self {
+        BackendKey {
+            uid: store.uid(),
+            generation: store.metadata.generation,
+        }
+    }
 }
 
 impl StoreRegistry {
@@ -41,16 +55,14 @@ impl StoreRegistry {
             service_account: service_account.to_owned(),
             keys,
             cache: Mutex::default(),
+            pkcs11: Mutex::default(),
         }
     }
 
     /// The backend of `store`, built on first use and whenever its spec changes.
     pub fn backend(&self, store: &SecretStore) -> Result<Arc<dyn Backend>> {
         let name = store.name_any();
-        let key = BackendKey {
-            uid: store.uid(),
-            generation: store.metadata.generation,
-        };
+        let key = BackendKey::of(store);
         let mut cache = self.cache.lock().expect("store registry lock");
         if let Some((k, backend)) = cache.get(&name)
             && *k == key
@@ -81,6 +93,19 @@ impl StoreRegistry {
                 &k.namespace,
             )));
         }
+        if let Some(p) = &provider.pkcs11 {
+            let backend = Arc::new(Pkcs11Store::new(
+                name,
+                self.client.clone(),
+                &self.operator_namespace,
+                p,
+            )?);
+            self.pkcs11
+                .lock()
+                .expect("store registry lock")
+                .insert(name.to_owned(), (BackendKey::of(store), backend.clone()));
+            return Ok(backend);
+        }
         if let Some(v) = &provider.vault {
             let source = SessionSource {
                 kube: self.client.clone(),
@@ -95,8 +120,28 @@ impl StoreRegistry {
         ))
     }
 
+    /// The pkcs11 backend of `store`, when it is a pkcs11 store (built like [`Self::backend`]).
+    pub fn pkcs11(&self, store: &SecretStore) -> Result<Option<Arc<Pkcs11Store>>> {
+        if store.spec.provider.pkcs11.is_none() {
+            return Ok(None);
+        }
+        self.backend(store)?;
+        let key = BackendKey::of(store);
+        Ok(self
+            .pkcs11
+            .lock()
+            .expect("store registry lock")
+            .get(&store.name_any())
+            .filter(|(k, _)| *k == key)
+            .map(|(_, b)| b.clone()))
+    }
+
     /// Forgets a deleted store, releasing what its backend holds.
     pub fn forget(&self, name: &str) {
+        self.pkcs11
+            .lock()
+            .expect("store registry lock")
+            .remove(name);
         if let Some((_, backend)) = self.cache.lock().expect("store registry lock").remove(name) {
             tokio::spawn(async move { backend.shutdown().await });
         }

@@ -7,7 +7,7 @@ use aes_gcm::aead::{Aead, Generate, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Key, Nonce};
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 /// A 256-bit data-encryption key, wiped on drop.
 pub struct DataKey(Zeroizing<[u8; 32]>);
@@ -40,6 +40,23 @@ pub trait KeyWrapper: Send + Sync {
     async fn wrap(&self, key: &DataKey, aad: &[u8]) -> Result<Vec<u8>, CryptoError>;
     /// Decrypts a key [`KeyWrapper::wrap`] produced with the same `aad`.
     async fn unwrap(&self, wrapped: &[u8], aad: &[u8]) -> Result<DataKey, CryptoError>;
+    /// Decrypts a key wrapped by the KEK `kek_id`, which may be a key this wrapper held
+    /// before (a rotated-out HSM key) rather than its current one. By default only the
+    /// current KEK is held.
+    async fn unwrap_with(
+        &self,
+        kek_id: &str,
+        wrapped: &[u8],
+        aad: &[u8],
+    ) -> Result<DataKey, CryptoError> {
+        if kek_id != self.kek_id() {
+            return Err(CryptoError::WrongKek {
+                expected: self.kek_id().to_owned(),
+                found: kek_id.to_owned(),
+            });
+        }
+        self.unwrap(wrapped, aad).await
+    }
 }
 
 /// A sealed version: what is stored at rest.
@@ -70,20 +87,48 @@ pub async fn seal(
     })
 }
 
-/// Opens an envelope sealed by [`seal`] with the same KEK and `aad`.
+/// Opens an envelope sealed by [`seal`] with the same `aad`, by a KEK `kek` holds (see
+/// [`KeyWrapper::unwrap_with`]).
 pub async fn open(
     kek: &dyn KeyWrapper,
     envelope: &Envelope,
     aad: &[u8],
 ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
-    if envelope.kek_id != kek.kek_id() {
-        return Err(CryptoError::WrongKek {
-            expected: kek.kek_id().to_owned(),
-            found: envelope.kek_id.clone(),
-        });
-    }
-    let key = kek.unwrap(&envelope.wrapped_key, aad).await?;
+    let key = kek
+        .unwrap_with(&envelope.kek_id, &envelope.wrapped_key, aad)
+        .await?;
     aes_gcm_decrypt(key.as_bytes(), &envelope.nonce, &envelope.ciphertext, aad)
+}
+
+/// The same envelope with its data key wrapped by `kek`'s current KEK: the ciphertext
+/// and nonce are kept, only the wrapped key and the KEK id change. The data key is
+/// checked against the ciphertext first, so a damaged envelope is never re-wrapped into
+/// one that looks sound.
+pub async fn rewrap(
+    kek: &dyn KeyWrapper,
+    envelope: &Envelope,
+    aad: &[u8],
+) -> Result<Envelope, CryptoError> {
+    let key = kek
+        .unwrap_with(&envelope.kek_id, &envelope.wrapped_key, aad)
+        .await?;
+    aes_gcm_decrypt(key.as_bytes(), &envelope.nonce, &envelope.ciphertext, aad)?;
+    let wrapped_key = kek.wrap(&key, aad).await?;
+    Ok(Envelope {
+        kek_id: kek.kek_id().to_owned(),
+        wrapped_key,
+        nonce: envelope.nonce.clone(),
+        ciphertext: envelope.ciphertext.clone(),
+    })
+}
+
+/// An AES-256-GCM cipher for `key`. The key copy it is built from is wiped here; the
+/// cipher's own state (round keys, GHASH key) is wiped when it drops (aes-gcm's `zeroize`).
+fn cipher(key: &[u8; 32]) -> Aes256Gcm {
+    let mut key = Key::<Aes256Gcm>::from(*key);
+    let cipher = Aes256Gcm::new(&key);
+    key.as_mut_slice().zeroize();
+    cipher
 }
 
 fn aes_gcm_encrypt(
@@ -91,7 +136,7 @@ fn aes_gcm_encrypt(
     plaintext: &[u8],
     aad: &[u8],
 ) -> Result<(Vec<u8>, Vec<u8>), CryptoError> {
-    let cipher = Aes256Gcm::new(&Key::<Aes256Gcm>::from(*key));
+    let cipher = cipher(key);
     let nonce = Nonce::generate();
     let ciphertext = cipher
         .encrypt(
@@ -111,7 +156,7 @@ fn aes_gcm_decrypt(
     ciphertext: &[u8],
     aad: &[u8],
 ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
-    let cipher = Aes256Gcm::new(&Key::<Aes256Gcm>::from(*key));
+    let cipher = cipher(key);
     let nonce = Nonce::try_from(nonce).map_err(|_| CryptoError::Decrypt)?;
     cipher
         .decrypt(
@@ -221,5 +266,66 @@ mod tests {
             open(&test_kek(8), &env, b"store/a/1").await,
             Err(CryptoError::WrongKek { .. })
         ));
+    }
+
+    /// A KEK that also holds the keys it rotated away from, as an HSM store does.
+    struct RotatedKek {
+        current: SoftwareKek,
+        old: Vec<SoftwareKek>,
+    }
+
+    #[async_trait]
+    impl KeyWrapper for RotatedKek {
+        fn kek_id(&self) -> &str {
+            self.current.kek_id()
+        }
+        async fn wrap(&self, key: &DataKey, aad: &[u8]) -> Result<Vec<u8>, CryptoError> {
+            self.current.wrap(key, aad).await
+        }
+        async fn unwrap(&self, wrapped: &[u8], aad: &[u8]) -> Result<DataKey, CryptoError> {
+            self.current.unwrap(wrapped, aad).await
+        }
+        async fn unwrap_with(
+            &self,
+            kek_id: &str,
+            wrapped: &[u8],
+            aad: &[u8],
+        ) -> Result<DataKey, CryptoError> {
+            match self.old.iter().find(|k| k.kek_id() == kek_id) {
+                Some(old) => old.unwrap(wrapped, aad).await,
+                None => self.current.unwrap_with(kek_id, wrapped, aad).await,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn rewrap_moves_the_data_key_and_keeps_the_ciphertext() {
+        let env = seal(&test_kek(1), b"value", b"store/a/1").await.unwrap();
+        let kek = RotatedKek {
+            current: test_kek(2),
+            old: vec![test_kek(1)],
+        };
+        // Readable before the move, through the old key the envelope names.
+        assert_eq!(&open(&kek, &env, b"store/a/1").await.unwrap()[..], b"value");
+        let moved = rewrap(&kek, &env, b"store/a/1").await.unwrap();
+        assert_eq!(moved.kek_id, test_kek(2).kek_id());
+        assert_eq!(
+            (&moved.nonce, &moved.ciphertext),
+            (&env.nonce, &env.ciphertext)
+        );
+        assert_ne!(moved.wrapped_key, env.wrapped_key);
+        assert_eq!(
+            &open(&test_kek(2), &moved, b"store/a/1").await.unwrap()[..],
+            b"value"
+        );
+        // A damaged ciphertext is refused, not re-wrapped.
+        let mut bad = env.clone();
+        bad.ciphertext[0] ^= 1;
+        assert!(matches!(
+            rewrap(&kek, &bad, b"store/a/1").await,
+            Err(CryptoError::Decrypt)
+        ));
+        // So is an envelope bound to another place.
+        assert!(rewrap(&kek, &env, b"store/b/1").await.is_err());
     }
 }

@@ -4,7 +4,7 @@ mod envelope;
 mod fingerprint;
 mod operator_keys;
 
-pub use envelope::{DataKey, Envelope, KeyWrapper, SoftwareKek, open, seal};
+pub use envelope::{DataKey, Envelope, KeyWrapper, SoftwareKek, open, rewrap, seal};
 pub use fingerprint::{Fingerprint, Fingerprinter};
 pub use operator_keys::OperatorKeys;
 
@@ -21,4 +21,8 @@ pub enum CryptoError {
     WrongKek { expected: String, found: String },
     #[error("key wrapping failed: {0}")]
     Wrap(String),
+    /// The KEK cannot be used now (an HSM that refuses the PIN, a missing token or key):
+    /// nothing is known about the data, which must be left as it is.
+    #[error("the key-encryption key is unavailable: {0}")]
+    KekUnavailable(String),
 }

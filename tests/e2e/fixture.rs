@@ -121,6 +121,31 @@ impl Fixture {
         full
     }
 
+    /// A VaultProfile named `<ns>-<name>` with the whole `spec` given (namespaceSelector,
+    /// default, fallback, ...), scoped to this test's operator.
+    pub async fn profile_spec(&self, name: &str, spec: Value) -> String {
+        let full = self.scoped(name);
+        self.apply::<VaultProfile>(
+            self.cluster_api(),
+            json!({
+                "apiVersion": "keyhaven.io/v1alpha1", "kind": "VaultProfile",
+                "metadata": {"name": full, "labels": {SCOPE_LABEL: self.ns}},
+                "spec": spec,
+            }),
+        )
+        .await;
+        full
+    }
+
+    /// Merge-patches the test namespace's labels and annotations (a null value removes one).
+    pub async fn label_namespace(&self, labels: Value, annotations: Value) {
+        let patch = json!({"metadata": {"labels": labels, "annotations": annotations}});
+        self.cluster_api::<Namespace>()
+            .patch(&self.ns, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap_or_else(|e| panic!("patch namespace {}: {e}", self.ns));
+    }
+
     /// A ManagedSecret in the test namespace.
     pub async fn managed_secret(&self, name: &str, spec: Value) -> ManagedSecret {
         self.apply(
@@ -297,6 +322,16 @@ impl Drop for Fixture {
                     let patch = Patch::Merge(json!({"metadata": {"finalizers": null}}));
                     let _ = managed
                         .patch(&ms.name_any(), &PatchParams::default(), &patch)
+                        .await;
+                }
+            }
+            // Stores carry the removal guard's finalizer, which only the operator removes.
+            let stores: Api<SecretStore> = Api::all(client.clone());
+            if let Ok(list) = stores.list(&lp).await {
+                for store in list.items {
+                    let patch = Patch::Merge(json!({"metadata": {"finalizers": null}}));
+                    let _ = stores
+                        .patch(&store.name_any(), &PatchParams::default(), &patch)
                         .await;
                 }
             }

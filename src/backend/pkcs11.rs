@@ -1,0 +1,286 @@
+//! The pkcs11 store: the internal store's envelope encryption ([`SealedRecords`]), with
+//! every data key wrapped by an AES-256 key-encryption key held on a PKCS#11 token (an
+//! HSM) instead of a key in a Secret. Ciphertexts and wrapped keys are kept in Secrets of
+//! the operator's namespace; the KEK never leaves the token.
+//!
+//! - [`token`]: modules, tokens, login state, the session pool; every PKCS#11 call runs on
+//!   a blocking thread.
+//! - [`kek`]: the KEK as a [`KeyWrapper`](crate::crypto::KeyWrapper), created on first use.
+//! - [`rotation`]: KEK rotation status, planned from what the records hold.
+
+mod kek;
+mod rotation;
+mod token;
+
+use kek::{Pkcs11Kek, kek_label};
+use rotation::plan as plan_rotation;
+
+use super::sealed_records::{Rewrapped, SealedRecords};
+use super::{Backend, BackendError, Health, StoredVersion, VersionStamp};
+use crate::api::{KekRotationPhase, KekRotationStatus, Pkcs11Provider, now};
+use crate::crypto::KeyWrapper as _;
+use crate::secret_data::SecretData;
+use async_trait::async_trait;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::{Api, Client};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use token::TokenSelector;
+
+/// Sessions a store may use at once unless its spec says otherwise: the operator's
+/// default number of concurrent reconciles.
+pub const DEFAULT_SESSIONS: u32 = 16;
+/// Records re-wrapped per [`Pkcs11Store::rotate`] call, and how many at once: small
+/// steps, so progress reaches the status often and the API server and HSM are not
+/// flooded by a background task.
+const REWRAP_BATCH: usize = 20;
+const REWRAP_PARALLEL: usize = 4;
+
+/// A store whose data keys an HSM wraps.
+pub struct Pkcs11Store {
+    store: String,
+    records: SealedRecords,
+    kek: Arc<Pkcs11Kek>,
+    /// Records whose re-wrap failed lately: tried after the others, so a damaged record
+    /// does not hold back a rotation.
+    failed_rewraps: Mutex<BTreeSet<String>>,
+}
+
+/// What one step of a KEK rotation found and did.
+#[derive(Debug)]
+pub struct RotationStep {
+    /// The rotation status to show (None: the store never rotated).
+    pub status: Option<KekRotationStatus>,
+    /// Whether data keys were re-wrapped in this step.
+    pub progressed: bool,
+}
+
+impl Pkcs11Store {
+    /// The store `store`, keeping its records in `operator_namespace`, its KEK on the
+    /// token `spec` names. Nothing is loaded until first use.
+    pub fn new(
+        store: &str,
+        client: Client,
+        operator_namespace: &str,
+        spec: &Pkcs11Provider,
+    ) -> Result<Self, BackendError> {
+        let selector = match (&spec.token_label, spec.slot_id) {
+            (Some(label), None) => TokenSelector::Label(label.clone()),
+            (None, Some(slot)) => TokenSelector::Slot(slot),
+            _ => {
+                return Err(BackendError::Invalid {
+                    store: store.to_owned(),
+                    message: "exactly one of tokenLabel and slotId must be set".into(),
+                });
+            }
+        };
+        let kek = Arc::new(Pkcs11Kek::new(
+            client.clone(),
+            kek::KekConfig {
+                module: PathBuf::from(&spec.module),
+                selector,
+                label: spec.kek_label.clone(),
+                sessions: spec.max_sessions.unwrap_or(DEFAULT_SESSIONS).max(1) as usize,
+                pin: spec.pin_secret_ref.clone(),
+                operator_namespace: operator_namespace.to_owned(),
+            },
+        ));
+        Ok(Pkcs11Store {
+            store: store.to_owned(),
+            records: SealedRecords::new(
+                store,
+                Api::<Secret>::namespaced(client, operator_namespace),
+                kek.clone(),
+            ),
+            kek,
+            failed_rewraps: Mutex::default(),
+        })
+    }
+
+    /// The label of the KEK new data keys are wrapped with.
+    pub fn kek_label(&self) -> &str {
+        self.kek.label()
+    }
+
+    /// The store's KEK as a key wrapper (benchmarks; tests).
+    pub fn key_wrapper(&self) -> Arc<dyn crate::crypto::KeyWrapper> {
+        self.kek.clone()
+    }
+
+    /// One step of moving every data key of the store under the current KEK: counts the
+    /// records under other keys, re-wraps a small batch of them (each record is replaced
+    /// in one update, so a crash loses nothing and a re-run skips what is done), and says
+    /// what the rotation status is now. Call it until the status is `Complete`.
+    pub async fn rotate(
+        &self,
+        previous_active: Option<&str>,
+        previous: Option<&KekRotationStatus>,
+    ) -> Result<RotationStep, BackendError> {
+        let current = self.kek.label().to_owned();
+        let mut pending: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for record in self.records.census().await? {
+            if record.kek_id != self.kek.kek_id() {
+                let label = kek_label(&record.kek_id).unwrap_or(&record.kek_id);
+                pending
+                    .entry(label.to_owned())
+                    .or_default()
+                    .push(record.name);
+            }
+        }
+        let counts = |pending: &BTreeMap<String, Vec<String>>| {
+            pending
+                .iter()
+                .map(|(l, names)| (l.clone(), names.len() as u64))
+                .filter(|(_, n)| *n > 0)
+                .collect::<BTreeMap<_, _>>()
+        };
+        let time = now();
+        let before = plan_rotation(
+            &current,
+            previous_active,
+            previous,
+            &counts(&pending),
+            &time,
+        );
+        if pending.is_empty() {
+            return Ok(RotationStep {
+                status: before,
+                progressed: false,
+            });
+        }
+
+        let batch: Vec<(String, String)> = {
+            let failed = self.failed_rewraps.lock().expect("failed rewraps");
+            let mut all: Vec<(String, String)> = pending
+                .iter()
+                .flat_map(|(l, names)| names.iter().map(move |n| (l.clone(), n.clone())))
+                .collect();
+            all.sort_by_key(|(_, name)| failed.contains(name));
+            all.truncate(REWRAP_BATCH);
+            all
+        };
+        let results: Vec<_> = futures::stream::iter(batch)
+            .map(|(label, name)| async move {
+                let result = self.records.rewrap(&name).await;
+                (label, name, result)
+            })
+            .buffer_unordered(REWRAP_PARALLEL)
+            .collect()
+            .await;
+        let mut errors = vec![];
+        let mut moved = 0;
+        for (label, name, result) in results {
+            let mut failed = self.failed_rewraps.lock().expect("failed rewraps");
+            match result {
+                Ok(outcome) => {
+                    failed.remove(&name);
+                    if outcome == Rewrapped::Moved {
+                        moved += 1;
+                    }
+                    if let Some(names) = pending.get_mut(&label) {
+                        names.retain(|n| *n != name);
+                    }
+                }
+                Err(e) => {
+                    failed.insert(name);
+                    errors.push(e);
+                }
+            }
+        }
+        let mut after = plan_rotation(
+            &current,
+            previous_active,
+            before.as_ref(),
+            &counts(&pending),
+            &time,
+        );
+        if let (Some(status), Some(first)) = (after.as_mut(), errors.first()) {
+            status.message = Some(format!(
+                "{} data key(s) could not be re-wrapped yet, e.g. {first}",
+                errors.len()
+            ));
+        }
+        if moved > 0 {
+            tracing::info!(store = %self.store, to = %current, moved, "re-wrapped data keys");
+        }
+        Ok(RotationStep {
+            progressed: errors.is_empty() || moved > 0,
+            status: after,
+        })
+    }
+}
+
+impl RotationStep {
+    /// Whether data keys are left to re-wrap.
+    pub fn rotating(&self) -> bool {
+        self.status
+            .as_ref()
+            .is_some_and(|s| s.phase == KekRotationPhase::Rotating)
+    }
+}
+
+#[async_trait]
+impl Backend for Pkcs11Store {
+    fn store(&self) -> &str {
+        &self.store
+    }
+
+    async fn read(
+        &self,
+        path: &str,
+        version: Option<u64>,
+    ) -> Result<Option<StoredVersion>, BackendError> {
+        self.records.read(path, version).await
+    }
+
+    async fn write(
+        &self,
+        path: &str,
+        stamp: &VersionStamp,
+        data: &SecretData,
+    ) -> Result<Option<u64>, BackendError> {
+        self.records.write(path, stamp, data).await.map(|()| None)
+    }
+
+    async fn list_versions(&self, path: &str) -> Result<Vec<u64>, BackendError> {
+        self.records.list_versions(path).await
+    }
+
+    async fn delete(&self, path: &str) -> Result<(), BackendError> {
+        self.records.delete(path).await
+    }
+
+    /// Logs in with a freshly read PIN and finds (or creates) the KEK; then checks that the
+    /// records' namespace answers.
+    async fn health(&self) -> Health {
+        let checked = match self.kek.check().await {
+            Ok(message) => self.records.probe().await.map(|()| message),
+            Err(e) => Err(BackendError::from_hsm(&self.store, e)),
+        };
+        match checked {
+            Ok(message) => Health::active(message),
+            Err(e) => Health {
+                phase: e.phase(),
+                message: e.to_string(),
+            },
+        }
+    }
+
+    async fn count(&self) -> Result<u64, BackendError> {
+        self.records.count().await
+    }
+}
+
+impl BackendError {
+    fn from_hsm(store: &str, e: token::HsmError) -> Self {
+        let store = store.to_owned();
+        let message = e.to_string();
+        match e.phase() {
+            crate::api::StorePhase::Sealed => BackendError::Sealed { store, message },
+            crate::api::StorePhase::Invalid => BackendError::Invalid { store, message },
+            _ => BackendError::Unreachable { store, message },
+        }
+    }
+}

@@ -1,0 +1,330 @@
+//! `kubectl keyhaven`: a kubectl plugin for keyhaven. It only reads and patches resources;
+//! the controller does the work, so RBAC on keyhaven's kinds governs what it may do.
+//!
+//! Put the binary on PATH as `kubectl-keyhaven` and run `kubectl keyhaven <command>`.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use k8s_openapi::api::core::v1::Namespace;
+use keyhaven::api::{ManagedSecret, SecretStore, VaultProfile};
+use keyhaven::controller::ROTATE_ANNOTATION;
+use keyhaven::profiles::{self, NamespaceInfo};
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::{Api, Client, ResourceExt};
+use serde::Serialize;
+use serde_json::{Value, json};
+use std::process::ExitCode;
+
+/// The field manager of the plugin's patches.
+const FIELD_MANAGER: &str = "kubectl-keyhaven";
+
+#[derive(Parser)]
+#[command(
+    name = "kubectl-keyhaven",
+    version,
+    about = "Inspect and steer keyhaven: stores, version history, rollback, rotation, profiles"
+)]
+struct Cli {
+    /// Namespace of the ManagedSecret (default: the kubeconfig context's).
+    #[arg(short, long, global = true)]
+    namespace: Option<String>,
+    /// Output format.
+    #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    /// Only SecretStores and VaultProfiles with these labels (as the operator's
+    /// --store-selector): `stores`, `profile-for`.
+    #[arg(short = 'l', long, global = true)]
+    selector: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+    Yaml,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The SecretStores: NAME TYPE SECRETS STATUS MESSAGE.
+    Stores,
+    /// The version history of a ManagedSecret (its status.versions, newest last).
+    Versions { secret: String },
+    /// Make a NEW version holding version N's content (sets spec.rollbackTo and spec.reason).
+    Rollback {
+        secret: String,
+        version: u64,
+        /// Recorded with the new version.
+        #[arg(long)]
+        reason: String,
+    },
+    /// Rotate a generated ManagedSecret now (sets the annotation keyhaven.io/rotate).
+    Rotate { secret: String },
+    /// The VaultProfile a ManagedSecret without spec.profile in NAMESPACE uses, and why.
+    ProfileFor { namespace: String },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    keyhaven::install_crypto_provider();
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let client = Client::try_default().await?;
+    let namespace = cli
+        .namespace
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_owned());
+    let mut lp = ListParams::default();
+    if let Some(selector) = &cli.selector {
+        lp = lp.labels(selector);
+    }
+    let managed: Api<ManagedSecret> = Api::namespaced(client.clone(), &namespace);
+    match cli.command {
+        Command::Stores => {
+            let stores = Api::<SecretStore>::all(client).list(&lp).await?.items;
+            let rows = stores
+                .iter()
+                .map(|s| {
+                    let st = s.status.clone().unwrap_or_default();
+                    vec![
+                        s.name_any(),
+                        st.type_
+                            .unwrap_or_else(|| s.spec.provider_type().to_owned()),
+                        st.secrets.map_or_else(|| "-".into(), |n| n.to_string()),
+                        st.phase
+                            .map_or_else(|| "-".into(), |p| p.as_str().to_owned()),
+                        st.message.unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            print(
+                cli.output,
+                &stores,
+                &["NAME", "TYPE", "SECRETS", "STATUS", "MESSAGE"],
+                rows,
+            )?;
+        }
+        Command::Versions { secret } => {
+            let ms = managed.get(&secret).await?;
+            let status = ms.status.clone().unwrap_or_default();
+            let rows = status
+                .versions
+                .iter()
+                .map(|v| {
+                    let current = status.current_version == Some(v.version);
+                    let fp = v.fingerprint.trim_start_matches("hmac-sha256:");
+                    vec![
+                        format!("{}{}", v.version, if current { "*" } else { "" }),
+                        fp[..fp.len().min(16)].to_owned(),
+                        v.store.clone(),
+                        v.created_at.0.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+                        v.created_by.clone(),
+                        v.reason.clone().unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            print(
+                cli.output,
+                &status.versions,
+                &["VERSION", "FINGERPRINT", "STORE", "CREATED", "BY", "REASON"],
+                rows,
+            )?;
+        }
+        Command::Rollback {
+            secret,
+            version,
+            reason,
+        } => {
+            let patch = json!({"spec": {"rollbackTo": version, "reason": reason}});
+            let ms = patch_managed(&managed, &secret, patch).await?;
+            print_done(
+                cli.output,
+                &ms,
+                &format!(
+                    "managedsecret/{secret}: rollback to version {version} requested (the operator records it as a new version)"
+                ),
+            )?;
+        }
+        Command::Rotate { secret } => {
+            let at = jiff::Timestamp::now().to_string();
+            let patch = json!({"metadata": {"annotations": {ROTATE_ANNOTATION: at}}});
+            let ms = patch_managed(&managed, &secret, patch).await?;
+            print_done(
+                cli.output,
+                &ms,
+                &format!("managedsecret/{secret}: rotation requested ({ROTATE_ANNOTATION}={at})"),
+            )?;
+        }
+        Command::ProfileFor { namespace } => {
+            let ns = Api::<Namespace>::all(client.clone())
+                .get_metadata(&namespace)
+                .await?;
+            let info = NamespaceInfo::from_meta(&ns.metadata);
+            let all = Api::<VaultProfile>::all(client).list(&lp).await?.items;
+            let result = profiles::resolve(None, &info, &all);
+            let annotation = info.annotations.get(profiles::PROFILE_ANNOTATION).cloned();
+            let defaults = profiles::defaults_for(&info, &all);
+            let fallbacks = profiles::fallbacks(&all);
+            let (doc, row, ok) = match &result {
+                Ok(r) => (
+                    json!({"namespace": namespace, "profile": r.profile, "via": r.via.as_str(),
+                           "annotation": annotation, "defaults": defaults, "fallbacks": fallbacks}),
+                    vec![
+                        namespace.clone(),
+                        r.profile.clone(),
+                        r.via.as_str().to_owned(),
+                        String::new(),
+                    ],
+                    true,
+                ),
+                Err(e) => (
+                    json!({"namespace": namespace, "profile": null, "reason": e.reason, "message": e.message,
+                           "annotation": annotation, "defaults": defaults, "fallbacks": fallbacks}),
+                    vec![
+                        namespace.clone(),
+                        "<none>".into(),
+                        e.reason.to_owned(),
+                        e.message.clone(),
+                    ],
+                    false,
+                ),
+            };
+            print(
+                cli.output,
+                &doc,
+                &["NAMESPACE", "PROFILE", "VIA", "MESSAGE"],
+                vec![row],
+            )?;
+            if !ok {
+                return Ok(ExitCode::from(2));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn patch_managed(
+    api: &Api<ManagedSecret>,
+    name: &str,
+    patch: Value,
+) -> anyhow::Result<ManagedSecret> {
+    let pp = PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    Ok(api.patch(name, &pp, &Patch::Merge(&patch)).await?)
+}
+
+/// Prints `doc` as JSON or YAML, or `rows` as a table under `header`.
+fn print<T: Serialize>(
+    output: Output,
+    doc: &T,
+    header: &[&str],
+    rows: Vec<Vec<String>>,
+) -> anyhow::Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(doc)?),
+        Output::Yaml => print!("{}", serde_yaml::to_string(doc)?),
+        Output::Table => print!("{}", table(header, &rows)),
+    }
+    Ok(())
+}
+
+fn print_done(output: Output, ms: &ManagedSecret, message: &str) -> anyhow::Result<()> {
+    match output {
+        Output::Table => println!("{message}"),
+        _ => print(output, ms, &[], vec![])?,
+    }
+    Ok(())
+}
+
+/// Columns padded to their widest cell, three spaces apart, as kubectl prints them.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<w$}   "));
+            }
+        }
+        out.trim_end().to_owned() + "\n"
+    };
+    let mut out = line(header.to_vec());
+    for row in rows {
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_pad_columns_like_kubectl() {
+        let rows = vec![
+            vec![
+                "internal".into(),
+                "internal".into(),
+                "3".into(),
+                "Active".into(),
+                "ok".into(),
+            ],
+            vec![
+                "vault-prod".into(),
+                "vault".into(),
+                "-".into(),
+                "Sealed".into(),
+                String::new(),
+            ],
+        ];
+        let out = table(&["NAME", "TYPE", "SECRETS", "STATUS", "MESSAGE"], &rows);
+        assert_eq!(
+            out,
+            "NAME         TYPE       SECRETS   STATUS   MESSAGE\n\
+             internal     internal   3         Active   ok\n\
+             vault-prod   vault      -         Sealed\n"
+        );
+    }
+
+    #[test]
+    fn the_command_line_parses() {
+        let cli = Cli::try_parse_from([
+            "kubectl-keyhaven",
+            "rollback",
+            "db",
+            "3",
+            "--reason",
+            "incident",
+            "-n",
+            "apps",
+            "-o",
+            "yaml",
+        ])
+        .unwrap();
+        assert!(matches!(cli.command, Command::Rollback { version: 3, .. }));
+        assert_eq!(cli.namespace.as_deref(), Some("apps"));
+        assert!(cli.output == Output::Yaml);
+        // rollback needs --reason.
+        assert!(Cli::try_parse_from(["kubectl-keyhaven", "rollback", "db", "3"]).is_err());
+        assert!(Cli::try_parse_from(["kubectl-keyhaven", "stores", "-o", "xml"]).is_err());
+    }
+}

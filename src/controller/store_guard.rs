@@ -1,0 +1,176 @@
+//! The store removal guard: a SecretStore carries the finalizer [`STORE_FINALIZER`]; while
+//! VaultProfiles still name it (as source or sync target) its deletion is held, and its
+//! status says which profiles and how many secret objects it holds. The annotation
+//! `keyhaven.io/force-delete: "true"` lets it go anyway (the store's data is left where it is).
+
+use super::Context;
+use crate::api::{SecretStore, condition, set_condition};
+use crate::error::Result;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::{Api, Resource, ResourceExt};
+use std::time::Duration;
+
+/// Holds a SecretStore's deletion while profiles reference it.
+pub const STORE_FINALIZER: &str = "keyhaven.io/store-in-use";
+/// `"true"` on a SecretStore being deleted: remove it although profiles still reference it.
+pub const FORCE_DELETE_ANNOTATION: &str = "keyhaven.io/force-delete";
+
+/// What the guard decides for a store (pure).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Guard {
+    /// Not being deleted, finalizer present: reconcile as usual.
+    Proceed,
+    /// Not being deleted and without the finalizer: add it, then reconcile as usual.
+    AddFinalizer,
+    /// Being deleted and nothing holds it (or forced): remove the finalizer.
+    Release,
+    /// Being deleted while these profiles reference it.
+    Hold(Vec<String>),
+    /// Being deleted, the finalizer already gone: nothing to do.
+    Gone,
+}
+
+/// Decides for a store with these `finalizers`, `deleting` or not, `forced` or not, named by
+/// the profiles `referencing`.
+pub fn decide(
+    finalizers: &[String],
+    deleting: bool,
+    forced: bool,
+    mut referencing: Vec<String>,
+) -> Guard {
+    let has = finalizers.iter().any(|f| f == STORE_FINALIZER);
+    match (deleting, has) {
+        (false, true) => Guard::Proceed,
+        (false, false) => Guard::AddFinalizer,
+        (true, false) => Guard::Gone,
+        (true, true) if forced || referencing.is_empty() => Guard::Release,
+        (true, true) => {
+            referencing.sort();
+            Guard::Hold(referencing)
+        }
+    }
+}
+
+/// Runs the guard; `Some(action)` ends the reconcile there (the store is being deleted).
+pub async fn guard(store: &SecretStore, ctx: &Context) -> Result<Option<Action>> {
+    let name = store.name_any();
+    let deleting = store.meta().deletion_timestamp.is_some();
+    let forced = store
+        .annotations()
+        .get(FORCE_DELETE_ANNOTATION)
+        .is_some_and(|v| v == "true");
+    let referencing = if deleting {
+        ctx.list_profiles()
+            .await?
+            .into_iter()
+            .filter(|p| p.spec.stores().any(|s| s == name))
+            .map(|p| p.name_any())
+            .collect()
+    } else {
+        vec![]
+    };
+    let api: Api<SecretStore> = Api::all(ctx.client.clone());
+    let finalizers = store.finalizers().to_vec();
+    match decide(&finalizers, deleting, forced, referencing) {
+        Guard::Proceed => Ok(None),
+        Guard::AddFinalizer => {
+            let mut list = finalizers;
+            list.push(STORE_FINALIZER.into());
+            set_finalizers(&api, store, list).await?;
+            Ok(None)
+        }
+        Guard::Gone => Ok(Some(Action::await_change())),
+        Guard::Release => {
+            let list = finalizers
+                .into_iter()
+                .filter(|f| f != STORE_FINALIZER)
+                .collect();
+            set_finalizers(&api, store, list).await?;
+            ctx.stores_registry.forget(&name);
+            if forced {
+                ctx.event(
+                    store,
+                    EventType::Warning,
+                    "ForceDeleted",
+                    &format!("SecretStore {name} released by {FORCE_DELETE_ANNOTATION}"),
+                )
+                .await;
+            }
+            Ok(Some(Action::await_change()))
+        }
+        Guard::Hold(profiles) => {
+            let held = store
+                .status
+                .as_ref()
+                .and_then(|s| s.secrets)
+                .map_or_else(String::new, |n| format!(" holds {n} secret object(s) and"));
+            let message = format!(
+                "deletion held: SecretStore {name}{held} is referenced by VaultProfile(s) {}; remove it from them, or annotate it {FORCE_DELETE_ANNOTATION}=true",
+                profiles.join(", ")
+            );
+            let mut status = store.status.clone().unwrap_or_default();
+            let before = status.message.clone();
+            status.message = Some(message.clone());
+            set_condition(
+                &mut status.conditions,
+                condition(
+                    "DeletionBlocked",
+                    true,
+                    "InUseByProfiles",
+                    message.clone(),
+                    store.metadata.generation,
+                ),
+            );
+            if before.as_deref() != Some(message.as_str()) {
+                let body = serde_json::json!({"apiVersion": SecretStore::api_version(&()), "kind": SecretStore::kind(&()), "status": status});
+                api.patch_status(
+                    &name,
+                    &PatchParams::apply(&ctx.config.field_manager).force(),
+                    &Patch::Apply(&body),
+                )
+                .await?;
+                ctx.event(store, EventType::Warning, "DeletionBlocked", &message)
+                    .await;
+            }
+            Ok(Some(Action::requeue(Duration::from_secs(10))))
+        }
+    }
+}
+
+/// Replaces the finalizer list, guarded by the resourceVersion the decision was made on.
+async fn set_finalizers(
+    api: &Api<SecretStore>,
+    store: &SecretStore,
+    list: Vec<String>,
+) -> Result<()> {
+    let patch = serde_json::json!({"metadata": {"finalizers": list, "resourceVersion": store.resource_version()}});
+    api.patch(
+        &store.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decisions() {
+        let with = vec!["other".to_owned(), STORE_FINALIZER.to_owned()];
+        let without = vec!["other".to_owned()];
+        assert_eq!(decide(&with, false, false, vec![]), Guard::Proceed);
+        assert_eq!(decide(&without, false, false, vec![]), Guard::AddFinalizer);
+        assert_eq!(decide(&without, true, false, vec!["p".into()]), Guard::Gone);
+        assert_eq!(decide(&with, true, false, vec![]), Guard::Release);
+        assert_eq!(
+            decide(&with, true, false, vec!["b".into(), "a".into()]),
+            Guard::Hold(vec!["a".into(), "b".into()])
+        );
+        assert_eq!(decide(&with, true, true, vec!["a".into()]), Guard::Release);
+    }
+}

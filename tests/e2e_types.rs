@@ -697,3 +697,52 @@ async fn target_template_builds_keys_from_the_value() {
     assert!(fx.secret_data(&fx.ns, "bad").await.is_none());
     fx.assert_values_never_leaked(&["e2e-template-pw"]).await;
 }
+
+#[tokio::test]
+async fn passwords_weaker_than_the_profile_policy_are_refused() {
+    let fx = Fixture::new("pwpolicy").await;
+    let internal = fx.store("internal", json!({"internal": {}})).await;
+    let profile = fx
+        .profile_spec(
+            "p",
+            json!({"source": internal, "passwordPolicy": {"minLength": 16, "minClasses": 3}}),
+        )
+        .await;
+    fx.secret(&fx.ns, "weak-src", &[("password", "e2e-weak-pw")])
+        .await;
+    fx.secret(&fx.ns, "strong-src", &[("password", "E2e-Strong-Passw0rd")])
+        .await;
+    for (name, from) in [
+        ("weak", "weak-src"),
+        ("strong", "strong-src"),
+        ("generated", ""),
+    ] {
+        let content = if from.is_empty() {
+            json!({"generate": {"length": 24}})
+        } else {
+            json!({"fromSecret": {"name": from}})
+        };
+        fx.managed_secret(
+            name,
+            json!({"profile": profile, "type": "password", "content": content}),
+        )
+        .await;
+    }
+    fx.wait_synced("strong", 1).await;
+    fx.wait_synced("generated", 1).await;
+    let weak = fx.wait_not_ready("weak", "InvalidContent").await;
+    assert!(
+        format!("{:?}", weak.status).contains("at least 16"),
+        "{:?}",
+        weak.status
+    );
+    assert!(fx.secret_data(&fx.ns, "weak").await.is_none());
+    let store = internal_store(&fx, &internal).await;
+    let path = format!("{}/weak", fx.ns);
+    assert!(
+        store.read(&path, None).await.unwrap().is_none(),
+        "nothing stored"
+    );
+    fx.assert_values_never_leaked(&["e2e-weak-pw", "E2e-Strong-Passw0rd"])
+        .await;
+}

@@ -69,6 +69,25 @@ pub struct VaultProfileSpec {
     /// History kept in each ManagedSecret's status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub history: Option<HistoryPolicy>,
+    /// How strong the `password` of every `password` ManagedSecret under this profile must
+    /// be, whether pushed, read or generated. A weaker one is refused before anything is
+    /// stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_policy: Option<PasswordPolicy>,
+}
+
+/// The strength a profile asks of passwords.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PasswordPolicy {
+    /// At least this many characters.
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 1024").message("minLength must be between 1 and 1024"))]
+    pub min_length: u32,
+    /// At least this many of the four classes: lower-case letters, upper-case letters,
+    /// digits, other characters. Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 4").message("minClasses must be between 1 and 4"))]
+    pub min_classes: Option<u8>,
 }
 
 /// How much version history a ManagedSecret's status keeps.

@@ -53,6 +53,34 @@ pub enum ContentError {
 pub struct Rules {
     /// secret-key: the declared length in bytes.
     pub secret_key_bytes: Option<usize>,
+    /// password: the profile's policy.
+    pub password: Option<crate::api::PasswordPolicy>,
+}
+
+/// Why `password` falls short of `policy`, if it does. Says how, never what.
+pub fn password_weakness(password: &str, policy: &crate::api::PasswordPolicy) -> Option<String> {
+    let length = password.chars().count();
+    if length < policy.min_length as usize {
+        return Some(format!(
+            "is {length} characters long; the profile's policy asks for at least {}",
+            policy.min_length
+        ));
+    }
+    let classes = [
+        password.chars().any(|c| c.is_lowercase()),
+        password.chars().any(|c| c.is_uppercase()),
+        password.chars().any(|c| c.is_ascii_digit()),
+        password.chars().any(|c| !c.is_alphanumeric()),
+    ]
+    .iter()
+    .filter(|x| **x)
+    .count();
+    let wanted = policy.min_classes.unwrap_or(1) as usize;
+    (classes < wanted).then(|| {
+        format!(
+            "uses {classes} of the 4 character classes (lower, upper, digit, other); the profile's policy asks for {wanted}"
+        )
+    })
 }
 
 /// What validation learnt about a value (never the value itself).
@@ -117,7 +145,14 @@ pub fn validate_with(
             text("password")?;
         }
         SecretType::Password => {
-            text("password")?;
+            let password = text("password")?;
+            if let Some(problem) = rules
+                .password
+                .as_ref()
+                .and_then(|p| password_weakness(password, p))
+            {
+                return Err(invalid("password", problem));
+            }
         }
         SecretType::ApiKey => {
             text("api-key")?;

@@ -178,6 +178,7 @@ fn private_key_formats() {
 fn secret_key_lengths() {
     let rules = Rules {
         secret_key_bytes: Some(32),
+        ..Rules::default()
     };
     assert!(validate_with(SecretType::SecretKey, &data(&[("key", &[7; 32])]), rules).is_ok());
     assert!(validate(SecretType::SecretKey, &data(&[("key", &[0xff; 5])])).is_ok());
@@ -405,6 +406,7 @@ fn every_generator_output_parses_back_as_its_type() {
         &key,
         Rules {
             secret_key_bytes: Some(48),
+            ..Rules::default()
         },
     )
     .unwrap();
@@ -669,4 +671,43 @@ fn target_templates() {
         .to_string();
         assert!(e.contains(want) && !e.contains("s3cr3t"), "{e}");
     }
+}
+
+#[test]
+fn passwords_meet_the_profile_policy() {
+    let policy = crate::api::PasswordPolicy {
+        min_length: 12,
+        min_classes: Some(3),
+    };
+    let rules = Rules {
+        password: Some(policy),
+        ..Rules::default()
+    };
+    let check = |pw: &str| {
+        validate_with(
+            SecretType::Password,
+            &data(&[("password", pw.as_bytes())]),
+            rules,
+        )
+    };
+    assert!(check("Correct-horse-9").is_ok());
+    let short = problem(check("Ab1-short"));
+    assert!(
+        short.contains("9 characters") && short.contains("at least 12"),
+        "{short}"
+    );
+    assert!(
+        !short.contains("Ab1-short"),
+        "the value must not appear: {short}"
+    );
+    let classes = problem(check("alllowercaseletters"));
+    assert!(classes.contains("1 of the 4"), "{classes}");
+    // Without a policy any non-empty password passes, as before.
+    assert!(validate(SecretType::Password, &data(&[("password", b"x")])).is_ok());
+    // Every generated password with enough length and classes passes a strict policy.
+    let strict = crate::api::PasswordPolicy {
+        min_length: 24,
+        min_classes: Some(4),
+    };
+    assert!(password_weakness("aB3$aB3$aB3$aB3$aB3$aB3$", &strict).is_none());
 }

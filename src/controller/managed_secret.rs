@@ -310,6 +310,7 @@ async fn sync(ms: &ManagedSecret, ctx: &Context) -> Result<Synced> {
             .as_ref()
             .and_then(|g| g.bytes)
             .map(|b| b as usize),
+        password: profile.spec.password_policy,
     };
     // The reason recorded for a rotation or rollback, whatever spec.reason says.
     let mut forced_reason: Option<String> = None;

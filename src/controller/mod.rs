@@ -166,11 +166,17 @@ impl Context {
         reason: &str,
         note: &str,
     ) {
+        // kube's Recorder folds events with the same key into one series and keeps the
+        // first note; the key has no note, so "version 2 recorded" would show as a repeat
+        // of "version 1 recorded". A digest of the note in the action folds only events
+        // that say the same thing.
+        use sha2::{Digest, Sha256};
+        let digest = hex::encode(&Sha256::digest(note.as_bytes())[..4]);
         let ev = Event {
             type_,
             reason: reason.into(),
             note: Some(note.into()),
-            action: "Reconcile".into(),
+            action: format!("Reconcile-{digest}"),
             secondary: None,
         };
         if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {

@@ -1,5 +1,5 @@
 # keyhaven — the two commands the README promises, and a few helpers.
-.PHONY: test demo unit e2e crds manifests bed-up bed-down lint
+.PHONY: test demo unit e2e crds manifests bed-up bed-down lint bench
 
 # Everything: unit tests, the CRD drift test and the end-to-end tests on a real control
 # plane, OpenBao and SoftHSM2 (brought up by e2e/testbed, built once and cached).
@@ -31,3 +31,11 @@ bed-down:
 lint:
 	cargo fmt --check
 	cargo clippy --locked --all-targets -- -D warnings
+
+# The benchmark (docs/benchmarks.md): keyhaven vs the limit on the test bed. N=1000 by
+# default; `make bench BENCH_N=10000` for the issue's second size.
+BENCH_N ?= 1000
+BENCH_ARGS ?=
+bench: bed-up
+	cargo build --release --bin keyhaven --bin keyhaven-bench
+	. e2e/.testbed/env && target/release/keyhaven-bench --n $(BENCH_N) $(BENCH_ARGS)

@@ -1,0 +1,1317 @@
+//! keyhaven-bench: keyhaven at scale on the test bed, beside "the limit" (a bare kube-rs +
+//! vaultrs client doing the same work with the same concurrency, no operator).
+//!
+//! ```sh
+//! e2e/testbed up && cargo build --release
+//! cargo run --release --bin keyhaven-bench -- --n 1000
+//! ```
+//!
+//! For N secrets it seeds N objects in OpenBao KV v2 under a unique prefix, starts a scoped
+//! `keyhaven run` (release binary), applies N ManagedSecrets (fromStore) across
+//! `--namespaces` namespaces, and times until every native Secret holds the right value
+//! (read back through a watch, then checked again with one LIST); changes 10 % of the values
+//! in OpenBao and times until they are all materialized; lets `--quiet-intervals` refresh
+//! intervals pass and counts what the operator wrote to the API server (resourceVersions
+//! of its Secrets and ManagedSecrets, Events in the bench namespaces) and the requests and
+//! logins it made to OpenBao (the audit log, by token metadata); records its peak and
+//! steady RSS and CPU seconds from /proc. Then it runs the limit as a child process
+//! (`--limit-worker`) and prints one table. Everything it made is deleted at the end.
+
+use clap::Parser;
+use futures::{StreamExt, TryStreamExt, stream};
+use k8s_openapi::api::core::v1::{Event, Namespace, Secret};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use keyhaven::api::{ManagedSecret, SecretStore, VaultProfile};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};
+
+/// Label on everything a run makes (Secrets, ManagedSecrets, namespaces, stores, profiles).
+const RUN_LABEL: &str = "bench.keyhaven.io/run";
+/// Who made a native Secret: `keyhaven` or `limit`.
+const WHO_LABEL: &str = "bench.keyhaven.io/who";
+const FIELD_MANAGER: &str = "keyhaven-bench";
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "keyhaven-bench",
+    about = "keyhaven vs the limit (bare kube-rs + vaultrs) on the test bed"
+)]
+struct Args {
+    /// Secrets (ManagedSecrets, OpenBao objects, native Secrets).
+    #[arg(long, default_value_t = 1000)]
+    n: usize,
+    /// Namespaces the ManagedSecrets are spread across.
+    #[arg(long, default_value_t = 100)]
+    namespaces: usize,
+    /// Reconciles at once (keyhaven --concurrency) and requests in flight (the limit).
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// The ManagedSecrets' refreshInterval, in seconds.
+    #[arg(long, default_value_t = 30)]
+    refresh: u64,
+    /// Unchanged refresh intervals to watch for writes.
+    #[arg(long, default_value_t = 3)]
+    quiet_intervals: u32,
+    /// The operator binary (default: target/release/keyhaven next to this one).
+    #[arg(long)]
+    operator_bin: Option<PathBuf>,
+    /// Give up on a phase after this many seconds.
+    #[arg(long, default_value_t = 1800)]
+    timeout: u64,
+    /// Skip the limit run.
+    #[arg(long)]
+    no_limit: bool,
+    /// Skip the keyhaven run (the limit only).
+    #[arg(long)]
+    no_keyhaven: bool,
+    /// Append the results (markdown) to this file.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Leave everything in place (no cleanup).
+    #[arg(long)]
+    keep: bool,
+    /// Internal: run as the limit's worker for this run id.
+    #[arg(long, hide = true)]
+    limit_worker: Option<String>,
+}
+
+/// The test bed, from the environment or `e2e/.testbed/env`.
+#[derive(Clone, Debug)]
+struct Bed {
+    kubeconfig: PathBuf,
+    vault_addr: String,
+    vault_token: String,
+    audit_log: Option<PathBuf>,
+    /// Directories the env file puts on PATH (kubectl).
+    path: String,
+}
+
+impl Bed {
+    fn load() -> anyhow::Result<Bed> {
+        let dir = std::env::var_os("KEYHAVEN_TESTBED_DIR")
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e/.testbed"));
+        let mut vars: BTreeMap<String, String> = BTreeMap::new();
+        let mut path_dirs = vec![];
+        if let Ok(text) = std::fs::read_to_string(dir.join("env")) {
+            for line in text.lines().map(str::trim) {
+                let Some((k, v)) = line.strip_prefix("export ").and_then(|l| l.split_once('='))
+                else {
+                    continue;
+                };
+                let v = v.trim_matches(|c| c == '\'' || c == '"').to_owned();
+                if k == "PATH" {
+                    path_dirs.push(v.trim_end_matches(":$PATH").to_owned());
+                } else {
+                    vars.insert(k.to_owned(), v);
+                }
+            }
+        }
+        let get = |k: &str| std::env::var(k).ok().or_else(|| vars.get(k).cloned());
+        let need = |k: &str| {
+            get(k).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{k} is not set and {}/env does not say it: run e2e/testbed up",
+                    dir.display()
+                )
+            })
+        };
+        path_dirs.push(std::env::var("PATH").unwrap_or_default());
+        Ok(Bed {
+            kubeconfig: need("KUBECONFIG")?.into(),
+            vault_addr: need("VAULT_ADDR")?,
+            vault_token: need("VAULT_TOKEN")?,
+            audit_log: get("KEYHAVEN_OPENBAO_AUDIT_LOG").map(PathBuf::from),
+            path: path_dirs.join(":"),
+        })
+    }
+
+    async fn client(&self) -> anyhow::Result<Client> {
+        let kc = Kubeconfig::read_from(&self.kubeconfig)?;
+        let mut config =
+            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+        // Thousands of requests in flight: no client-side throttling beyond the semaphore.
+        config.read_timeout = Some(Duration::from_secs(60));
+        Ok(Client::try_from(config)?)
+    }
+
+    fn vault(&self, token: &str) -> anyhow::Result<VaultClient> {
+        let settings = VaultClientSettingsBuilder::default()
+            .address(&self.vault_addr)
+            .token(token)
+            .build()?;
+        Ok(VaultClient::new(settings)?)
+    }
+}
+
+fn kv_path(run: &str, i: usize) -> String {
+    format!("bench/{run}/s-{i}")
+}
+
+fn value(run: &str, i: usize, generation: u32) -> String {
+    format!("{run}-value-{i}-g{generation}")
+}
+
+fn namespace(run: &str, who: &str, i: usize, namespaces: usize) -> String {
+    format!("{run}-{who}-{}", i % namespaces)
+}
+
+/// keyhaven's bookkeeping object id for a path (as `backend::object_id`).
+fn object_id(path: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(&Sha256::digest(path.as_bytes())[..16])
+}
+
+/// Runs `f` over `items`, `concurrency` at a time; the first error stops it.
+async fn concurrently<T, F, Fut>(items: Vec<T>, concurrency: usize, f: F) -> anyhow::Result<()>
+where
+    F: Fn(T) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    stream::iter(items.into_iter().map(f))
+        .buffer_unordered(concurrency.max(1))
+        .try_collect::<Vec<()>>()
+        .await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Observing: native Secrets through a watch, the operator through /proc, OpenBao through
+// its audit log, the API server through its /metrics.
+// ---------------------------------------------------------------------------------------
+
+/// The `value` key of every Secret labelled `selector`, kept current by a watch.
+struct SecretWatch {
+    seen: Arc<Mutex<HashMap<(String, String), String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SecretWatch {
+    async fn start(client: &Client, selector: &str) -> SecretWatch {
+        let seen: Arc<Mutex<HashMap<(String, String), String>>> = Arc::default();
+        let api: Api<Secret> = Api::all(client.clone());
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let mut ready_tx = Some(ready_tx);
+        let map = seen.clone();
+        let stream = watcher(api, watcher::Config::default().labels(selector));
+        let task = tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream.default_backoff());
+            while let Some(event) = stream.next().await {
+                match event {
+                    Ok(watcher::Event::Apply(s) | watcher::Event::InitApply(s)) => {
+                        let v = s
+                            .data
+                            .as_ref()
+                            .and_then(|d| d.get("value"))
+                            .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+                            .unwrap_or_default();
+                        map.lock()
+                            .unwrap()
+                            .insert((s.namespace().unwrap_or_default(), s.name_any()), v);
+                    }
+                    Ok(watcher::Event::Delete(s)) => {
+                        map.lock()
+                            .unwrap()
+                            .remove(&(s.namespace().unwrap_or_default(), s.name_any()));
+                    }
+                    Ok(watcher::Event::InitDone) => {
+                        if let Some(tx) = ready_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(watcher::Event::Init) => {}
+                    Err(e) => eprintln!("  (secret watch: {e})"),
+                }
+            }
+        });
+        let _ = ready_rx.await;
+        SecretWatch { seen, task }
+    }
+
+    /// How many of `expected` hold their value now.
+    fn matching(&self, expected: &HashMap<(String, String), String>) -> usize {
+        let seen = self.seen.lock().unwrap();
+        expected
+            .iter()
+            .filter(|(k, v)| seen.get(*k) == Some(*v))
+            .count()
+    }
+
+    /// Waits until every Secret of `expected` holds its value; the time since `start`.
+    async fn wait_all(
+        &self,
+        expected: &HashMap<(String, String), String>,
+        start: Instant,
+        timeout: Duration,
+        what: &str,
+    ) -> anyhow::Result<Duration> {
+        let mut last_report = Instant::now();
+        loop {
+            let ok = self.matching(expected);
+            if ok == expected.len() {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > timeout {
+                anyhow::bail!(
+                    "{what}: only {ok} of {} Secrets right after {timeout:?}",
+                    expected.len()
+                );
+            }
+            if last_report.elapsed() > Duration::from_secs(10) {
+                eprintln!(
+                    "  {what}: {ok}/{} after {:.0}s",
+                    expected.len(),
+                    start.elapsed().as_secs_f64()
+                );
+                last_report = Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for SecretWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Reads every Secret labelled `selector` once (one paged LIST) and checks `expected`.
+async fn verify_by_list(
+    client: &Client,
+    selector: &str,
+    expected: &HashMap<(String, String), String>,
+) -> anyhow::Result<()> {
+    let api: Api<Secret> = Api::all(client.clone());
+    let mut found = HashMap::new();
+    let mut lp = ListParams::default().labels(selector).limit(2000);
+    loop {
+        let page = api.list(&lp).await?;
+        for s in page.items {
+            let v = s
+                .data
+                .as_ref()
+                .and_then(|d| d.get("value"))
+                .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+                .unwrap_or_default();
+            found.insert((s.namespace().unwrap_or_default(), s.name_any()), v);
+        }
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(c) => lp = lp.continue_token(&c),
+            None => break,
+        }
+    }
+    let wrong = expected
+        .iter()
+        .filter(|(k, v)| found.get(*k) != Some(*v))
+        .count();
+    anyhow::ensure!(
+        wrong == 0,
+        "{wrong} of {} Secrets do not hold the expected value",
+        expected.len()
+    );
+    Ok(())
+}
+
+/// Memory and CPU of a process, from /proc.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
+struct ProcStats {
+    hwm_kib: u64,
+    rss_kib: u64,
+    cpu_secs: f64,
+}
+
+fn proc_stats(pid: u32) -> ProcStats {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15.
+    let rest: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| rest.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // USER_HZ is 100 on Linux.
+    ProcStats {
+        hwm_kib: kib("VmHWM:"),
+        rss_kib: kib("VmRSS:"),
+        cpu_secs: (ticks(11) + ticks(12)) as f64 / 100.0,
+    }
+}
+
+/// OpenBao's audit log: requests made with tokens whose metadata `bench` is a tag.
+struct Audit {
+    path: Option<PathBuf>,
+}
+
+#[derive(Default, Debug, Clone, Copy)]
+struct AuditCount {
+    requests: u64,
+    logins: u64,
+}
+
+impl Audit {
+    fn mark(&self) -> u64 {
+        self.path
+            .as_ref()
+            .and_then(|p| std::fs::metadata(p).ok())
+            .map_or(0, |m| m.len())
+    }
+
+    /// Requests since `mark` by the token tagged `tag`; logins are token lookups (how a
+    /// token-auth session logs in) and `auth/*/login` calls.
+    fn count(&self, mark: u64, tag: &str) -> Option<AuditCount> {
+        let path = self.path.as_ref()?;
+        let mut file = std::fs::File::open(path).ok()?;
+        file.seek(SeekFrom::Start(mark)).ok()?;
+        let mut bytes = vec![];
+        file.read_to_end(&mut bytes).ok()?;
+        let mut c = AuditCount::default();
+        for line in String::from_utf8_lossy(&bytes).lines() {
+            let Ok(e) = serde_json::from_str::<Value>(line) else {
+                continue;
+            };
+            if e["type"] != "request" || e["auth"]["metadata"]["bench"] != tag {
+                continue;
+            }
+            c.requests += 1;
+            let p = e["request"]["path"].as_str().unwrap_or_default();
+            if p == "auth/token/lookup-self" || (p.starts_with("auth/") && p.ends_with("/login")) {
+                c.logins += 1;
+            }
+        }
+        Some(c)
+    }
+}
+
+/// The API server's request counters (from `kubectl get --raw /metrics`): (reads, writes)
+/// summed over every client, WATCH excluded.
+fn apiserver_requests(bed: &Bed) -> Option<(u64, u64)> {
+    let out = Command::new("kubectl")
+        .args(["get", "--raw", "/metrics"])
+        .env("KUBECONFIG", &bed.kubeconfig)
+        .env("PATH", &bed.path)
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let (mut reads, mut writes) = (0u64, 0u64);
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
+            continue;
+        };
+        let Some((labels, n)) = rest.rsplit_once("} ") else {
+            continue;
+        };
+        let n: f64 = n.trim().parse().unwrap_or(0.0);
+        let verb = labels
+            .split(',')
+            .find_map(|l| l.strip_prefix("verb=\""))
+            .map(|v| v.trim_end_matches('"'))
+            .unwrap_or_default();
+        match verb {
+            "GET" | "LIST" => reads += n as u64,
+            "POST" | "PUT" | "PATCH" | "APPLY" | "DELETE" | "DELETECOLLECTION" => {
+                writes += n as u64
+            }
+            _ => {}
+        }
+    }
+    Some((reads, writes))
+}
+
+/// resourceVersions of the objects a run's operator writes: its native Secrets, its
+/// ManagedSecrets, and the Events of the run's namespaces.
+async fn resource_versions(
+    client: &Client,
+    run: &str,
+    namespaces: &[String],
+) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    let sel = format!("{RUN_LABEL}={run},{WHO_LABEL}=keyhaven");
+    for s in Api::<Secret>::all(client.clone())
+        .list_metadata(&ListParams::default().labels(&sel))
+        .await?
+    {
+        out.insert(
+            format!(
+                "Secret/{}/{}",
+                s.namespace().unwrap_or_default(),
+                s.name_any()
+            ),
+            s.resource_version().unwrap_or_default(),
+        );
+    }
+    for m in Api::<ManagedSecret>::all(client.clone())
+        .list_metadata(&ListParams::default().labels(&format!("{RUN_LABEL}={run}")))
+        .await?
+    {
+        out.insert(
+            format!(
+                "ManagedSecret/{}/{}",
+                m.namespace().unwrap_or_default(),
+                m.name_any()
+            ),
+            m.resource_version().unwrap_or_default(),
+        );
+    }
+    for ns in namespaces {
+        for e in Api::<Event>::namespaced(client.clone(), ns)
+            .list_metadata(&ListParams::default())
+            .await?
+        {
+            out.insert(
+                format!("Event/{ns}/{}", e.name_any()),
+                e.resource_version().unwrap_or_default(),
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// Objects created or changed between two snapshots.
+fn writes_between(before: &BTreeMap<String, String>, after: &BTreeMap<String, String>) -> usize {
+    after
+        .iter()
+        .filter(|(k, v)| before.get(*k) != Some(*v))
+        .count()
+}
+
+/// A GET over plain HTTP (the operator's /metrics and /readyz).
+async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = vec![];
+    s.read_to_end(&mut buf).await.ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+    Some((code, body))
+}
+
+/// The sum of a Prometheus counter family's samples whose line contains `filter`.
+fn metric_sum(text: &str, name: &str, filter: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(filter))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum()
+}
+
+// ---------------------------------------------------------------------------------------
+// Set-up and clean-up
+// ---------------------------------------------------------------------------------------
+
+async fn create_namespaces(client: &Client, names: &[String], run: &str) -> anyhow::Result<()> {
+    let api: Api<Namespace> = Api::all(client.clone());
+    concurrently(names.to_vec(), 16, |name| {
+        let api = api.clone();
+        async move {
+            let ns: Namespace = serde_json::from_value(json!({
+                "metadata": {"name": name, "labels": {RUN_LABEL: run, "keyhaven.io/e2e": "true"}}
+            }))?;
+            match api.create(&PostParams::default(), &ns).await {
+                Ok(_) => Ok(()),
+                Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        }
+    })
+    .await
+}
+
+async fn delete_namespaces(client: &Client, names: &[String]) {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let _ = concurrently(names.to_vec(), 16, |name| {
+        let api = api.clone();
+        async move {
+            let _ = api.delete(&name, &DeleteParams::default()).await;
+            Ok(())
+        }
+    })
+    .await;
+}
+
+/// Waits (up to `timeout`) until none of `names` exists.
+async fn wait_namespaces_gone(client: &Client, names: &[String], timeout: Duration) -> bool {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        let mut left = 0;
+        for n in names {
+            if matches!(api.get_opt(n).await, Ok(Some(_))) {
+                left += 1;
+            }
+        }
+        if left == 0 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    false
+}
+
+/// Installs keyhaven's CRDs when the bed does not have them yet.
+async fn ensure_crds(client: &Client) -> anyhow::Result<()> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in keyhaven::api::crds() {
+        let name = crd.name_any();
+        if api.get_opt(&name).await?.is_none() {
+            api.patch(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&crd),
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// A child token of `root` whose metadata `bench=<tag>` tells its requests apart in the
+/// audit log.
+async fn tagged_token(root: &VaultClient, tag: &str) -> anyhow::Result<String> {
+    use vaultrs::api::token::requests::CreateTokenRequest;
+    let auth = vaultrs::token::new(
+        root,
+        Some(
+            CreateTokenRequest::builder()
+                .policies(vec!["root".to_owned()])
+                .ttl("4h")
+                .renewable(true)
+                .display_name(format!("bench-{tag}"))
+                .meta(HashMap::from([("bench".to_owned(), tag.to_owned())])),
+        ),
+    )
+    .await?;
+    Ok(auth.client_token)
+}
+
+/// The operator process, killed when dropped.
+struct Operator {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Operator {
+    fn start(bed: &Bed, bin: &Path, run: &str, concurrency: usize) -> anyhow::Result<Operator> {
+        let log = std::env::temp_dir().join(format!("keyhaven-bench-{run}.log"));
+        let file = std::fs::File::create(&log)?;
+        let selector = format!("{RUN_LABEL}={run}");
+        let child = Command::new(bin)
+            .args(["run", "--namespace", &format!("{run}-op")])
+            .args(["--store-selector", &selector])
+            .args(["--managed-selector", &selector])
+            .args(["--metrics-addr", "127.0.0.1:0"])
+            .args(["--concurrency", &concurrency.to_string()])
+            .env("KUBECONFIG", &bed.kubeconfig)
+            .env_remove("KEYHAVEN_LOG")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("start {}: {e}", bin.display()))?;
+        Ok(Operator { child, log })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Its /metrics address, once it listens and reports ready.
+    async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<String> {
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                anyhow::bail!(
+                    "the operator exited ({status}); its log {}:\n{}",
+                    self.log.display(),
+                    self.log_text()
+                );
+            }
+            let text = self.log_text();
+            let addr = text
+                .lines()
+                .rev()
+                .find(|l| l.contains("metrics and probes listening"))
+                .and_then(|l| l.split("address=").nth(1))
+                .and_then(|a| a.split_whitespace().next())
+                .map(|a| a.trim_matches('"').to_owned());
+            if let Some(addr) = addr
+                && let Some((200, _)) = http_get(&addr, "/readyz").await
+            {
+                return Ok(addr);
+            }
+            anyhow::ensure!(start.elapsed() < timeout, "the operator is not ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The runs
+// ---------------------------------------------------------------------------------------
+
+#[derive(Default, Debug, Clone)]
+struct Figures {
+    converge: Option<Duration>,
+    update: Option<Duration>,
+    quiet_api_writes: Option<usize>,
+    quiet_vault_requests: Option<u64>,
+    converge_vault_requests: Option<u64>,
+    logins: Option<u64>,
+    peak_rss_kib: Option<u64>,
+    steady_rss_kib: Option<u64>,
+    converge_cpu: Option<f64>,
+    total_cpu: Option<f64>,
+    api_requests_per_secret: Option<f64>,
+    note: String,
+}
+
+struct Run {
+    args: Args,
+    bed: Bed,
+    client: Client,
+    root: VaultClient,
+    id: String,
+    audit: Audit,
+}
+
+impl Run {
+    fn expected(&self, who: &str, updated: &[usize]) -> HashMap<(String, String), String> {
+        (0..self.args.n)
+            .map(|i| {
+                let generation = if updated.contains(&i) { 2 } else { 1 };
+                (
+                    (
+                        namespace(&self.id, who, i, self.args.namespaces),
+                        format!("s-{i}"),
+                    ),
+                    value(&self.id, i, generation),
+                )
+            })
+            .collect()
+    }
+
+    fn namespaces(&self, who: &str) -> Vec<String> {
+        (0..self.args.namespaces.min(self.args.n))
+            .map(|k| format!("{}-{who}-{k}", self.id))
+            .collect()
+    }
+
+    async fn seed(&self) -> anyhow::Result<()> {
+        let (root, id) = (&self.root, &self.id);
+        concurrently((0..self.args.n).collect(), 32, |i| async move {
+            let data = HashMap::from([("value", value(id, i, 1))]);
+            vaultrs::kv2::set(root, "secret", &kv_path(id, i), &data).await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn keyhaven(&self) -> anyhow::Result<Figures> {
+        let mut f = Figures::default();
+        let (run, client, args) = (&self.id, &self.client, &self.args);
+        let op_ns = format!("{run}-op");
+        let namespaces = self.namespaces("k");
+        create_namespaces(
+            client,
+            &[vec![op_ns.clone()], namespaces.clone()].concat(),
+            run,
+        )
+        .await?;
+        let token = tagged_token(&self.root, &format!("{run}-op")).await?;
+        let secret: Secret = serde_json::from_value(json!({
+            "metadata": {"name": "bench-vault-token", "namespace": op_ns},
+            "stringData": {"token": token}
+        }))?;
+        Api::<Secret>::namespaced(client.clone(), &op_ns)
+            .create(&PostParams::default(), &secret)
+            .await?;
+        let store = format!("{run}-vault");
+        let labels = json!({RUN_LABEL: run});
+        Api::<SecretStore>::all(client.clone())
+            .patch(
+                &store,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(json!({
+                    "apiVersion": "keyhaven.io/v1alpha1", "kind": "SecretStore",
+                    "metadata": {"name": store, "labels": labels},
+                    "spec": {"provider": {"vault": {
+                        "server": self.bed.vault_addr, "mount": "secret", "version": "v2",
+                        "requestTimeout": "30s",
+                        "auth": {"tokenSecretRef": {"name": "bench-vault-token", "namespace": op_ns, "key": "token"}}}}}
+                })),
+            )
+            .await?;
+        Api::<VaultProfile>::all(client.clone())
+            .patch(
+                run,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(json!({
+                    "apiVersion": "keyhaven.io/v1alpha1", "kind": "VaultProfile",
+                    "metadata": {"name": run, "labels": labels},
+                    "spec": {"source": store, "syncTargets": []}
+                })),
+            )
+            .await?;
+
+        let bin = match &args.operator_bin {
+            Some(b) => b.clone(),
+            None => std::env::current_exe()?.with_file_name("keyhaven"),
+        };
+        let run_mark = self.audit.mark();
+        let mut op = Operator::start(&self.bed, &bin, run, args.concurrency)?;
+        let metrics_addr = op.wait_ready(Duration::from_secs(120)).await?;
+        eprintln!(
+            "keyhaven: operator pid {} ready (log {}), {} ManagedSecrets across {} namespaces",
+            op.pid(),
+            op.log.display(),
+            args.n,
+            namespaces.len()
+        );
+
+        // Converge.
+        let selector = format!("{RUN_LABEL}={run},{WHO_LABEL}=keyhaven");
+        let watch = SecretWatch::start(client, &selector).await;
+        let expected = self.expected("k", &[]);
+        let api_before = apiserver_requests(&self.bed);
+        let mark = self.audit.mark();
+        let cpu0 = proc_stats(op.pid()).cpu_secs;
+        let start = Instant::now();
+        let refresh = format!("{}s", args.refresh);
+        concurrently((0..args.n).collect(), args.concurrency, |i| {
+            let ns = namespace(run, "k", i, args.namespaces);
+            let client = client.clone();
+            let refresh = refresh.clone();
+            async move {
+                let name = format!("s-{i}");
+                Api::<ManagedSecret>::namespaced(client, &ns)
+                    .patch(
+                        &name,
+                        &PatchParams::apply(FIELD_MANAGER).force(),
+                        &Patch::Apply(json!({
+                            "apiVersion": "keyhaven.io/v1alpha1", "kind": "ManagedSecret",
+                            "metadata": {"name": name, "namespace": ns, "labels": {RUN_LABEL: run}},
+                            "spec": {"profile": run, "type": "generic", "path": kv_path(run, i),
+                                "content": {"fromStore": {}}, "refreshInterval": refresh,
+                                "target": {"labels": {RUN_LABEL: run, WHO_LABEL: "keyhaven"}}}
+                        })),
+                    )
+                    .await?;
+                Ok(())
+            }
+        })
+        .await?;
+        let applied = start.elapsed();
+        let timeout = Duration::from_secs(args.timeout);
+        f.converge = Some(
+            watch
+                .wait_all(&expected, start, timeout, "keyhaven converge")
+                .await?,
+        );
+        f.converge_cpu = Some(proc_stats(op.pid()).cpu_secs - cpu0);
+        verify_by_list(client, &selector, &expected).await?;
+        eprintln!(
+            "keyhaven: {} Secrets right after {:.2}s (ManagedSecrets applied in {:.2}s)",
+            args.n,
+            f.converge.unwrap().as_secs_f64(),
+            applied.as_secs_f64()
+        );
+        // Every status recorded (version 1) before anything changes.
+        self.wait_statuses(&[], timeout).await?;
+        if let Some((r0, w0)) = api_before
+            && let Some((r1, w1)) = apiserver_requests(&self.bed)
+        {
+            // Minus the bench's own: N applies, and its reads (LISTs of statuses, about one a second).
+            let total = (r1 + w1)
+                .saturating_sub(r0 + w0)
+                .saturating_sub(args.n as u64);
+            f.api_requests_per_secret = Some(total as f64 / args.n as f64);
+        }
+        f.converge_vault_requests = self
+            .audit
+            .count(mark, &format!("{run}-op"))
+            .map(|c| c.requests);
+
+        // Update 10 %.
+        let updated: Vec<usize> = (0..args.n).step_by(10).collect();
+        let expected = self.expected("k", &updated);
+        let start = Instant::now();
+        let (root, id) = (&self.root, &self.id);
+        concurrently(updated.clone(), 32, |i| async move {
+            let data = HashMap::from([("value", value(id, i, 2))]);
+            vaultrs::kv2::set(root, "secret", &kv_path(id, i), &data).await?;
+            Ok(())
+        })
+        .await?;
+        f.update = Some(
+            watch
+                .wait_all(&expected, start, timeout, "keyhaven update")
+                .await?,
+        );
+        verify_by_list(client, &selector, &expected).await?;
+        self.wait_statuses(&updated, timeout).await?;
+        eprintln!(
+            "keyhaven: {} changed values materialized after {:.2}s",
+            updated.len(),
+            f.update.unwrap().as_secs_f64()
+        );
+        drop(watch);
+
+        // Quiet: nothing changes for --quiet-intervals refresh intervals.
+        let quiet = Duration::from_secs(args.refresh * args.quiet_intervals as u64);
+        eprintln!(
+            "keyhaven: watching {}s of unchanged refreshes",
+            quiet.as_secs()
+        );
+        let before = resource_versions(client, run, &namespaces).await?;
+        let mark = self.audit.mark();
+        tokio::time::sleep(quiet).await;
+        let after = resource_versions(client, run, &namespaces).await?;
+        f.quiet_api_writes = Some(writes_between(&before, &after));
+        f.quiet_vault_requests = self
+            .audit
+            .count(mark, &format!("{run}-op"))
+            .map(|c| c.requests);
+        let stats = proc_stats(op.pid());
+        f.peak_rss_kib = Some(stats.hwm_kib);
+        f.steady_rss_kib = Some(stats.rss_kib);
+        f.total_cpu = Some(stats.cpu_secs);
+        // Logins over the whole run: the audit log (token lookups), and the operator's log.
+        let log_logins = op.log_text().matches("logged in to Vault").count() as u64;
+        let audit_logins = self
+            .audit
+            .count(run_mark, &format!("{run}-op"))
+            .map(|c| c.logins);
+        f.logins = audit_logins.or(Some(log_logins));
+        if let Some((200, text)) = http_get(&metrics_addr, "/metrics").await {
+            let reconciles =
+                metric_sum(&text, "keyhaven_reconciles_total", "kind=\"ManagedSecret\"");
+            let errors = metric_sum(
+                &text,
+                "keyhaven_reconcile_errors_total",
+                "kind=\"ManagedSecret\"",
+            );
+            f.note = format!(
+                "{reconciles} ManagedSecret reconciles, {errors} errors; {log_logins} login(s) in its log"
+            );
+        }
+
+        // Clean-up while the operator runs (it releases its finalizers).
+        if !args.keep {
+            delete_namespaces(client, &namespaces).await;
+            if !wait_namespaces_gone(client, &namespaces, Duration::from_secs(600)).await {
+                eprintln!("keyhaven: some bench namespaces are still terminating");
+            }
+        }
+        if !args.keep {
+            // The profile and store too, while the operator runs: it holds finalizers on them.
+            let _ = Api::<VaultProfile>::all(client.clone())
+                .delete(run, &DeleteParams::default())
+                .await;
+            let _ = Api::<SecretStore>::all(client.clone())
+                .delete(&store, &DeleteParams::default())
+                .await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        op.stop();
+        if !args.keep {
+            delete_namespaces(client, &[op_ns]).await;
+            let _ = vaultrs::token::revoke(&self.root, &token).await;
+        }
+        Ok(f)
+    }
+
+    /// Waits until every ManagedSecret of the run records the version its value has.
+    async fn wait_statuses(&self, updated: &[usize], timeout: Duration) -> anyhow::Result<()> {
+        let api: Api<ManagedSecret> = Api::all(self.client.clone());
+        let lp = ListParams::default().labels(&format!("{RUN_LABEL}={}", self.id));
+        let start = Instant::now();
+        loop {
+            let list = api.list(&lp).await?;
+            let done = list
+                .items
+                .iter()
+                .filter(|m| {
+                    let i: usize = m
+                        .name_any()
+                        .trim_start_matches("s-")
+                        .parse()
+                        .unwrap_or(usize::MAX);
+                    let want = if updated.contains(&i) { 2 } else { 1 };
+                    m.status.as_ref().is_some_and(|s| {
+                        s.current_version == Some(want) && s.phase.as_deref() == Some("Synced")
+                    })
+                })
+                .count();
+            if done == self.args.n {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                start.elapsed() < timeout,
+                "only {done} of {} ManagedSecrets record their version",
+                self.args.n
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    async fn limit(&self) -> anyhow::Result<Figures> {
+        let mut f = Figures::default();
+        let (run, client, args) = (&self.id, &self.client, &self.args);
+        let namespaces = self.namespaces("l");
+        create_namespaces(client, &namespaces, run).await?;
+        let token = tagged_token(&self.root, &format!("{run}-limit")).await?;
+        let selector = format!("{RUN_LABEL}={run},{WHO_LABEL}=limit");
+        let watch = SecretWatch::start(client, &selector).await;
+        // The keyhaven run changed every tenth value in OpenBao.
+        let updated: Vec<usize> = if args.no_keyhaven {
+            vec![]
+        } else {
+            (0..args.n).step_by(10).collect()
+        };
+        let expected = self.expected("l", &updated);
+        let mark = self.audit.mark();
+        let start = Instant::now();
+        let child = Command::new(std::env::current_exe()?)
+            .args(["--limit-worker", run])
+            .args(["--n", &args.n.to_string()])
+            .args(["--namespaces", &args.namespaces.to_string()])
+            .args(["--concurrency", &args.concurrency.to_string()])
+            .env("KUBECONFIG", &self.bed.kubeconfig)
+            .env("VAULT_ADDR", &self.bed.vault_addr)
+            .env("VAULT_TOKEN", &token)
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let timeout = Duration::from_secs(args.timeout);
+        f.converge = Some(
+            watch
+                .wait_all(&expected, start, timeout, "limit converge")
+                .await?,
+        );
+        let out = tokio::task::spawn_blocking(move || child.wait_with_output()).await??;
+        anyhow::ensure!(out.status.success(), "the limit worker failed");
+        verify_by_list(client, &selector, &expected).await?;
+        let stats: ProcStats = serde_json::from_slice(&out.stdout)?;
+        f.peak_rss_kib = Some(stats.hwm_kib);
+        f.steady_rss_kib = None;
+        f.converge_cpu = Some(stats.cpu_secs);
+        f.total_cpu = Some(stats.cpu_secs);
+        f.api_requests_per_secret = Some(1.0);
+        let audit = self.audit.count(mark, &format!("{run}-limit"));
+        f.converge_vault_requests = audit.map(|c| c.requests);
+        f.logins = Some(0);
+        eprintln!(
+            "limit: {} Secrets right after {:.2}s",
+            args.n,
+            f.converge.unwrap().as_secs_f64()
+        );
+        if !args.keep {
+            delete_namespaces(client, &namespaces).await;
+            let _ = vaultrs::token::revoke(&self.root, &token).await;
+        }
+        Ok(f)
+    }
+
+    async fn cleanup_vault(&self) {
+        let (root, id) = (&self.root, &self.id);
+        let _ = concurrently((0..self.args.n).collect(), 32, |i| async move {
+            let path = kv_path(id, i);
+            let _ = vaultrs::kv2::delete_metadata(root, "secret", &path).await;
+            let book = format!("keyhaven/objects/{}", object_id(&path));
+            let _ = vaultrs::kv2::delete_metadata(root, "secret", &book).await;
+            Ok(())
+        })
+        .await;
+    }
+}
+
+/// The limit: read N values from OpenBao and create N Secrets, `--concurrency` at a time.
+/// Prints its own /proc figures as JSON on stdout.
+async fn limit_worker(args: &Args, run: &str) -> anyhow::Result<()> {
+    let bed = Bed::load()?;
+    let client = bed.client().await?;
+    let vault = bed.vault(&bed.vault_token)?;
+    let (client, vault) = (&client, &vault);
+    concurrently((0..args.n).collect(), args.concurrency, |i| async move {
+        let data: HashMap<String, String> =
+            vaultrs::kv2::read(vault, "secret", &kv_path(run, i)).await?;
+        let ns = namespace(run, "l", i, args.namespaces);
+        let secret: Secret = serde_json::from_value(json!({
+            "metadata": {"name": format!("s-{i}"), "namespace": ns,
+                "labels": {RUN_LABEL: run, WHO_LABEL: "limit"}},
+            "stringData": data,
+        }))?;
+        Api::<Secret>::namespaced(client.clone(), &ns)
+            .create(&PostParams::default(), &secret)
+            .await?;
+        Ok(())
+    })
+    .await?;
+    let stats = proc_stats(std::process::id());
+    println!("{}", serde_json::to_string(&stats)?);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// The table
+// ---------------------------------------------------------------------------------------
+
+fn secs(d: Option<Duration>) -> String {
+    d.map_or("–".into(), |d| format!("{:.2} s", d.as_secs_f64()))
+}
+
+fn mib(k: Option<u64>) -> String {
+    k.map_or("–".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
+}
+
+fn num<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or("–".into(), |v| v.to_string())
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}×", a / b),
+        _ => "–".into(),
+    }
+}
+
+fn table(args: &Args, k: &Figures, l: &Figures) -> String {
+    let d = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
+    let kf = |v: Option<u64>| v.map(|v| v as f64);
+    let rows: Vec<[String; 5]> = vec![
+        [
+            format!("time to converge {} Secrets", args.n),
+            secs(k.converge),
+            secs(l.converge),
+            ratio(d(k.converge), d(l.converge)),
+            "≤ 1.3×".into(),
+        ],
+        [
+            format!("time to materialize {} changed values", args.n / 10),
+            secs(k.update),
+            "–".into(),
+            "–".into(),
+            format!("(refreshInterval {}s ±10 %)", args.refresh),
+        ],
+        [
+            "API requests per Secret (converge)".into(),
+            k.api_requests_per_secret
+                .map_or("–".into(), |v| format!("{v:.1}")),
+            l.api_requests_per_secret
+                .map_or("–".into(), |v| format!("{v:.1}")),
+            ratio(k.api_requests_per_secret, l.api_requests_per_secret),
+            "".into(),
+        ],
+        [
+            "OpenBao requests (converge)".into(),
+            num(k.converge_vault_requests),
+            num(l.converge_vault_requests),
+            ratio(kf(k.converge_vault_requests), kf(l.converge_vault_requests)),
+            "".into(),
+        ],
+        [
+            format!(
+                "API writes in {} unchanged refresh intervals",
+                args.quiet_intervals
+            ),
+            num(k.quiet_api_writes),
+            "–".into(),
+            "–".into(),
+            "0".into(),
+        ],
+        [
+            format!(
+                "OpenBao requests in {} unchanged refresh intervals",
+                args.quiet_intervals
+            ),
+            num(k.quiet_vault_requests),
+            "–".into(),
+            "–".into(),
+            "".into(),
+        ],
+        [
+            "OpenBao logins".into(),
+            num(k.logins),
+            num(l.logins),
+            "–".into(),
+            "1 per store".into(),
+        ],
+        [
+            "peak RSS (VmHWM)".into(),
+            mib(k.peak_rss_kib),
+            mib(l.peak_rss_kib),
+            ratio(kf(k.peak_rss_kib), kf(l.peak_rss_kib)),
+            "".into(),
+        ],
+        [
+            "steady RSS (VmRSS, after the quiet intervals)".into(),
+            mib(k.steady_rss_kib),
+            "–".into(),
+            "–".into(),
+            "≤ 48 MiB at 10,000".into(),
+        ],
+        [
+            "CPU seconds (converge)".into(),
+            k.converge_cpu.map_or("–".into(), |v| format!("{v:.2}")),
+            l.converge_cpu.map_or("–".into(), |v| format!("{v:.2}")),
+            ratio(k.converge_cpu, l.converge_cpu),
+            "".into(),
+        ],
+        [
+            "CPU seconds (whole run)".into(),
+            k.total_cpu.map_or("–".into(), |v| format!("{v:.2}")),
+            l.total_cpu.map_or("–".into(), |v| format!("{v:.2}")),
+            "–".into(),
+            "".into(),
+        ],
+    ];
+    let mut out = String::from(
+        "| N = {n}, concurrency {c} | keyhaven | limit | keyhaven / limit | ESO | target |\n|---|---|---|---|---|---|\n",
+    )
+    .replace("{n}", &args.n.to_string())
+    .replace("{c}", &args.concurrency.to_string());
+    for [what, kv, lv, r, target] in rows {
+        out.push_str(&format!(
+            "| {what} | {kv} | {lv} | {r} | not run | {target} |\n"
+        ));
+    }
+    out
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    keyhaven::install_crypto_provider();
+    let args = Args::parse();
+    if let Some(run) = args.limit_worker.clone() {
+        return limit_worker(&args, &run).await;
+    }
+    anyhow::ensure!(
+        args.n > 0 && args.namespaces > 0,
+        "--n and --namespaces must be > 0"
+    );
+    let bed = Bed::load()?;
+    let client = bed.client().await?;
+    let root = bed.vault(&bed.vault_token)?;
+    let id = format!("kb{:06x}", rand::random::<u32>() & 0xff_ffff);
+    let run = Run {
+        audit: Audit {
+            path: bed.audit_log.clone(),
+        },
+        args: args.clone(),
+        bed,
+        client,
+        root,
+        id,
+    };
+    eprintln!(
+        "run {}: N={}, {} namespaces, concurrency {}, refresh {}s",
+        run.id, args.n, args.namespaces, args.concurrency, args.refresh
+    );
+    ensure_crds(&run.client).await?;
+    let t = Instant::now();
+    run.seed().await?;
+    eprintln!(
+        "seeded {} values in OpenBao in {:.1}s",
+        args.n,
+        t.elapsed().as_secs_f64()
+    );
+    let result = async {
+        let k = if args.no_keyhaven {
+            Figures::default()
+        } else {
+            run.keyhaven().await?
+        };
+        eprintln!("keyhaven figures: {k:?}");
+        let l = if args.no_limit {
+            Figures::default()
+        } else {
+            run.limit().await?
+        };
+        eprintln!("limit figures: {l:?}");
+        anyhow::Ok((k, l))
+    }
+    .await;
+    if !args.keep {
+        run.cleanup_vault().await;
+        let all: Vec<String> = [run.namespaces("k"), run.namespaces("l")].concat();
+        delete_namespaces(&run.client, &[all, vec![format!("{}-op", run.id)]].concat()).await;
+    }
+    let (k, l) = result?;
+    let command = format!(
+        "cargo run --release --bin keyhaven-bench -- --n {} --namespaces {} --concurrency {} --refresh {} --quiet-intervals {}",
+        args.n, args.namespaces, args.concurrency, args.refresh, args.quiet_intervals
+    );
+    let text = format!(
+        "### N = {} (run {}, {})\n\n`{command}`\n\n{}\n{}\n",
+        args.n,
+        run.id,
+        jiff::Timestamp::now().strftime("%Y-%m-%d %H:%M UTC"),
+        table(&args, &k, &l),
+        if k.note.is_empty() {
+            String::new()
+        } else {
+            format!("keyhaven: {}.\n", k.note)
+        }
+    );
+    println!("{text}");
+    if let Some(out) = &args.out {
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(out)?;
+        file.write_all(text.as_bytes())?;
+    }
+    Ok(())
+}

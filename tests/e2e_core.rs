@@ -3,30 +3,14 @@
 
 mod e2e;
 
-use e2e::fixture::{Fixture, wait_until};
+use e2e::fixture::{Fixture, versions, wait_until};
 use k8s_openapi::api::core::v1::Secret;
 use keyhaven::api::{ManagedSecret, SecretStore, StorePhase, VaultProfile};
-use keyhaven::backend::{Backend, InternalStore, KubernetesStore};
-use keyhaven::crypto::OperatorKeys;
+use keyhaven::backend::{Backend, KubernetesStore};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 use std::time::Duration;
-
-fn versions(ms: &ManagedSecret) -> Vec<u64> {
-    ms.status
-        .as_ref()
-        .map(|s| s.versions.iter().map(|v| v.version).collect())
-        .unwrap_or_default()
-}
-
-/// The internal store `store` as the operator of `fx` sees it (same namespace, same keys).
-async fn internal_store(fx: &Fixture, store: &str) -> InternalStore {
-    let keys = OperatorKeys::load_or_create(fx.client.clone(), &fx.op.namespace)
-        .await
-        .unwrap();
-    InternalStore::new(store, fx.client.clone(), &fx.op.namespace, keys.master)
-}
 
 #[tokio::test]
 async fn schema_and_cel_reject_bad_specs() {
@@ -184,7 +168,7 @@ async fn from_store_syncs_every_target_and_follows_source_updates() {
     assert_eq!(native.get("username").map(String::as_str), Some(user));
 
     // Every sync target holds version 1: the mirror as plain Secrets, the internal store sealed.
-    let internal_backend = internal_store(&fx, &internal).await;
+    let internal_backend = fx.internal_store(&internal).await;
     let v1 = internal_backend
         .read("app/db", None)
         .await
@@ -449,7 +433,7 @@ async fn from_secret_types_render_and_bad_content_is_refused() {
     fx.wait_event("InvalidContent", "needs key \"password\"")
         .await;
     assert!(secrets.get_opt("bad-basic").await.unwrap().is_none());
-    let store = internal_store(&fx, &internal).await;
+    let store = fx.internal_store(&internal).await;
     assert!(
         store
             .list_versions(&format!("{}/bad-basic", fx.ns))
@@ -729,7 +713,7 @@ async fn operator_killed_mid_way_creates_no_duplicate_version() {
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     fx.op.restart();
-    let internal_backend = internal_store(&fx, &internal).await;
+    let internal_backend = fx.internal_store(&internal).await;
     let mirror_backend = KubernetesStore::new(&mirror, fx.client.clone(), &mirror_ns);
     for i in 0..N {
         let ms = fx.wait_synced(&format!("ms-{i}"), 2).await;

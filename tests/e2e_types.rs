@@ -5,32 +5,17 @@
 mod e2e;
 
 use base64::Engine as _;
-use e2e::fixture::{Fixture, wait_until};
+use e2e::fixture::{Fixture, versions, wait_until};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::Secret;
 use keyhaven::api::{Generate, ManagedSecret, SecretType};
-use keyhaven::backend::{Backend, InternalStore};
-use keyhaven::crypto::OperatorKeys;
+use keyhaven::backend::Backend;
 use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::time::Duration;
-
-fn versions(ms: &ManagedSecret) -> Vec<u64> {
-    ms.status
-        .as_ref()
-        .map(|s| s.versions.iter().map(|v| v.version).collect())
-        .unwrap_or_default()
-}
-
-async fn internal_store(fx: &Fixture, store: &str) -> InternalStore {
-    let keys = OperatorKeys::load_or_create(fx.client.clone(), &fx.op.namespace)
-        .await
-        .unwrap();
-    InternalStore::new(store, fx.client.clone(), &fx.op.namespace, keys.master)
-}
 
 /// A Secret with binary values.
 async fn bytes_secret(fx: &Fixture, name: &str, values: &[(&str, Vec<u8>)]) {
@@ -220,7 +205,7 @@ async fn every_new_type_renders_its_native_secret_and_bad_content_is_refused() {
     fx.wait_event("InvalidContent", "three '.'-separated parts")
         .await;
     assert!(secrets.get_opt("ms-bad-cert").await.unwrap().is_none());
-    let store = internal_store(&fx, &internal).await;
+    let store = fx.internal_store(&internal).await;
     for name in ["ms-bad-cert", "ms-bad-jwt"] {
         assert!(
             store
@@ -268,7 +253,7 @@ async fn generated_password_and_ssh_key_are_stored_then_materialized() {
     );
     assert!(!password.contains(['0', 'o']));
     // The source store holds the same value, as version 1.
-    let store = internal_store(&fx, &internal).await;
+    let store = fx.internal_store(&internal).await;
     let stored = store
         .read(&format!("{}/pw", fx.ns), None)
         .await
@@ -369,7 +354,7 @@ async fn rotation_and_rollback_make_new_versions() {
     assert_eq!(st3.versions[2].fingerprint, st3.versions[0].fingerprint);
     assert_eq!(st3.versions[2].reason.as_deref(), Some("e2e rollback"));
     assert_eq!(st3.versions[..2], st.versions[..]);
-    let store = internal_store(&fx, &internal).await;
+    let store = fx.internal_store(&internal).await;
     let path = format!("{}/key", fx.ns);
     assert_eq!(store.list_versions(&path).await.unwrap(), vec![1, 2, 3]);
     let held = store.read(&path, None).await.unwrap().unwrap();
@@ -598,7 +583,7 @@ async fn rollback_reads_the_store_the_version_was_written_to() {
         fx.secret_data(&fx.ns, "db").await.unwrap()["password"],
         "e2e-rbstore-first"
     );
-    let store = internal_store(&fx, &new).await;
+    let store = fx.internal_store(&new).await;
     let held = store
         .read(&format!("{}/db", fx.ns), Some(3))
         .await
@@ -737,7 +722,7 @@ async fn passwords_weaker_than_the_profile_policy_are_refused() {
         weak.status
     );
     assert!(fx.secret_data(&fx.ns, "weak").await.is_none());
-    let store = internal_store(&fx, &internal).await;
+    let store = fx.internal_store(&internal).await;
     let path = format!("{}/weak", fx.ns);
     assert!(
         store.read(&path, None).await.unwrap().is_none(),

@@ -11,12 +11,11 @@
 mod e2e;
 
 use e2e::Testbed;
-use e2e::fixture::{Fixture, wait_until};
+use e2e::fixture::{Fixture, versions, wait_until};
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::ServiceAccount;
 use keyhaven::api::{ManagedSecret, SecretStore, SecretStoreStatus, StorePhase, VaultProfile};
-use keyhaven::backend::{Backend, InternalStore, KubernetesStore};
-use keyhaven::crypto::OperatorKeys;
+use keyhaven::backend::{Backend, KubernetesStore};
 use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
@@ -37,13 +36,6 @@ use vaultrs::{kv1, kv2};
 // Helpers
 // ---------------------------------------------------------------------------------------
 
-fn versions(ms: &ManagedSecret) -> Vec<u64> {
-    ms.status
-        .as_ref()
-        .map(|s| s.versions.iter().map(|v| v.version).collect())
-        .unwrap_or_default()
-}
-
 fn store_versions(ms: &ManagedSecret) -> Vec<Option<u64>> {
     ms.status
         .as_ref()
@@ -60,14 +52,6 @@ fn vault_at(addr: &str, token: &str) -> VaultClient {
         .build()
         .expect("vault client settings");
     VaultClient::new(settings).expect("build vault client")
-}
-
-/// The internal store `store` as the operator of `fx` sees it (same namespace, same keys).
-async fn internal_store(fx: &Fixture, store: &str) -> InternalStore {
-    let keys = OperatorKeys::load_or_create(fx.client.clone(), &fx.op.namespace)
-        .await
-        .unwrap();
-    InternalStore::new(store, fx.client.clone(), &fx.op.namespace, keys.master)
 }
 
 /// A `vault` provider for `server` with `auth`, on `mount` (KV `version`).
@@ -577,7 +561,7 @@ async fn token_auth_kv_v2_versions_follow_the_source() {
     );
 
     // Both sync targets hold version 1.
-    let internal_backend = internal_store(&fx, &internal).await;
+    let internal_backend = fx.internal_store(&internal).await;
     let mirror_backend = KubernetesStore::new(&mirror, fx.client.clone(), &mirror_ns);
     let v1 = internal_backend.read(&path, None).await.unwrap().unwrap();
     assert_eq!(v1.stamp.as_ref().map(|s| s.version), Some(1));

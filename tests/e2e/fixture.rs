@@ -28,7 +28,30 @@ pub struct Fixture {
     extra_namespaces: std::sync::Mutex<Vec<String>>,
 }
 
+/// The version numbers a ManagedSecret's status lists, oldest first.
+pub fn versions(ms: &ManagedSecret) -> Vec<u64> {
+    ms.status
+        .as_ref()
+        .map(|s| s.versions.iter().map(|v| v.version).collect())
+        .unwrap_or_default()
+}
+
 impl Fixture {
+    /// The internal store `store` as the operator of this fixture sees it (same namespace,
+    /// same keys).
+    pub async fn internal_store(&self, store: &str) -> keyhaven::backend::InternalStore {
+        let keys =
+            keyhaven::crypto::OperatorKeys::load_or_create(self.client.clone(), &self.op.namespace)
+                .await
+                .unwrap();
+        keyhaven::backend::InternalStore::new(
+            store,
+            self.client.clone(),
+            &self.op.namespace,
+            keys.master,
+        )
+    }
+
     /// Installs the CRDs, creates a namespace for the test and starts an operator for it.
     pub async fn new(name: &str) -> Fixture {
         keyhaven::install_crypto_provider();

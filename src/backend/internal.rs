@@ -2,10 +2,9 @@
 //! data keys wrapped by the operator's master key.
 
 use super::sealed_records::SealedRecords;
-use super::{Backend, BackendError, Health, StoredVersion, VersionStamp};
+use super::{BackendError, Health, StoredVersion, VersionStamp};
 use crate::crypto::KeyWrapper;
 use crate::secret_data::SecretData;
-use async_trait::async_trait;
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
 use std::sync::Arc;
@@ -30,37 +29,8 @@ impl InternalStore {
     }
 }
 
-#[async_trait]
-impl Backend for InternalStore {
-    fn store(&self) -> &str {
-        &self.store
-    }
-
-    async fn read(
-        &self,
-        path: &str,
-        version: Option<u64>,
-    ) -> Result<Option<StoredVersion>, BackendError> {
-        self.records.read(path, version).await
-    }
-
-    async fn write(
-        &self,
-        path: &str,
-        stamp: &VersionStamp,
-        data: &SecretData,
-    ) -> Result<Option<u64>, BackendError> {
-        self.records.write(path, stamp, data).await.map(|()| None)
-    }
-
-    async fn list_versions(&self, path: &str) -> Result<Vec<u64>, BackendError> {
-        self.records.list_versions(path).await
-    }
-
-    async fn delete(&self, path: &str) -> Result<(), BackendError> {
-        self.records.delete(path).await
-    }
-
+super::sealed_records::sealed_store_backend!(
+    InternalStore,
     async fn health(&self) -> Health {
         match self.records.probe().await {
             Ok(()) => Health::active("encrypted records in the operator namespace are reachable"),
@@ -70,8 +40,4 @@ impl Backend for InternalStore {
             },
         }
     }
-
-    async fn count(&self) -> Result<u64, BackendError> {
-        self.records.count().await
-    }
-}
+);

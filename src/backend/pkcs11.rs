@@ -16,11 +16,10 @@ use kek::{Pkcs11Kek, kek_label};
 use rotation::plan as plan_rotation;
 
 use super::sealed_records::{Rewrapped, SealedRecords};
-use super::{Backend, BackendError, Health, StoredVersion, VersionStamp};
+use super::{BackendError, Health, StoredVersion, VersionStamp};
 use crate::api::{KekRotationPhase, KekRotationStatus, Pkcs11Provider, now};
 use crate::crypto::KeyWrapper as _;
 use crate::secret_data::SecretData;
-use async_trait::async_trait;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
@@ -221,37 +220,8 @@ impl RotationStep {
     }
 }
 
-#[async_trait]
-impl Backend for Pkcs11Store {
-    fn store(&self) -> &str {
-        &self.store
-    }
-
-    async fn read(
-        &self,
-        path: &str,
-        version: Option<u64>,
-    ) -> Result<Option<StoredVersion>, BackendError> {
-        self.records.read(path, version).await
-    }
-
-    async fn write(
-        &self,
-        path: &str,
-        stamp: &VersionStamp,
-        data: &SecretData,
-    ) -> Result<Option<u64>, BackendError> {
-        self.records.write(path, stamp, data).await.map(|()| None)
-    }
-
-    async fn list_versions(&self, path: &str) -> Result<Vec<u64>, BackendError> {
-        self.records.list_versions(path).await
-    }
-
-    async fn delete(&self, path: &str) -> Result<(), BackendError> {
-        self.records.delete(path).await
-    }
-
+super::sealed_records::sealed_store_backend!(
+    Pkcs11Store,
     /// Logs in with a freshly read PIN and finds (or creates) the KEK; then checks that the
     /// records' namespace answers.
     async fn health(&self) -> Health {
@@ -267,11 +237,7 @@ impl Backend for Pkcs11Store {
             },
         }
     }
-
-    async fn count(&self) -> Result<u64, BackendError> {
-        self.records.count().await
-    }
-}
+);
 
 impl BackendError {
     fn from_hsm(store: &str, e: token::HsmError) -> Self {

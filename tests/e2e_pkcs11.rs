@@ -14,107 +14,15 @@ use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeInfo, AttributeType, KeyType, ObjectClass};
 use e2e::Testbed;
 use e2e::fixture::{Fixture, wait_until};
-use k8s_openapi::api::core::v1::{Namespace, Secret};
-use keyhaven::api::{KekRotationPhase, Pkcs11Provider, SecretStore, SecretStoreStatus, StorePhase};
+use e2e::hsm::{PIN_SECRET, TokenKeys, bed_provider, hsm_store, kek_label, provider, set_pin};
+use k8s_openapi::api::core::v1::Secret;
+use keyhaven::api::{KekRotationPhase, SecretStore, StorePhase};
 use keyhaven::backend::{Backend, Pkcs11Store};
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
-use kube::{Api, ResourceExt};
-use serde_json::{Value, json};
+use kube::ResourceExt;
+use kube::api::{ListParams, Patch, PatchParams};
+use serde_json::json;
 use std::collections::BTreeMap;
 use std::time::Duration;
-
-const PIN_SECRET: &str = "hsm-pin";
-
-/// A KEK label unique to this test.
-fn kek_label(fx: &Fixture, name: &str) -> String {
-    format!("e2e-{}-{name}", fx.ns)
-}
-
-/// Destroys the test's keys on the shared token when dropped (declare it before the
-/// fixture, so the operator is gone first).
-struct TokenKeys(Vec<String>);
-
-impl Drop for TokenKeys {
-    fn drop(&mut self) {
-        let labels = std::mem::take(&mut self.0);
-        // Never panic in a Drop that may run while a failed test unwinds.
-        let _ = std::panic::catch_unwind(move || {
-            let session = Testbed::load().pkcs11_session();
-            for label in &labels {
-                let found = session
-                    .find_objects(&[Attribute::Label(label.as_bytes().to_vec())])
-                    .unwrap_or_default();
-                for key in found {
-                    let _ = session.destroy_object(key);
-                }
-            }
-        });
-    }
-}
-
-/// Writes the PIN Secret in the operator's namespace (the pinSecretRef default), creating
-/// the namespace if the operator has not yet.
-async fn set_pin(fx: &Fixture, pin: &str) {
-    let ns = &fx.op.namespace;
-    let namespaces: Api<Namespace> = fx.cluster_api();
-    let obj: Namespace = serde_json::from_value(
-        json!({"metadata": {"name": ns, "labels": {"keyhaven.io/e2e": "true"}}}),
-    )
-    .unwrap();
-    match namespaces.create(&PostParams::default(), &obj).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(e)) if e.code == 409 => {}
-        Err(e) => panic!("create namespace {ns}: {e}"),
-    }
-    fx.secret(ns, PIN_SECRET, &[("pin", pin)]).await;
-}
-
-/// The `pkcs11` provider of a store on the bed's token.
-fn provider(module: &str, token: &str, kek: &str) -> Value {
-    json!({"pkcs11": {
-        "module": module,
-        "tokenLabel": token,
-        "pinSecretRef": {"name": PIN_SECRET, "key": "pin"},
-        "kekLabel": kek,
-    }})
-}
-
-fn bed_provider(kek: &str) -> Value {
-    let bed = Testbed::load();
-    provider(
-        &bed.pkcs11_module.display().to_string(),
-        &bed.pkcs11_token,
-        kek,
-    )
-}
-
-/// The store `name` as the operator sees it (same token, same records), in this process.
-fn hsm_store(fx: &Fixture, name: &str, kek: &str) -> Pkcs11Store {
-    let spec: Pkcs11Provider = serde_json::from_value(bed_provider(kek)["pkcs11"].clone()).unwrap();
-    Pkcs11Store::new(name, fx.client.clone(), &fx.op.namespace, &spec).unwrap()
-}
-
-/// Waits until the SecretStore's status satisfies `ok`, or panics with its last status.
-async fn wait_store(
-    fx: &Fixture,
-    name: &str,
-    what: &str,
-    timeout: Duration,
-    ok: impl Fn(&SecretStoreStatus) -> bool,
-) -> SecretStoreStatus {
-    let api: Api<SecretStore> = fx.cluster_api();
-    let found = wait_until(timeout, || async {
-        api.get(name).await.ok()?.status.filter(|s| ok(s))
-    })
-    .await;
-    match found {
-        Some(s) => s,
-        None => panic!(
-            "SecretStore {name}: {what}: not reached in {timeout:?}; status: {:#?}",
-            api.get(name).await.ok().and_then(|s| s.status)
-        ),
-    }
-}
 
 /// The sealed records of `store` in the operator's namespace, by name.
 async fn records(fx: &Fixture, store: &str) -> BTreeMap<String, Secret> {
@@ -169,10 +77,11 @@ async fn values_round_trip_as_source_and_sync_target_and_only_ciphertext_is_stor
     set_pin(&fx, &bed.pkcs11_pin).await;
     let hsm = fx.store("hsm", bed_provider(&kek)).await;
     let internal = fx.store("internal", json!({"internal": {}})).await;
-    let status = wait_store(&fx, &hsm, "Active", Duration::from_secs(60), |s| {
-        s.phase == Some(StorePhase::Active)
-    })
-    .await;
+    let status = fx
+        .wait_store(&hsm, "Active", Duration::from_secs(60), |s| {
+            s.phase == Some(StorePhase::Active)
+        })
+        .await;
     assert_eq!(status.type_.as_deref(), Some("pkcs11"));
     assert_eq!(status.active_kek.as_deref(), Some(kek.as_str()));
     assert!(
@@ -262,13 +171,9 @@ async fn values_round_trip_as_source_and_sync_target_and_only_ciphertext_is_stor
         )
         .await
         .unwrap();
-    wait_store(
-        &fx,
-        &hsm,
-        "2 secrets counted",
-        Duration::from_secs(90),
-        |s| s.secrets == Some(2),
-    )
+    fx.wait_store(&hsm, "2 secrets counted", Duration::from_secs(90), |s| {
+        s.secrets == Some(2)
+    })
     .await;
 
     // Every record names the KEK and holds a 60-byte GCM-wrapped data key.
@@ -335,7 +240,7 @@ async fn the_kek_is_created_sensitive_and_never_leaves_the_token() {
     keys.0.push(kek.clone());
     set_pin(&fx, &bed.pkcs11_pin).await;
     let hsm = fx.store("hsm", bed_provider(&kek)).await;
-    wait_store(&fx, &hsm, "Active", Duration::from_secs(60), |s| {
+    fx.wait_store(&hsm, "Active", Duration::from_secs(60), |s| {
         s.phase == Some(StorePhase::Active)
     })
     .await;
@@ -455,10 +360,11 @@ async fn a_wrong_pin_seals_the_store_and_never_touches_native_secrets() {
     // (the PIN is re-read at most 10 s later), saying why, and the token is not retried.
     let wrong_pin = "0000-wrong-pin-e2e";
     set_pin(&fx, wrong_pin).await;
-    let sealed = wait_store(&fx, &hsm, "Sealed", Duration::from_secs(90), |s| {
-        s.phase == Some(StorePhase::Sealed)
-    })
-    .await;
+    let sealed = fx
+        .wait_store(&hsm, "Sealed", Duration::from_secs(90), |s| {
+            s.phase == Some(StorePhase::Sealed)
+        })
+        .await;
     let message = sealed.message.unwrap();
     assert!(message.contains("refused the PIN"), "{message}");
     assert!(
@@ -490,7 +396,7 @@ async fn a_wrong_pin_seals_the_store_and_never_touches_native_secrets() {
 
     // The right PIN again: Active, and the secret syncs on.
     set_pin(&fx, &bed.pkcs11_pin).await;
-    wait_store(&fx, &hsm, "Active again", Duration::from_secs(90), |s| {
+    fx.wait_store(&hsm, "Active again", Duration::from_secs(90), |s| {
         s.phase == Some(StorePhase::Active)
     })
     .await;
@@ -520,10 +426,11 @@ async fn a_wrong_pin_seals_the_store_and_never_touches_native_secrets() {
             ),
         )
         .await;
-    let s = wait_store(&fx, &no_module, "Sealed", Duration::from_secs(60), |s| {
-        s.phase == Some(StorePhase::Sealed)
-    })
-    .await;
+    let s = fx
+        .wait_store(&no_module, "Sealed", Duration::from_secs(60), |s| {
+            s.phase == Some(StorePhase::Sealed)
+        })
+        .await;
     assert!(
         s.message
             .as_deref()
@@ -531,10 +438,11 @@ async fn a_wrong_pin_seals_the_store_and_never_touches_native_secrets() {
             .contains("PKCS#11 module /nonexistent/libpkcs11-e2e.so cannot be loaded"),
         "{s:?}"
     );
-    let s = wait_store(&fx, &no_token, "Sealed", Duration::from_secs(60), |s| {
-        s.phase == Some(StorePhase::Sealed)
-    })
-    .await;
+    let s = fx
+        .wait_store(&no_token, "Sealed", Duration::from_secs(60), |s| {
+            s.phase == Some(StorePhase::Sealed)
+        })
+        .await;
     assert!(
         s.message
             .as_deref()
@@ -625,18 +533,13 @@ async fn kek_rotation_of_200_secrets_survives_a_crash_half_way() {
 
     // Restarted, the operator finishes what was left, and says the old key is unused.
     fx.op.restart();
-    let done = wait_store(
-        &fx,
-        &hsm,
-        "rotation Complete",
-        Duration::from_secs(120),
-        |s| {
+    let done = fx
+        .wait_store(&hsm, "rotation Complete", Duration::from_secs(120), |s| {
             s.kek_rotation
                 .as_ref()
                 .is_some_and(|r| r.phase == KekRotationPhase::Complete)
-        },
-    )
-    .await;
+        })
+        .await;
     let rotation = done.kek_rotation.unwrap();
     assert_eq!(rotation.to, new);
     assert_eq!(rotation.unused_keys, vec![old.clone()]);

@@ -8,6 +8,7 @@
 mod e2e;
 
 use e2e::fixture::{Fixture, wait_until};
+use e2e::plugin;
 use keyhaven::api::{ManagedSecret, VaultProfile};
 use kube::api::PostParams;
 use kube::{Api, ResourceExt};
@@ -122,7 +123,7 @@ async fn default_profiles_route_namespaces_by_labels_and_annotation() {
     // No spec.profile: the namespace's default decides.
     fx.managed_secret(
         "db",
-        json!({"type": "basic-auth", "content": {"fromSecret": {"name": "login"}}}),
+        json!({"type": "basic-auth", "refreshInterval": "1s", "content": {"fromSecret": {"name": "login"}}}),
     )
     .await;
     let ms = wait_profile(&fx, "db", &dev, &internal).await;
@@ -137,9 +138,23 @@ async fn default_profiles_route_namespaces_by_labels_and_annotation() {
         "pw-e2e-profiles-1"
     );
 
-    // Relabelling the namespace re-reconciles its ManagedSecrets: prod's store now holds it.
+    // Relabelling the namespace re-reconciles its ManagedSecrets: prod's store is the source
+    // now, and gets the next version (the current one stays where it was written).
     fx.label_namespace(json!({"tier": "prod"}), json!({})).await;
-    wait_profile(&fx, "db", &prod, &kstore).await;
+    let ms = wait_profile(&fx, "db", &prod, &kstore).await;
+    let source = &ms.status.as_ref().unwrap().targets[0];
+    assert_eq!(
+        (source.store.as_str(), source.state.as_str()),
+        (kstore.as_str(), "Pending"),
+        "{source:?}"
+    );
+    fx.secret(
+        &fx.ns,
+        "login",
+        &[("username", "svc"), ("password", "pw-e2e-profiles-2")],
+    )
+    .await;
+    fx.wait_synced("db", 2).await;
     let in_kstore = wait_until(Duration::from_secs(30), || async {
         let secrets: Api<k8s_openapi::api::core::v1::Secret> = fx.ns_api(&kube_ns);
         let list = secrets.list(&Default::default()).await.ok()?;
@@ -185,7 +200,7 @@ async fn default_profiles_route_namespaces_by_labels_and_annotation() {
     // The native Secret is left as it was.
     assert_eq!(
         fx.secret_data(&fx.ns, "db").await.unwrap()["password"],
-        "pw-e2e-profiles-1"
+        "pw-e2e-profiles-2"
     );
 
     // Annotation removed: back to the default of the labels.
@@ -201,7 +216,8 @@ async fn default_profiles_route_namespaces_by_labels_and_annotation() {
     })
     .await;
     assert!(counted.is_some(), "VaultProfile {prod} does not count db");
-    fx.assert_values_never_leaked(&["pw-e2e-profiles-1"]).await;
+    fx.assert_values_never_leaked(&["pw-e2e-profiles-1", "pw-e2e-profiles-2"])
+        .await;
 }
 
 #[tokio::test]
@@ -346,21 +362,6 @@ async fn unselected_profiles_are_refused_and_the_fallback_applies() {
         err.contains("default: true needs a namespaceSelector"),
         "{err}"
     );
-}
-
-/// Runs `kubectl-keyhaven` against the bed; its exit code and stdout.
-fn plugin(args: &[&str]) -> (i32, String) {
-    let bed = e2e::Testbed::load();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kubectl-keyhaven"))
-        .args(args)
-        .env("KUBECONFIG", &bed.kubeconfig)
-        .output()
-        .expect("run kubectl-keyhaven");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &stderr,
-    )
 }
 
 #[tokio::test]

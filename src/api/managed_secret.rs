@@ -382,13 +382,19 @@ pub struct ManagedSecretStatus {
     /// The version the rolloutRestartTargets were last restarted (or first seen) for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restarted_version: Option<u64>,
-    /// `Ready`, `Synced` and (for expiring types) `Expiring`.
+    /// The store this secret's versions were all moved out of by the profile's
+    /// `migrateFrom` (verified in the new source, then deleted from it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrated_from: Option<String>,
+    /// `Ready`, `Synced`, (for expiring types) `Expiring` and (while the profile migrates)
+    /// `Migrated`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,
 }
 
-/// One version of a secret. Never rewritten once recorded.
+/// One version of a secret. Its content is never rewritten; a migration changes only where
+/// it is kept (`store`, `storeVersion`) and records where from (`movedFrom`).
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VersionRecord {
@@ -397,7 +403,8 @@ pub struct VersionRecord {
     /// HMAC-SHA256 of the type and the canonical key/values, keyed by an operator-held
     /// key: identifies the content without revealing it.
     pub fingerprint: String,
-    /// The store the version was first written to or read from.
+    /// The store holding the version: the one it was first written to or read from, or
+    /// the one a migration moved it to.
     pub store: String,
     /// When keyhaven recorded the version.
     pub created_at: Time,
@@ -410,6 +417,9 @@ pub struct VersionRecord {
     /// version in Vault/OpenBao).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store_version: Option<u64>,
+    /// The store a migration moved this version out of (verified by fingerprint first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moved_from: Option<String>,
 }
 
 /// Where one store of the profile stands for this secret.

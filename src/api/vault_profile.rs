@@ -39,6 +39,7 @@ use serde::{Deserialize, Serialize};
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.syncTargets) || !(self.source in self.syncTargets)").message("the source store cannot also be a sync target"))]
+#[x_kube(validation = Rule::new("!has(self.migrateFrom) || self.migrateFrom != self.source").message("migrateFrom names the store versions move out of: it cannot be the source they move to"))]
 #[x_kube(validation = Rule::new("!has(self.default) || !self.default || has(self.namespaceSelector)").message("default: true needs a namespaceSelector (fallback: true makes a profile the one of every namespace no default selects)"))]
 pub struct VaultProfileSpec {
     /// The SecretStore that holds the authoritative copy: values are read from it
@@ -49,6 +50,15 @@ pub struct VaultProfileSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "set"))]
     pub sync_targets: Vec<String>,
+    /// Move every version of every ManagedSecret of this profile out of this SecretStore
+    /// into `source`: each version is written to the source, read back and compared by
+    /// fingerprint, recorded in the ManagedSecret's status, and only then deleted here.
+    /// Resumable (a restart picks up where it stopped); progress in `status.migration`;
+    /// the store shows `Draining` until it is done. Remove it once `Complete`, or leave it.
+    /// Without it, changing `source` moves nothing: old versions stay readable where they
+    /// were written, new ones go to the new source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrate_from: Option<String>,
     /// Namespaces whose ManagedSecrets may use this profile (by `spec.profile`, the
     /// namespace annotation `keyhaven.io/profile`, as their default or as the fallback).
     /// Not set: every namespace. A ManagedSecret of a namespace it does not select is
@@ -132,9 +142,33 @@ pub struct VaultProfileStatus {
     /// The generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// The migration `spec.migrateFrom` asks for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationStatus>,
     /// `Ready`, and `Conflict` (True while this profile is a default or fallback together
     /// with another one).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,
+}
+
+/// Progress of a profile's migration out of `spec.migrateFrom`.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationStatus {
+    /// The store versions move out of.
+    pub from: String,
+    /// The store they move to (the source).
+    pub to: String,
+    /// Migrating, Complete, or Failed (some secrets could not be moved; they are retried).
+    pub phase: String,
+    /// ManagedSecrets of the profile.
+    pub total: u64,
+    /// ManagedSecrets whose every version is in `to` and none is left in `from`.
+    pub moved: u64,
+    /// ManagedSecrets whose last attempt failed (condition `Migrated` says why).
+    pub failed: u64,
+    /// Versions moved so far.
+    #[serde(default)]
+    pub versions_moved: u64,
 }

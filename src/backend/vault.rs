@@ -293,6 +293,11 @@ impl VaultStore {
                 ..Bookkeeping::default()
             });
         let (values, binary) = encode(data);
+        if let Some(newer) = book.current.clone().filter(|c| c.version > stamp.version) {
+            return self
+                .write_older(client, path, book, newer, stamp, values, binary)
+                .await;
+        }
         // The value first. Unchanged content (a value written by hand, adopted as a
         // version) is not written again: only the bookkeeping changes.
         let current = self.get_object(client, path, None).await.map_err(err)?;
@@ -322,6 +327,67 @@ impl VaultStore {
                     .map_err(err)?;
             }
         }
+        self.put_object(client, &Self::object_path(path), &book)
+            .await
+            .map_err(err)?;
+        Ok(store_version)
+    }
+
+    /// Writes a version older than the current one (a migration copies history after a
+    /// source switch wrote newer versions): it is kept, and the current value stays the
+    /// latest. KV v2: the old value becomes a KV version, then the current value is written
+    /// again on top; KV v1: only the history copy is written.
+    #[allow(clippy::too_many_arguments)]
+    async fn write_older(
+        &self,
+        client: &VaultClient,
+        path: &str,
+        mut book: Bookkeeping,
+        mut newer: VersionEntry,
+        stamp: &VersionStamp,
+        values: HashMap<String, String>,
+        binary: Vec<String>,
+    ) -> Result<Option<u64>, BackendError> {
+        let err = |e| self.error(path, e);
+        if let Some(kept) = book.versions.get(&stamp.version)
+            && kept.fingerprint == stamp.fingerprint.to_string()
+        {
+            return Ok(kept.store_version);
+        }
+        let store_version = match self.kv {
+            KvVersion::V2 => {
+                let (current, _) = self
+                    .get_object(client, path, None)
+                    .await
+                    .map_err(err)?
+                    .ok_or_else(|| BackendError::Conflict {
+                        store: self.name.clone(),
+                        path: path.to_owned(),
+                        message: "the current value disappeared while an older version was written"
+                            .into(),
+                    })?;
+                let old = self.put_object(client, path, &values).await.map_err(err)?;
+                newer.store_version = self.put_object(client, path, &current).await.map_err(err)?;
+                book.versions.insert(newer.version, newer.clone());
+                book.current = Some(newer);
+                old
+            }
+            KvVersion::V1 => {
+                self.put_object(client, &Self::history_path(path, stamp.version), &values)
+                    .await
+                    .map_err(err)?;
+                None
+            }
+        };
+        book.versions.insert(
+            stamp.version,
+            VersionEntry {
+                version: stamp.version,
+                fingerprint: stamp.fingerprint.to_string(),
+                store_version,
+                binary,
+            },
+        );
         self.put_object(client, &Self::object_path(path), &book)
             .await
             .map_err(err)?;

@@ -63,6 +63,14 @@ enum Command {
     Rotate { secret: String },
     /// The VaultProfile a ManagedSecret without spec.profile in NAMESPACE uses, and why.
     ProfileFor { namespace: String },
+    /// Move every version of PROFILE's secrets to STORE: makes STORE the profile's source
+    /// and its current source the migrateFrom (the controller moves, verifies by
+    /// fingerprint, then deletes). Run again to see the progress.
+    Migrate {
+        profile: String,
+        #[arg(long)]
+        to: String,
+    },
 }
 
 #[tokio::main]
@@ -209,8 +217,69 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(2));
             }
         }
+        Command::Migrate { profile, to } => {
+            let (p, message) = migrate(&Api::all(client), &profile, &to).await?;
+            print_done(cli.output, &p, &message)?;
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Starts (or reports) the migration of `name`'s secrets to the store `to`.
+async fn migrate(
+    api: &Api<VaultProfile>,
+    name: &str,
+    to: &str,
+) -> anyhow::Result<(VaultProfile, String)> {
+    let profile = api.get(name).await?;
+    let progress = |p: &VaultProfile| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.migration.as_ref())
+            .map_or_else(
+                || "not started yet".to_owned(),
+                |m| {
+                    format!(
+                        "{}: {}/{} secrets moved, {} failed, {} versions",
+                        m.phase, m.moved, m.total, m.failed, m.versions_moved
+                    )
+                },
+            )
+    };
+    if profile.spec.source == to {
+        let from = profile.spec.migrate_from.as_deref().unwrap_or("-");
+        let message = format!(
+            "vaultprofile/{name}: source is {to}, migrating from {from}: {}",
+            progress(&profile)
+        );
+        return Ok((profile, message));
+    }
+    if let Some(m) = profile.status.as_ref().and_then(|s| s.migration.as_ref())
+        && profile.spec.migrate_from.is_some()
+        && m.phase != "Complete"
+    {
+        anyhow::bail!(
+            "vaultprofile/{name} is still migrating from {} to {} ({}); wait for Complete",
+            m.from,
+            m.to,
+            progress(&profile)
+        );
+    }
+    let from = profile.spec.source.clone();
+    // Guarded by the resourceVersion read: a concurrent change of the profile is refused.
+    let patch = json!({
+        "metadata": {"resourceVersion": profile.resource_version()},
+        "spec": {"source": to, "migrateFrom": from},
+    });
+    let pp = PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    let patched = api.patch(name, &pp, &Patch::Merge(&patch)).await?;
+    let message = format!(
+        "vaultprofile/{name}: migrating from store {from} to store {to} (progress: kubectl keyhaven migrate {name} --to {to})"
+    );
+    Ok((patched, message))
 }
 
 async fn patch_managed(
@@ -240,10 +309,10 @@ fn print<T: Serialize>(
     Ok(())
 }
 
-fn print_done(output: Output, ms: &ManagedSecret, message: &str) -> anyhow::Result<()> {
+fn print_done<T: Serialize>(output: Output, object: &T, message: &str) -> anyhow::Result<()> {
     match output {
         Output::Table => println!("{message}"),
-        _ => print(output, ms, &[], vec![])?,
+        _ => print(output, object, &[], vec![])?,
     }
     Ok(())
 }

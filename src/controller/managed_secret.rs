@@ -97,14 +97,19 @@ struct Synced {
 }
 
 async fn apply(ms: &ManagedSecret, ctx: &Context) -> Result<Action> {
+    // A migration of the profile moves this secret's versions first (its status is then
+    // the one stored); a failed one is retried soon, while the sync goes on.
+    let migrated = match resolve_profile(ms, ctx).await {
+        Ok((profile, _)) => super::migration::step(ms, ctx, &profile).await?,
+        Err(_) => None,
+    };
+    let migration_failed = migrated.as_ref().is_some_and(|(_, failed)| *failed);
+    let ms = migrated.as_ref().map_or(ms, |(ms, _)| ms);
     match sync(ms, ctx).await {
         Ok(synced) => {
             let status = synced_status(ms, &synced);
-            let failed: Vec<&TargetStatus> = synced
-                .targets
-                .iter()
-                .filter(|t| t.state != "Synced")
-                .collect();
+            let failed: Vec<&TargetStatus> =
+                synced.targets.iter().filter(|t| failed_target(t)).collect();
             let version = synced.decision.version();
             match synced.decision {
                 VersionDecision::New(v) => {
@@ -185,7 +190,7 @@ async fn apply(ms: &ManagedSecret, ctx: &Context) -> Result<Action> {
             let wake = wake_after(ms, &synced);
             patch_status(ms, ctx, status).await?;
             // A failed target is retried soon; the others are not held back by it.
-            Ok(if failed.is_empty() {
+            Ok(if failed.is_empty() && !migration_failed {
                 Action::requeue(wake)
             } else {
                 Action::requeue(Duration::from_secs(15))
@@ -216,6 +221,48 @@ async fn apply(ms: &ManagedSecret, ctx: &Context) -> Result<Action> {
             Err(e)
         }
     }
+}
+
+/// The state of a source that holds no version yet after a switch.
+const PENDING: &str = "Pending";
+
+/// Whether a store failed to take the current version.
+fn failed_target(t: &TargetStatus) -> bool {
+    t.state != "Synced" && t.state != PENDING
+}
+
+/// Whether a source holds nothing newer than the version `last` recorded elsewhere: nothing,
+/// or an older version keyhaven wrote (a store switched back to). A value without a stamp
+/// (written by hand) is new content, not older.
+fn holds_older(source: Option<&crate::backend::StoredVersion>, last: &VersionRecord) -> bool {
+    match source {
+        None => true,
+        Some(c) => c.stamp.as_ref().is_some_and(|s| s.version < last.version),
+    }
+}
+
+/// The current version as kept in the store `last` was recorded in, checked against its
+/// fingerprint; None when that store no longer holds it.
+async fn carried_version(
+    ctx: &Context,
+    path: &str,
+    last: &VersionRecord,
+    fingerprint: &impl Fn(&SecretData) -> Fingerprint,
+) -> Result<Option<crate::backend::StoredVersion>> {
+    let backend = ctx.backend(&last.store).await?;
+    let Some(stored) = backend.read(path, Some(last.version)).await? else {
+        return Ok(None);
+    };
+    if fingerprint(&stored.data).as_str() != last.fingerprint {
+        return Err(Error::config(
+            "VersionMismatch",
+            format!(
+                "store {} holds content for version {} other than its recorded fingerprint",
+                last.store, last.version
+            ),
+        ));
+    }
+    Ok(Some(stored))
 }
 
 fn short(record: &Option<VersionRecord>) -> String {
@@ -282,6 +329,26 @@ async fn sync(ms: &ManagedSecret, ctx: &Context) -> Result<Synced> {
     // Observe: the value, and what the source holds.
     let source_current = source.read(&path, None).await?;
     let mut status = ms.status.clone().unwrap_or_default();
+    // After a switch (a new source, or a new profile), the current version stays readable
+    // from the store it was written to; the new source gets the next version. Nothing
+    // moves until the profile's migrateFrom asks.
+    let carried = match status.versions.last() {
+        Some(last) if last.store != source_name && holds_older(source_current.as_ref(), last) => {
+            carried_version(ctx, &path, last, &fingerprint).await?
+        }
+        _ => None,
+    };
+    let current = match &carried {
+        Some(_) => carried.as_ref(),
+        None => source_current.as_ref(),
+    };
+    let current_origin = match (&carried, status.versions.last()) {
+        (Some(_), Some(last)) => format!(
+            "read from store {} (version {}, kept there after the source changed)",
+            last.store, last.version
+        ),
+        _ => format!("read from store {source_name}"),
+    };
     let rotate_annotation = ms.annotations().get(ROTATE_ANNOTATION).cloned();
     let rotation_interval = ms
         .spec
@@ -349,7 +416,7 @@ async fn sync(ms: &ManagedSecret, ctx: &Context) -> Result<Synced> {
             (stored.data.clone(), format!("rollback to version {n}"))
         }
         (None, None, None, Some(spec)) => {
-            let stored = match &source_current {
+            let stored = match current {
                 None => Stored::Absent,
                 Some(c) if content::validate_with(secret_type, &c.data, rules).is_ok() => {
                     Stored::Valid
@@ -361,7 +428,7 @@ async fn sync(ms: &ManagedSecret, ctx: &Context) -> Result<Synced> {
                 &rotation_input(rotation_interval, rotate_annotation.as_deref(), &status),
                 jiff::Timestamp::now(),
             );
-            if decision != GenerateDecision::UseStored && source_current.is_some() {
+            if decision != GenerateDecision::UseStored && current.is_some() {
                 // A rotation: decide again on the stored status, so that a cache older than
                 // our last status write does not rotate twice.
                 status = stored_status(ms, ctx).await?;
@@ -372,11 +439,10 @@ async fn sync(ms: &ManagedSecret, ctx: &Context) -> Result<Synced> {
                 );
             }
             rotate_request = rotate_annotation.clone();
-            match (decision, &source_current) {
-                (GenerateDecision::UseStored, Some(current)) => (
-                    current.data.clone(),
-                    format!("read from store {source_name}"),
-                ),
+            match (decision, current) {
+                (GenerateDecision::UseStored, Some(current)) => {
+                    (current.data.clone(), current_origin.clone())
+                }
                 (GenerateDecision::Generate { reason }, current) => {
                     if current.is_some() {
                         forced_reason = Some(reason.clone());
@@ -397,11 +463,8 @@ async fn sync(ms: &ManagedSecret, ctx: &Context) -> Result<Synced> {
                 }
             }
         }
-        (None, Some(_), ..) => match &source_current {
-            Some(current) => (
-                current.data.clone(),
-                format!("read from store {source_name}"),
-            ),
+        (None, Some(_), ..) => match current {
+            Some(current) => (current.data.clone(), current_origin.clone()),
             None => {
                 return Err(Error::config(
                     "NotFoundInStore",
@@ -427,7 +490,7 @@ async fn sync(ms: &ManagedSecret, ctx: &Context) -> Result<Synced> {
         content::apply_template(&mut rendered, template, &data)?;
     }
     let fp = fingerprint(&data);
-    let source_stamp = source_current.as_ref().and_then(|c| c.stamp.clone());
+    let source_stamp = current.and_then(|c| c.stamp.clone());
     let mut decision = decide_version(status.versions.last(), source_stamp.as_ref(), &fp);
     if decision != VersionDecision::Unchanged(decision.version()) {
         // The cached object may predate our own last status write (a watch event on the
@@ -447,19 +510,40 @@ async fn sync(ms: &ManagedSecret, ctx: &Context) -> Result<Synced> {
         stamp: c.stamp.clone(),
         content: fingerprint(&c.data),
     });
-    let source_action = store_action(source_obs.as_ref(), version, &fp);
+    // A version kept in the previous store stays there: the new source waits for the next.
+    let kept_elsewhere = carried
+        .is_some()
+        .then(|| status.versions.last().map(|r| r.store.clone()))
+        .flatten()
+        .filter(|_| matches!(decision, VersionDecision::Unchanged(_)));
+    let source_action = match kept_elsewhere {
+        Some(_) => StoreAction::InSync,
+        None => store_action(source_obs.as_ref(), version, &fp),
+    };
     let source_version = if source_action != StoreAction::InSync {
         source.write(&path, &stamp, &data).await?
     } else {
-        source_current.as_ref().and_then(|c| c.store_version)
+        current.and_then(|c| c.store_version)
     };
-    let mut targets = vec![TargetStatus {
-        store: source_name.clone(),
-        role: "Source".into(),
-        version: Some(version),
-        state: "Synced".into(),
-        synced_at: synced_at(&status, &source_name, source_action != StoreAction::InSync),
-        message: None,
+    let mut targets = vec![match &kept_elsewhere {
+        None => TargetStatus {
+            store: source_name.clone(),
+            role: "Source".into(),
+            version: Some(version),
+            state: "Synced".into(),
+            synced_at: synced_at(&status, &source_name, source_action != StoreAction::InSync),
+            message: None,
+        },
+        Some(previous) => TargetStatus {
+            store: source_name.clone(),
+            role: "Source".into(),
+            version: None,
+            state: PENDING.into(),
+            synced_at: None,
+            message: Some(format!(
+                "version {version} stays in store {previous} (written before the source changed); the next version is written here, or migrateFrom: {previous} moves them"
+            )),
+        },
     }];
     for target in &profile.spec.sync_targets {
         targets.push(sync_target(ms, ctx, &status, target, &path, &stamp, &data).await);
@@ -547,6 +631,7 @@ async fn sync(ms: &ManagedSecret, ctx: &Context) -> Result<Synced> {
                 .unwrap_or_else(|| ms.spec.reason.clone().unwrap_or(origin)),
         ),
         store_version: source_version,
+        moved_from: None,
     });
     let next_rotation = match (&ms.spec.content.generate, ms.spec.rollback_to) {
         (Some(_), None) => next_rotation(&RotationInput {
@@ -628,7 +713,10 @@ async fn issuer_value(ctx: &Context, namespace: &str, name: &str) -> Result<Secr
 }
 
 /// The status as stored, not as cached.
-async fn stored_status(ms: &ManagedSecret, ctx: &Context) -> Result<ManagedSecretStatus> {
+pub(super) async fn stored_status(
+    ms: &ManagedSecret,
+    ctx: &Context,
+) -> Result<ManagedSecretStatus> {
     let api: Api<ManagedSecret> =
         Api::namespaced(ctx.client.clone(), &ms.namespace().unwrap_or_default());
     Ok(api
@@ -936,7 +1024,7 @@ fn synced_status(ms: &ManagedSecret, synced: &Synced) -> ManagedSecretStatus {
     let failed: Vec<&str> = synced
         .targets
         .iter()
-        .filter(|t| t.state != "Synced")
+        .filter(|t| failed_target(t))
         .map(|t| t.store.as_str())
         .collect();
     status.current_version = Some(version);
@@ -1001,7 +1089,7 @@ fn synced_status(ms: &ManagedSecret, synced: &Synced) -> ManagedSecretStatus {
 }
 
 /// Writes status with server-side apply, only when it changed: an idle reconcile writes nothing.
-async fn patch_status(
+pub(super) async fn patch_status(
     ms: &ManagedSecret,
     ctx: &Context,
     status: ManagedSecretStatus,

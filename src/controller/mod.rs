@@ -1,6 +1,7 @@
 //! The controllers: one reconciler per kind, sharing one [`Context`].
 
 mod managed_secret;
+mod migration;
 pub mod plan;
 mod secret_store;
 mod store_guard;
@@ -61,6 +62,8 @@ pub struct Context {
     pub stores: Store<SecretStore>,
     pub profiles: Store<VaultProfile>,
     pub managed: Store<ManagedSecret>,
+    /// Whether `managed` holds the first full list (counts made before would be short).
+    pub managed_synced: Arc<std::sync::atomic::AtomicBool>,
     /// Namespaces' metadata (labels, annotations): the watched namespace only, with
     /// `--watch-namespace`.
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
@@ -402,15 +405,21 @@ async fn run_controllers(
         None => watcher::Config::default(),
     };
     // A ManagedSecret that comes, goes or changes profile changes its profiles' counts.
+    let managed_synced = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let managed_ctl = {
         let profiles_recheck = profiles_recheck_managed;
         let mut seen: std::collections::HashMap<(String, String), Option<String>> =
             Default::default();
+        let synced = managed_synced.clone();
         controller(
             managed_api,
             managed_wc,
             probes,
             move |event: &watcher::Event<ManagedSecret>| {
+                if matches!(event, watcher::Event::InitDone) {
+                    synced.store(true, std::sync::atomic::Ordering::SeqCst);
+                    let _ = profiles_recheck.unbounded_send(());
+                }
                 let (ms, deleted, init) = match event {
                     watcher::Event::Apply(ms) => (ms, false, false),
                     watcher::Event::InitApply(ms) => (ms, false, true),
@@ -442,6 +451,7 @@ async fn run_controllers(
         stores: store_ctl.store(),
         profiles: profile_ctl.store(),
         managed: managed_ctl.store(),
+        managed_synced,
         namespaces,
         stores_registry: StoreRegistry::new(
             client.clone(),

@@ -436,6 +436,7 @@ mod tests {
             created_by: "keyhaven".into(),
             reason: None,
             store_version: None,
+            moved_from: None,
         }
     }
 

@@ -24,7 +24,7 @@ pub async fn reconcile(store: Arc<SecretStore>, ctx: Arc<Context>) -> Result<Act
     let span = tracing::info_span!("reconcile", kind = "SecretStore", name = %store.name_any());
     async move {
         if let Some(action) = super::store_guard::guard(&store, &ctx).await? { return Ok(action); }
-        let (phase, mut message, secrets) = match ctx.stores_registry.backend(&store) {
+        let (mut phase, mut message, secrets) = match ctx.stores_registry.backend(&store) {
             Ok(backend) => {
                 let health = backend.health().await;
                 let count = if health.phase == StorePhase::Active {
@@ -40,6 +40,17 @@ pub async fn reconcile(store: Arc<SecretStore>, ctx: Arc<Context>) -> Result<Act
             }
             Err(e) => (StorePhase::Invalid, e.to_string(), None),
         };
+        if phase == StorePhase::Active
+            && let Some(drain) = draining(&store.name_any(), &ctx.profiles.state())
+        {
+            phase = StorePhase::Draining;
+            message = format!(
+                "{message}; being emptied into store {} by VaultProfile {} (migrateFrom): {} secret object(s) left",
+                drain.to,
+                drain.profile,
+                secrets.unwrap_or_default()
+            );
+        }
         let previous = store.status.clone().unwrap_or_default();
         let rotation = if phase == StorePhase::Active {
             rotate_kek(&store, &ctx, &previous).await
@@ -89,7 +100,7 @@ pub async fn reconcile(store: Arc<SecretStore>, ctx: Arc<Context>) -> Result<Act
             jiff::Timestamp::now().duration_since(t.0).unsigned_abs() > STATUS_HEARTBEAT
         });
         if previous.phase != Some(phase) {
-            let type_ = if phase == StorePhase::Active {
+            let type_ = if matches!(phase, StorePhase::Active | StorePhase::Draining) {
                 EventType::Normal
             } else {
                 EventType::Warning
@@ -113,12 +124,36 @@ pub async fn reconcile(store: Arc<SecretStore>, ctx: Arc<Context>) -> Result<Act
             Some(r) if r.rotating && r.progressed => ROTATION_STEP,
             // Stuck on records that cannot be re-wrapped now: try again later.
             Some(r) if r.rotating => Duration::from_secs(10),
+            // A draining store's count falls as the migration goes: show it.
+            _ if phase == StorePhase::Draining => Duration::from_secs(3),
             _ if phase == StorePhase::Active => Duration::from_secs(60),
             _ => Duration::from_secs(10),
         }))
     }
     .instrument(span)
     .await
+}
+
+/// A migration emptying a store.
+struct Drain {
+    profile: String,
+    to: String,
+}
+
+/// The migration emptying the store `name`, if one is under way: a profile whose
+/// `migrateFrom` names it and whose migration is not Complete.
+fn draining(name: &str, profiles: &[Arc<crate::api::VaultProfile>]) -> Option<Drain> {
+    profiles.iter().find_map(|p| {
+        let complete = p
+            .status
+            .as_ref()
+            .and_then(|s| s.migration.as_ref())
+            .is_some_and(|m| m.from == name && m.to == p.spec.source && m.phase == "Complete");
+        (p.spec.migrate_from.as_deref() == Some(name) && !complete).then(|| Drain {
+            profile: p.name_any(),
+            to: p.spec.source.clone(),
+        })
+    })
 }
 
 /// What a KEK rotation step means for the status and the next reconcile.

@@ -1,6 +1,7 @@
 //! The store removal guard: a SecretStore carries the finalizer [`STORE_FINALIZER`]; while
-//! VaultProfiles still name it (as source or sync target) its deletion is held, and its
-//! status says which profiles and how many secret objects it holds. The annotation
+//! VaultProfiles still name it (as source, sync target or migrateFrom), or ManagedSecrets
+//! still keep versions in it (after a source switch without migration), its deletion is
+//! held, and its status says which profiles and how many secret objects it holds. The annotation
 //! `keyhaven.io/force-delete: "true"` lets it go anyway (the store's data is left where it is).
 
 use super::Context;
@@ -26,29 +27,31 @@ pub enum Guard {
     AddFinalizer,
     /// Being deleted and nothing holds it (or forced): remove the finalizer.
     Release,
-    /// Being deleted while these profiles reference it.
-    Hold(Vec<String>),
+    /// Being deleted while these profiles reference it, or this many ManagedSecrets keep
+    /// versions in it.
+    Hold(Vec<String>, usize),
     /// Being deleted, the finalizer already gone: nothing to do.
     Gone,
 }
 
 /// Decides for a store with these `finalizers`, `deleting` or not, `forced` or not, named by
-/// the profiles `referencing`.
+/// the profiles `referencing`, holding versions of `holders` ManagedSecrets.
 pub fn decide(
     finalizers: &[String],
     deleting: bool,
     forced: bool,
     mut referencing: Vec<String>,
+    holders: usize,
 ) -> Guard {
     let has = finalizers.iter().any(|f| f == STORE_FINALIZER);
     match (deleting, has) {
         (false, true) => Guard::Proceed,
         (false, false) => Guard::AddFinalizer,
         (true, false) => Guard::Gone,
-        (true, true) if forced || referencing.is_empty() => Guard::Release,
+        (true, true) if forced || (referencing.is_empty() && holders == 0) => Guard::Release,
         (true, true) => {
             referencing.sort();
-            Guard::Hold(referencing)
+            Guard::Hold(referencing, holders)
         }
     }
 }
@@ -65,15 +68,30 @@ pub async fn guard(store: &SecretStore, ctx: &Context) -> Result<Option<Action>>
         ctx.list_profiles()
             .await?
             .into_iter()
-            .filter(|p| p.spec.stores().any(|s| s == name))
+            .filter(|p| {
+                p.spec.stores().any(|s| s == name) || p.spec.migrate_from.as_deref() == Some(&name)
+            })
             .map(|p| p.name_any())
             .collect()
     } else {
         vec![]
     };
+    let holders = if deleting {
+        ctx.managed
+            .state()
+            .iter()
+            .filter(|ms| {
+                ms.status
+                    .as_ref()
+                    .is_some_and(|s| s.versions.iter().any(|r| r.store == name))
+            })
+            .count()
+    } else {
+        0
+    };
     let api: Api<SecretStore> = Api::all(ctx.client.clone());
     let finalizers = store.finalizers().to_vec();
-    match decide(&finalizers, deleting, forced, referencing) {
+    match decide(&finalizers, deleting, forced, referencing, holders) {
         Guard::Proceed => Ok(None),
         Guard::AddFinalizer => {
             let mut list = finalizers;
@@ -100,15 +118,25 @@ pub async fn guard(store: &SecretStore, ctx: &Context) -> Result<Option<Action>>
             }
             Ok(Some(Action::await_change()))
         }
-        Guard::Hold(profiles) => {
+        Guard::Hold(profiles, holders) => {
             let held = store
                 .status
                 .as_ref()
                 .and_then(|s| s.secrets)
-                .map_or_else(String::new, |n| format!(" holds {n} secret object(s) and"));
+                .map_or_else(String::new, |n| format!(" holds {n} secret object(s);"));
+            let mut why = vec![];
+            if !profiles.is_empty() {
+                why.push(format!(
+                    "it is referenced by VaultProfile(s) {} (remove it from them)",
+                    profiles.join(", ")
+                ));
+            }
+            if holders > 0 {
+                why.push(format!("{holders} ManagedSecret(s) keep versions in it (move them with a profile's migrateFrom)"));
+            }
             let message = format!(
-                "deletion held: SecretStore {name}{held} is referenced by VaultProfile(s) {}; remove it from them, or annotate it {FORCE_DELETE_ANNOTATION}=true",
-                profiles.join(", ")
+                "deletion held: SecretStore {name}{held} {}; or annotate it {FORCE_DELETE_ANNOTATION}=true",
+                why.join(" and ")
             );
             let mut status = store.status.clone().unwrap_or_default();
             let before = status.message.clone();
@@ -163,14 +191,28 @@ mod tests {
     fn decisions() {
         let with = vec!["other".to_owned(), STORE_FINALIZER.to_owned()];
         let without = vec!["other".to_owned()];
-        assert_eq!(decide(&with, false, false, vec![]), Guard::Proceed);
-        assert_eq!(decide(&without, false, false, vec![]), Guard::AddFinalizer);
-        assert_eq!(decide(&without, true, false, vec!["p".into()]), Guard::Gone);
-        assert_eq!(decide(&with, true, false, vec![]), Guard::Release);
+        assert_eq!(decide(&with, false, false, vec![], 0), Guard::Proceed);
         assert_eq!(
-            decide(&with, true, false, vec!["b".into(), "a".into()]),
-            Guard::Hold(vec!["a".into(), "b".into()])
+            decide(&without, false, false, vec![], 0),
+            Guard::AddFinalizer
         );
-        assert_eq!(decide(&with, true, true, vec!["a".into()]), Guard::Release);
+        assert_eq!(
+            decide(&without, true, false, vec!["p".into()], 0),
+            Guard::Gone
+        );
+        assert_eq!(decide(&with, true, false, vec![], 0), Guard::Release);
+        assert_eq!(
+            decide(&with, true, false, vec!["b".into(), "a".into()], 0),
+            Guard::Hold(vec!["a".into(), "b".into()], 0)
+        );
+        // Versions left behind by a source switch hold it too.
+        assert_eq!(
+            decide(&with, true, false, vec![], 3),
+            Guard::Hold(vec![], 3)
+        );
+        assert_eq!(
+            decide(&with, true, true, vec!["a".into()], 3),
+            Guard::Release
+        );
     }
 }

@@ -7,7 +7,7 @@ use super::operator::{Operator, SCOPE_LABEL};
 use futures::Future;
 use k8s_openapi::api::core::v1::{Event, Namespace, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use keyhaven::api::{ManagedSecret, SecretStore, VaultProfile};
+use keyhaven::api::{ManagedSecret, SecretStore, SecretStoreStatus, VaultProfile};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::core::NamespaceResourceScope;
 use kube::{Api, Client, Resource, ResourceExt};
@@ -304,6 +304,28 @@ impl Fixture {
             None => panic!(
                 "no {reason} Event mentioning {text:?}; events: {:#?}",
                 self.events().await
+            ),
+        }
+    }
+
+    /// Waits until the SecretStore's status satisfies `ok`, or panics with its last status.
+    pub async fn wait_store(
+        &self,
+        name: &str,
+        what: &str,
+        timeout: Duration,
+        ok: impl Fn(&SecretStoreStatus) -> bool,
+    ) -> SecretStoreStatus {
+        let api: Api<SecretStore> = self.cluster_api();
+        let found = wait_until(timeout, || async {
+            api.get(name).await.ok()?.status.filter(|s| ok(s))
+        })
+        .await;
+        match found {
+            Some(s) => s,
+            None => panic!(
+                "SecretStore {name}: {what}: not reached in {timeout:?}; status: {:#?}",
+                api.get(name).await.ok().and_then(|s| s.status)
             ),
         }
     }

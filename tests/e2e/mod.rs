@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 pub mod fixture;
+pub mod hsm;
 pub mod operator;
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Function, Pkcs11};
@@ -375,4 +376,19 @@ where
         }
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
+}
+
+/// Runs `kubectl-keyhaven` against the bed; its exit code and stdout.
+pub fn plugin(args: &[&str]) -> (i32, String) {
+    let bed = Testbed::load();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kubectl-keyhaven"))
+        .args(args)
+        .env("KUBECONFIG", &bed.kubeconfig)
+        .output()
+        .expect("run kubectl-keyhaven");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &stderr,
+    )
 }

@@ -316,8 +316,27 @@ where
                 tap(event);
             }
         })
-        .applied_objects();
+        .applied_objects()
+        .predicate_filter(reconcile_inputs, Default::default());
     Controller::for_stream(objects, reader)
+}
+
+/// What a reconcile reads of an object's own metadata and spec: generation, labels,
+/// annotations (rotate, force-delete), finalizers, deletion. Not its status: without this
+/// filter, every status write of our own would reconcile the object a second time.
+fn reconcile_inputs<K: Resource>(obj: &K) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let m = obj.meta();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (
+        m.generation,
+        &m.labels,
+        &m.annotations,
+        &m.finalizers,
+        m.deletion_timestamp.is_some(),
+    )
+        .hash(&mut h);
+    Some(h.finish())
 }
 
 async fn run_controllers(
@@ -332,7 +351,7 @@ async fn run_controllers(
         Some(sel) => watcher::Config::default().labels(sel),
         None => watcher::Config::default(),
     };
-    let (managed_api, secrets_api): (Api<ManagedSecret>, Api<Secret>) =
+    let (managed_api, secrets_api): (Api<ManagedSecret>, Api<PartialObjectMeta<Secret>>) =
         match &config.watch_namespace {
             Some(ns) => (
                 Api::namespaced(client.clone(), ns),
@@ -513,10 +532,15 @@ async fn run_controllers(
                 .map(|m| ObjectRef::from_obj(m.as_ref()))
                 .collect::<Vec<_>>()
         })
-        .watches(
-            secrets_api,
-            watcher::Config::default().labels(&format!("{MANAGED_LABEL}={MANAGED_LABEL_VALUE}")),
-            |secret: Secret| {
+        // Metadata only: the data of thousands of Secrets is never held or even decoded here.
+        .watches_stream(
+            watcher::watcher(
+                secrets_api,
+                watcher::Config::default()
+                    .labels(&format!("{MANAGED_LABEL}={MANAGED_LABEL_VALUE}")),
+            )
+            .touched_objects(),
+            |secret: PartialObjectMeta<Secret>| {
                 let owner = secret.labels().get(MANAGED_SECRET_LABEL).cloned();
                 owner.map(|name| {
                     ObjectRef::new(&name).within(&secret.namespace().unwrap_or_default())

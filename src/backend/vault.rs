@@ -40,6 +40,11 @@ pub struct VaultStore {
     mount: String,
     kv: KvVersion,
     session: Session,
+    /// KV v2: the bookkeeping entry of each path's current value, as last read or written.
+    /// A refresh uses it while the path's latest KV version is the one it describes, so an
+    /// unchanged value costs one OpenBao read, not two; any other KV version (a value written
+    /// by hand or by another writer) reads the bookkeeping again.
+    current: std::sync::Mutex<HashMap<String, VersionEntry>>,
 }
 
 /// keyhaven's bookkeeping for one path.
@@ -120,6 +125,7 @@ impl VaultStore {
             mount: spec.mount.clone().unwrap_or_else(|| "secret".into()),
             kv: spec.version.unwrap_or_default(),
             session: Session::new(name, spec, source)?,
+            current: Default::default(),
         })
     }
 
@@ -236,16 +242,24 @@ impl VaultStore {
         path: &str,
         version: Option<u64>,
     ) -> Result<Option<StoredVersion>, BackendError> {
-        let book = self.bookkeeping(client, path).await?;
         let Some(version) = version else {
             let Some((values, store_version)) = self
                 .get_object(client, path, None)
                 .await
                 .map_err(|e| self.error(path, e))?
             else {
+                self.forget(path);
                 return Ok(None);
             };
-            let current = book.as_ref().and_then(|b| b.current.clone());
+            let current = match self.cached(path, store_version) {
+                Some(c) => Some(c),
+                None => {
+                    let book = self.bookkeeping(client, path).await?;
+                    let current = book.and_then(|b| b.current);
+                    self.remember(path, current.as_ref());
+                    current
+                }
+            };
             // Binary flags apply to the value keyhaven wrote, not to one written since by hand.
             let binary = match &current {
                 Some(c) if self.kv == KvVersion::V1 || c.store_version == store_version => {
@@ -259,6 +273,7 @@ impl VaultStore {
                 store_version,
             }));
         };
+        let book = self.bookkeeping(client, path).await?;
         let Some(entry) = book.and_then(|b| b.versions.get(&version).cloned()) else {
             return Ok(None);
         };
@@ -317,7 +332,7 @@ impl VaultStore {
             binary,
         };
         book.current = Some(entry.clone());
-        book.versions.insert(stamp.version, entry);
+        book.versions.insert(stamp.version, entry.clone());
         while book.versions.len() > MAX_REMEMBERED_VERSIONS {
             let oldest = *book.versions.keys().next().expect("not empty");
             book.versions.remove(&oldest);
@@ -330,7 +345,35 @@ impl VaultStore {
         self.put_object(client, &Self::object_path(path), &book)
             .await
             .map_err(err)?;
+        self.remember(path, Some(&entry));
         Ok(store_version)
+    }
+
+    /// The cached current entry of `path`, if it describes KV version `store_version`.
+    fn cached(&self, path: &str, store_version: Option<u64>) -> Option<VersionEntry> {
+        if self.kv != KvVersion::V2 {
+            return None;
+        }
+        let cache = self.current.lock().expect("bookkeeping cache lock");
+        cache
+            .get(path)
+            .filter(|c| store_version.is_some() && c.store_version == store_version)
+            .cloned()
+    }
+
+    fn remember(&self, path: &str, current: Option<&VersionEntry>) {
+        if self.kv != KvVersion::V2 {
+            return;
+        }
+        let mut cache = self.current.lock().expect("bookkeeping cache lock");
+        match current {
+            Some(c) => cache.insert(path.to_owned(), c.clone()),
+            None => cache.remove(path),
+        };
+    }
+
+    fn forget(&self, path: &str) {
+        self.remember(path, None);
     }
 
     /// Writes a version older than the current one (a migration copies history after a
@@ -391,11 +434,15 @@ impl VaultStore {
         self.put_object(client, &Self::object_path(path), &book)
             .await
             .map_err(err)?;
+        if self.kv == KvVersion::V2 {
+            self.remember(path, book.current.as_ref());
+        }
         Ok(store_version)
     }
 
     async fn delete_with(&self, client: &VaultClient, path: &str) -> Result<(), BackendError> {
         let err = |e| self.error(path, e);
+        self.forget(path);
         let book = self.bookkeeping(client, path).await?;
         self.remove_object(client, path).await.map_err(err)?;
         if self.kv == KvVersion::V1

@@ -86,6 +86,7 @@ pub struct Metrics {
     backend_calls: Family<CallLabels, Counter>,
     backend_duration: Latencies<OperationLabels>,
     versions_written: Family<ProfileLabels, Counter>,
+    refreshes_deferred: Counter,
     leader: Gauge,
     caches: Arc<CacheGauges>,
 }
@@ -141,6 +142,12 @@ impl Metrics {
             "New secret versions recorded, by profile",
             versions_written.clone(),
         );
+        let refreshes_deferred = Counter::default();
+        registry.register(
+            "refreshes_deferred",
+            "Periodic ManagedSecret refreshes postponed because new or changed ManagedSecrets were waiting",
+            refreshes_deferred.clone(),
+        );
         registry.register(
             "leader",
             "1 while this process holds the leader Lease (or runs without leader election)",
@@ -155,6 +162,7 @@ impl Metrics {
             backend_calls,
             backend_duration,
             versions_written,
+            refreshes_deferred,
             leader,
             caches,
         }
@@ -205,6 +213,11 @@ impl Metrics {
                 profile: profile.to_owned(),
             })
             .inc();
+    }
+
+    /// A periodic refresh stepped aside for new or changed ManagedSecrets.
+    pub fn refresh_deferred(&self) {
+        self.refreshes_deferred.inc();
     }
 
     /// Whether this process leads.

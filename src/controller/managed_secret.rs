@@ -96,7 +96,48 @@ struct Synced {
     next_rotation: Option<jiff::Timestamp>,
 }
 
+/// Whether `ms` has not been synced at its current generation yet (new, or its spec
+/// changed within [`BACKLOG_WINDOW`]): such objects go before periodic refreshes. The
+/// window bounds the deferral: one that never manages to record a status (a bug, an API
+/// server refusing it) stops holding refreshes back after it.
+pub(super) fn awaits_sync(ms: &ManagedSecret, now: jiff::Timestamp) -> bool {
+    let changed = ms
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|f| f.subresource.is_none())
+        .filter_map(|f| f.time.as_ref().map(|t| t.0))
+        .chain(ms.metadata.creation_timestamp.as_ref().map(|t| t.0))
+        .max();
+    ms.metadata.deletion_timestamp.is_none()
+        && ms.status.as_ref().and_then(|s| s.observed_generation) != ms.metadata.generation
+        && changed.is_some_and(|t| now.duration_since(t).unsigned_abs() < BACKLOG_WINDOW)
+}
+
+/// How long a new or changed ManagedSecret counts as waiting for its first sync.
+const BACKLOG_WINDOW: Duration = Duration::from_secs(600);
+
+/// How long a refresh steps aside while new or changed ManagedSecrets wait.
+const YIELD: Duration = Duration::from_secs(5);
+
+/// Whether this reconcile is only a periodic refresh (nothing in the object asks for work)
+/// that should wait: new and changed ManagedSecrets go first, so that thousands of
+/// refreshes falling due at once never starve them.
+fn yields(ms: &ManagedSecret, ctx: &Context) -> bool {
+    let settled = ms.status.as_ref().and_then(|s| s.observed_generation) == ms.metadata.generation
+        && ms.status.as_ref().is_some_and(|s| {
+            s.phase.as_deref() == Some("Synced")
+                && ms.annotations().get(ROTATE_ANNOTATION) == s.rotate_request.as_ref()
+        });
+    settled && ctx.backlog() > 0
+}
+
 async fn apply(ms: &ManagedSecret, ctx: &Context) -> Result<Action> {
+    if yields(ms, ctx) {
+        ctx.metrics.refresh_deferred();
+        return Ok(Action::requeue(jittered(YIELD)));
+    }
     // A migration of the profile moves this secret's versions first (its status is then
     // the one stored); a failed one is retried soon, while the sync goes on.
     let migrated = match resolve_profile(ms, ctx).await {
@@ -1215,4 +1256,44 @@ pub fn error_policy(_ms: Arc<ManagedSecret>, error: &Error, _ctx: Arc<Context>) 
     } else {
         Duration::from_secs(30)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(generation: i64, observed: Option<i64>, deleting: bool) -> ManagedSecret {
+        let mut ms: ManagedSecret = serde_json::from_value(serde_json::json!({
+            "apiVersion": "keyhaven.io/v1alpha1", "kind": "ManagedSecret",
+            "metadata": {"name": "a", "namespace": "n", "generation": generation,
+                         "creationTimestamp": "2026-11-25T10:00:00Z"},
+            "spec": {"type": "generic", "content": {"fromStore": {}}},
+        }))
+        .unwrap();
+        if deleting {
+            ms.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::now()));
+        }
+        ms.status = observed.map(|g| ManagedSecretStatus {
+            observed_generation: Some(g),
+            ..Default::default()
+        });
+        ms
+    }
+
+    #[test]
+    fn new_and_changed_objects_await_their_sync() {
+        let soon: jiff::Timestamp = "2026-11-25T10:01:00Z".parse().unwrap();
+        let later: jiff::Timestamp = "2026-11-25T11:00:00Z".parse().unwrap();
+        assert!(awaits_sync(&ms(1, None, false), soon), "never synced");
+        assert!(awaits_sync(&ms(2, Some(1), false), soon), "spec changed");
+        assert!(
+            !awaits_sync(&ms(2, Some(2), false), soon),
+            "synced: a refresh"
+        );
+        assert!(!awaits_sync(&ms(1, None, true), soon), "being deleted");
+        assert!(
+            !awaits_sync(&ms(1, None, false), later),
+            "never synced for an hour: it no longer holds refreshes back"
+        );
+    }
 }

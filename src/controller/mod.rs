@@ -64,6 +64,8 @@ pub struct Context {
     pub managed: Store<ManagedSecret>,
     /// Whether `managed` holds the first full list (counts made before would be short).
     pub managed_synced: Arc<std::sync::atomic::AtomicBool>,
+    /// ManagedSecrets not synced at their generation yet, and when that was counted.
+    backlog: std::sync::Mutex<Option<(std::time::Instant, usize)>>,
     /// Namespaces' metadata (labels, annotations): the watched namespace only, with
     /// `--watch-namespace`.
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
@@ -83,6 +85,27 @@ impl Context {
             && e.phase() != crate::api::StorePhase::Active
         {
             self.recheck_stores();
+        }
+    }
+
+    /// How many ManagedSecrets wait for their first sync at their current generation (new
+    /// or changed ones), counted from the cache at most once a second. Periodic refreshes
+    /// yield to them.
+    pub fn backlog(&self) -> usize {
+        let mut counted = self.backlog.lock().expect("backlog lock");
+        match *counted {
+            Some((at, n)) if at.elapsed() < Duration::from_secs(1) => n,
+            _ => {
+                let now = jiff::Timestamp::now();
+                let n = self
+                    .managed
+                    .state()
+                    .iter()
+                    .filter(|m| managed_secret::awaits_sync(m, now))
+                    .count();
+                *counted = Some((std::time::Instant::now(), n));
+                n
+            }
         }
     }
 
@@ -471,6 +494,7 @@ async fn run_controllers(
         profiles: profile_ctl.store(),
         managed: managed_ctl.store(),
         managed_synced,
+        backlog: Default::default(),
         namespaces,
         stores_registry: StoreRegistry::new(
             client.clone(),

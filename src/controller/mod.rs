@@ -329,19 +329,31 @@ where
     let writer = reflector::store::Writer::<K>::default();
     let reader = writer.as_reader();
     let mut first_list = true;
-    let objects = reflector(writer, watcher::watcher(api, wc))
-        .inspect(move |event| {
-            if first_list && matches!(event, Ok(watcher::Event::InitDone)) {
-                first_list = false;
-                probes.cache_synced();
-            }
-            if let Ok(event) = event {
-                tap(event);
-            }
-        })
-        .applied_objects()
-        .predicate_filter(reconcile_inputs, Default::default());
+    let objects = reflector(
+        writer,
+        watcher::watcher(api, wc).modify(|obj| trim_managed_fields(obj.meta_mut())),
+    )
+    .inspect(move |event| {
+        if first_list && matches!(event, Ok(watcher::Event::InitDone)) {
+            first_list = false;
+            probes.cache_synced();
+        }
+        if let Ok(event) = event {
+            tap(event);
+        }
+    })
+    .applied_objects()
+    .predicate_filter(reconcile_inputs, Default::default());
     Controller::for_stream(objects, reader)
+}
+
+/// Drops the field sets of `managedFields` from a cached object: keyhaven reads only who
+/// changed an object and when (a version's author), and the field sets are often the
+/// largest part of a cached object's metadata.
+fn trim_managed_fields(meta: &mut ObjectMeta) {
+    for entry in meta.managed_fields.iter_mut().flatten() {
+        entry.fields_v1 = None;
+    }
 }
 
 /// What a reconcile reads of an object's own metadata and spec: generation, labels,

@@ -32,7 +32,8 @@ lint:
 	cargo fmt --check
 	cargo clippy --locked --all-targets -- -D warnings
 
-# The benchmark (docs/benchmarks.md): keyhaven vs the limit on the test bed. N=1000 by
+# The benchmark (docs/benchmarks.md): keyhaven vs the limit vs ESO (once `e2e/testbed build-eso`
+# has cached it; else ESO is "not run") on the test bed. N=1000 by
 # default; `make bench BENCH_N=10000` for the issue's second size.
 BENCH_N ?= 1000
 BENCH_ARGS ?=

@@ -1,5 +1,6 @@
 //! keyhaven-bench: keyhaven at scale on the test bed, beside "the limit" (a bare kube-rs +
-//! vaultrs client doing the same work with the same concurrency, no operator).
+//! vaultrs client doing the same work with the same concurrency, no operator) and External
+//! Secrets Operator (ESO).
 //!
 //! ```sh
 //! e2e/testbed up && cargo build --release
@@ -15,17 +16,23 @@
 //! of its Secrets and ManagedSecrets, Events in the bench namespaces) and the requests and
 //! logins it made to OpenBao (the audit log, by token metadata); records its peak and
 //! steady RSS and CPU seconds from /proc. Then it runs the limit as a child process
-//! (`--limit-worker`) and prints one table. Everything it made is deleted at the end.
+//! (`--limit-worker`), then ESO v0.16.2 out of cluster (the binary `e2e/testbed build-eso`
+//! caches; its CRDs from the Go module cache) with N ExternalSecrets measured the same way,
+//! and prints one table. Everything it made is deleted at the end (ESO's CRDs stay).
 
 use clap::Parser;
 use futures::{StreamExt, TryStreamExt, stream};
 use k8s_openapi::api::core::v1::{Event, Namespace, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use keyhaven::api::{ManagedSecret, SecretStore, VaultProfile};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{
+    ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
+    PostParams,
+};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
+use serde::Deserialize;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -37,14 +44,17 @@ use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};
 
 /// Label on everything a run makes (Secrets, ManagedSecrets, namespaces, stores, profiles).
 const RUN_LABEL: &str = "bench.keyhaven.io/run";
-/// Who made a native Secret: `keyhaven` or `limit`.
+/// Who made a native Secret: `keyhaven`, `limit` or `eso`.
 const WHO_LABEL: &str = "bench.keyhaven.io/who";
 const FIELD_MANAGER: &str = "keyhaven-bench";
+/// The External Secrets Operator release the test bed builds (`e2e/testbed build-eso`, from
+/// the wrapper module `e2e/gomod/external-secrets`).
+const ESO_VERSION: &str = "v0.16.2";
 
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "keyhaven-bench",
-    about = "keyhaven vs the limit (bare kube-rs + vaultrs) on the test bed"
+    about = "keyhaven vs the limit (bare kube-rs + vaultrs) vs External Secrets Operator on the test bed"
 )]
 struct Args {
     /// Secrets (ManagedSecrets, OpenBao objects, native Secrets).
@@ -71,9 +81,19 @@ struct Args {
     /// Skip the limit run.
     #[arg(long)]
     no_limit: bool,
-    /// Skip the keyhaven run (the limit only).
+    /// Skip the keyhaven run.
     #[arg(long)]
     no_keyhaven: bool,
+    /// Skip the External Secrets Operator run.
+    #[arg(long)]
+    no_eso: bool,
+    /// The ESO binary (default: the test bed's cache,
+    /// ~/.cache/keyhaven/bin/external-secrets-v0.16.2/external-secrets).
+    #[arg(long)]
+    eso_bin: Option<PathBuf>,
+    /// ESO's CRD directory (default: config/crds/bases of the module in `go env GOMODCACHE`).
+    #[arg(long)]
+    eso_crds: Option<PathBuf>,
     /// Append the results (markdown) to this file.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -488,6 +508,56 @@ async fn resource_versions(
     Ok(out)
 }
 
+/// resourceVersions of what ESO writes: its native Secrets, its ExternalSecrets (a status
+/// rewrite counts) and the Events of its namespaces; as `resource_versions` for keyhaven.
+async fn eso_resource_versions(
+    client: &Client,
+    run: &str,
+    namespaces: &[String],
+) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    let sel = format!("{RUN_LABEL}={run},{WHO_LABEL}=eso");
+    for s in Api::<Secret>::all(client.clone())
+        .list_metadata(&ListParams::default().labels(&sel))
+        .await?
+    {
+        out.insert(
+            format!(
+                "Secret/{}/{}",
+                s.namespace().unwrap_or_default(),
+                s.name_any()
+            ),
+            s.resource_version().unwrap_or_default(),
+        );
+    }
+    let ar = eso_resource("ExternalSecret", "externalsecrets");
+    for e in Api::<DynamicObject>::all_with(client.clone(), &ar)
+        .list_metadata(&ListParams::default().labels(&format!("{RUN_LABEL}={run}")))
+        .await?
+    {
+        out.insert(
+            format!(
+                "ExternalSecret/{}/{}",
+                e.namespace().unwrap_or_default(),
+                e.name_any()
+            ),
+            e.resource_version().unwrap_or_default(),
+        );
+    }
+    for ns in namespaces {
+        for e in Api::<Event>::namespaced(client.clone(), ns)
+            .list_metadata(&ListParams::default())
+            .await?
+        {
+            out.insert(
+                format!("Event/{ns}/{}", e.name_any()),
+                e.resource_version().unwrap_or_default(),
+            );
+        }
+    }
+    Ok(out)
+}
+
 /// Objects created or changed between two snapshots.
 fn writes_between(before: &BTreeMap<String, String>, after: &BTreeMap<String, String>) -> usize {
     after
@@ -608,6 +678,183 @@ async fn tagged_token(root: &VaultClient, tag: &str) -> anyhow::Result<String> {
     Ok(auth.client_token)
 }
 
+// ---------------------------------------------------------------------------------------
+// External Secrets Operator: where its binary and CRDs are, its objects
+// ---------------------------------------------------------------------------------------
+
+/// An external-secrets.io/v1 kind.
+fn eso_resource(kind: &str, plural: &str) -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("external-secrets.io", "v1", kind),
+        plural,
+    )
+}
+
+/// ESO's binary and CRD directory, found.
+struct EsoFiles {
+    bin: PathBuf,
+    crds: PathBuf,
+}
+
+/// The test bed's binary cache, as `e2e/testbed` computes it.
+fn keyhaven_cache() -> PathBuf {
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    var("KEYHAVEN_CACHE")
+        .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("keyhaven")))
+        .unwrap_or_else(|| {
+            var("HOME")
+                .unwrap_or_else(|| PathBuf::from("/root"))
+                .join(".cache/keyhaven")
+        })
+}
+
+/// The Go module cache: `go env GOMODCACHE`, else $GOMODCACHE, $GOPATH/pkg/mod, ~/go/pkg/mod.
+fn go_mod_cache(bed: &Bed) -> Option<PathBuf> {
+    let out = Command::new("go")
+        .args(["env", "GOMODCACHE"])
+        .env("PATH", &bed.path)
+        .env("GOTOOLCHAIN", "local")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output();
+    if let Ok(out) = out
+        && out.status.success()
+    {
+        let dir = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if !dir.is_empty() {
+            return Some(dir.into());
+        }
+    }
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    var("GOMODCACHE")
+        .or_else(|| {
+            std::env::var("GOPATH").ok().and_then(|p| {
+                p.split(':')
+                    .find(|d| !d.is_empty())
+                    .map(|d| Path::new(d).join("pkg/mod"))
+            })
+        })
+        .or_else(|| var("HOME").map(|h| h.join("go/pkg/mod")))
+}
+
+/// ESO's binary and CRDs, or why the ESO phase cannot run (and how to fix it).
+fn eso_files(args: &Args, bed: &Bed) -> Result<EsoFiles, String> {
+    let bin = args.eso_bin.clone().unwrap_or_else(|| {
+        keyhaven_cache().join(format!(
+            "bin/external-secrets-{ESO_VERSION}/external-secrets"
+        ))
+    });
+    if !bin.is_file() {
+        return Err(format!(
+            "no ESO binary at {}: build it once with `e2e/testbed build-eso` (about 30 min on \
+             2 cores; cached afterwards) or pass --eso-bin",
+            bin.display()
+        ));
+    }
+    let crds = args.eso_crds.clone().or_else(|| {
+        go_mod_cache(bed).map(|m| {
+            m.join(format!(
+                "github.com/external-secrets/external-secrets@{ESO_VERSION}/config/crds/bases"
+            ))
+        })
+    });
+    match crds {
+        Some(crds)
+            if crds
+                .join("external-secrets.io_externalsecrets.yaml")
+                .is_file() =>
+        {
+            Ok(EsoFiles { bin, crds })
+        }
+        other => Err(format!(
+            "ESO's CRDs are not at {}: `e2e/testbed build-eso` downloads them into the Go \
+             module cache (or pass --eso-crds DIR)",
+            other.map_or("<no Go module cache>".into(), |d| d.display().to_string())
+        )),
+    }
+}
+
+/// Installs ESO's CRDs (every `*.yaml` CustomResourceDefinition in `dir`) with server-side
+/// apply when the bed does not have them, and waits until all are Established.
+async fn ensure_eso_crds(client: &Client, dir: &Path) -> anyhow::Result<()> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    let mut names = vec![];
+    for file in files {
+        let text = std::fs::read_to_string(&file)?;
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let crd =
+                Value::deserialize(doc).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            if crd["kind"] != "CustomResourceDefinition" {
+                continue;
+            }
+            let name = crd["metadata"]["name"]
+                .as_str()
+                .ok_or_else(|| anyhow::anyhow!("{}: a CRD without a name", file.display()))?
+                .to_owned();
+            if api.get_opt(&name).await?.is_none() {
+                eprintln!("ESO: installing CRD {name}");
+                api.patch(
+                    &name,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&crd),
+                )
+                .await?;
+            }
+            names.push(name);
+        }
+    }
+    anyhow::ensure!(!names.is_empty(), "no CRDs in {}", dir.display());
+    let start = Instant::now();
+    for name in &names {
+        loop {
+            let established = api.get_opt(name).await?.is_some_and(|c| {
+                c.status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True")
+            });
+            if established {
+                break;
+            }
+            anyhow::ensure!(
+                start.elapsed() < Duration::from_secs(120),
+                "CRD {name} is not Established"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    Ok(())
+}
+
+/// Whether an ESO object's status has the condition `Ready=True`.
+fn eso_ready(o: &DynamicObject) -> bool {
+    o.data["status"]["conditions"].as_array().is_some_and(|cs| {
+        cs.iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+    })
+}
+
+/// A free TCP port on loopback (for ESO's metrics, which logs only the address it was given).
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 /// The operator process, killed when dropped.
 struct Operator {
     child: Child,
@@ -633,6 +880,78 @@ impl Operator {
             .spawn()
             .map_err(|e| anyhow::anyhow!("start {}: {e}", bin.display()))?;
         Ok(Operator { child, log })
+    }
+
+    /// External Secrets Operator's controller (its root command), out of cluster, with the
+    /// bench's concurrency and no client-side rate limit (like kube-rs); the reconcilers the
+    /// bench does not use are off.
+    fn start_eso(
+        bed: &Bed,
+        bin: &Path,
+        run: &str,
+        concurrency: usize,
+        metrics_addr: &str,
+    ) -> anyhow::Result<Operator> {
+        let log = std::env::temp_dir().join(format!("keyhaven-bench-{run}-eso.log"));
+        let file = std::fs::File::create(&log)?;
+        let child = Command::new(bin)
+            .arg(format!("--concurrent={concurrency}"))
+            .arg(format!("--metrics-addr={metrics_addr}"))
+            .arg("--enable-leader-election=false")
+            .arg("--enable-cluster-external-secret-reconciler=false")
+            .arg("--enable-push-secret-reconciler=false")
+            .arg("--enable-cluster-push-secret-reconciler=false")
+            // client-go builds no rate limiter when QPS <= 0: no client-side throttling, as
+            // kube-rs has none (ESO's defaults are QPS 50, burst 100).
+            .arg("--client-qps=-1")
+            .arg("--client-burst=1000")
+            .arg("--loglevel=info")
+            // A clean environment: Vault's Go client would otherwise take the bed's
+            // VAULT_TOKEN (root) and use it instead of the store's tagged token.
+            .env_clear()
+            .env("KUBECONFIG", &bed.kubeconfig)
+            .env(
+                "HOME",
+                std::env::var_os("HOME").unwrap_or_else(|| "/root".into()),
+            )
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("start {}: {e}", bin.display()))?;
+        Ok(Operator { child, log })
+    }
+
+    /// Waits until ESO serves its metrics and reports `store` (a ClusterSecretStore) Ready,
+    /// i.e. its caches are synced and it validated the store against OpenBao.
+    async fn wait_eso_ready(
+        &mut self,
+        stores: &Api<DynamicObject>,
+        store: &str,
+        metrics_addr: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                anyhow::bail!(
+                    "ESO exited ({status}); its log {}:\n{}",
+                    self.log.display(),
+                    self.log_text()
+                );
+            }
+            let ready = stores.get_opt(store).await?.is_some_and(|s| eso_ready(&s));
+            if ready && let Some((200, _)) = http_get(metrics_addr, "/metrics").await {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                start.elapsed() < timeout,
+                "ESO is not ready (ClusterSecretStore {store} Ready: {ready}); its log: {}",
+                self.log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
 
     fn pid(&self) -> u32 {
@@ -727,9 +1046,19 @@ struct Run {
 
 impl Run {
     fn expected(&self, who: &str, updated: &[usize]) -> HashMap<(String, String), String> {
+        self.expected_at(who, updated, 2)
+    }
+
+    /// The values in OpenBao when every value of `updated` is at `generation`, the others at 1.
+    fn expected_at(
+        &self,
+        who: &str,
+        updated: &[usize],
+        generation: u32,
+    ) -> HashMap<(String, String), String> {
         (0..self.args.n)
             .map(|i| {
-                let generation = if updated.contains(&i) { 2 } else { 1 };
+                let generation = if updated.contains(&i) { generation } else { 1 };
                 (
                     (
                         namespace(&self.id, who, i, self.args.namespaces),
@@ -1064,6 +1393,225 @@ impl Run {
         Ok(f)
     }
 
+    /// External Secrets Operator, out of cluster, in namespaces of its own (`<run>-e-*`), with
+    /// a ClusterSecretStore (vault, token auth with a token tagged `<run>-eso`) and N
+    /// ExternalSecrets; measured as the keyhaven phase is. `base` is the generation every
+    /// tenth value has in OpenBao when it starts (2 after the keyhaven phase); its own 10 %
+    /// change moves them to `base + 1`.
+    async fn eso(&self, files: &EsoFiles, base: u32) -> anyhow::Result<Figures> {
+        let mut f = Figures::default();
+        let (run, client, args) = (&self.id, &self.client, &self.args);
+        let tag = format!("{run}-eso");
+        let op_ns = format!("{run}-eso");
+        let namespaces = self.namespaces("e");
+        ensure_eso_crds(client, &files.crds).await?;
+        create_namespaces(
+            client,
+            &[vec![op_ns.clone()], namespaces.clone()].concat(),
+            run,
+        )
+        .await?;
+        let token = tagged_token(&self.root, &tag).await?;
+        let secret: Secret = serde_json::from_value(json!({
+            "metadata": {"name": "bench-vault-token", "namespace": op_ns},
+            "stringData": {"token": token}
+        }))?;
+        Api::<Secret>::namespaced(client.clone(), &op_ns)
+            .create(&PostParams::default(), &secret)
+            .await?;
+        let store = format!("{run}-eso");
+        let stores: Api<DynamicObject> = Api::all_with(
+            client.clone(),
+            &eso_resource("ClusterSecretStore", "clustersecretstores"),
+        );
+        stores
+            .patch(
+                &store,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(json!({
+                    "apiVersion": "external-secrets.io/v1", "kind": "ClusterSecretStore",
+                    "metadata": {"name": store, "labels": {RUN_LABEL: run}},
+                    "spec": {"provider": {"vault": {
+                        "server": self.bed.vault_addr, "path": "secret", "version": "v2",
+                        "auth": {"tokenSecretRef": {"name": "bench-vault-token", "namespace": op_ns, "key": "token"}}}}}
+                })),
+            )
+            .await?;
+
+        let run_mark = self.audit.mark();
+        let metrics_addr = format!("127.0.0.1:{}", free_port()?);
+        let mut op =
+            Operator::start_eso(&self.bed, &files.bin, run, args.concurrency, &metrics_addr)?;
+        op.wait_eso_ready(&stores, &store, &metrics_addr, Duration::from_secs(300))
+            .await?;
+        eprintln!(
+            "ESO: pid {} ready (log {}), {} ExternalSecrets across {} namespaces",
+            op.pid(),
+            op.log.display(),
+            args.n,
+            namespaces.len()
+        );
+
+        // Converge: the values OpenBao holds now (every tenth at `base`).
+        let selector = format!("{RUN_LABEL}={run},{WHO_LABEL}=eso");
+        let watch = SecretWatch::start(client, &selector).await;
+        let updated: Vec<usize> = (0..args.n).step_by(10).collect();
+        let expected = self.expected_at("e", &updated, base);
+        let api_before = apiserver_requests(&self.bed);
+        let mark = self.audit.mark();
+        let cpu0 = proc_stats(op.pid()).cpu_secs;
+        let start = Instant::now();
+        let refresh = format!("{}s", args.refresh);
+        let external_secrets = eso_resource("ExternalSecret", "externalsecrets");
+        concurrently((0..args.n).collect(), args.concurrency, |i| {
+            let ns = namespace(run, "e", i, args.namespaces);
+            let api = Api::<DynamicObject>::namespaced_with(client.clone(), &ns, &external_secrets);
+            let (refresh, store) = (refresh.clone(), store.clone());
+            async move {
+                let name = format!("s-{i}");
+                api.patch(
+                    &name,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(json!({
+                        "apiVersion": "external-secrets.io/v1", "kind": "ExternalSecret",
+                        "metadata": {"name": name, "namespace": ns, "labels": {RUN_LABEL: run}},
+                        "spec": {
+                            "refreshInterval": refresh,
+                            "secretStoreRef": {"kind": "ClusterSecretStore", "name": store},
+                            "target": {"name": name, "template": {"metadata": {
+                                "labels": {RUN_LABEL: run, WHO_LABEL: "eso"}}}},
+                            "data": [{"secretKey": "value",
+                                "remoteRef": {"key": kv_path(run, i), "property": "value"}}]}
+                    })),
+                )
+                .await?;
+                Ok(())
+            }
+        })
+        .await?;
+        let applied = start.elapsed();
+        let timeout = Duration::from_secs(args.timeout);
+        f.converge = Some(
+            watch
+                .wait_all(&expected, start, timeout, "ESO converge")
+                .await?,
+        );
+        f.converge_cpu = Some(proc_stats(op.pid()).cpu_secs - cpu0);
+        verify_by_list(client, &selector, &expected).await?;
+        eprintln!(
+            "ESO: {} Secrets right after {:.2}s (ExternalSecrets applied in {:.2}s)",
+            args.n,
+            f.converge.unwrap().as_secs_f64(),
+            applied.as_secs_f64()
+        );
+        // Every status Ready (ESO's equivalent of keyhaven's recorded version).
+        self.wait_eso_synced(timeout).await?;
+        if let Some((r0, w0)) = api_before
+            && let Some((r1, w1)) = apiserver_requests(&self.bed)
+        {
+            // Minus the bench's own N applies, as for keyhaven.
+            let total = (r1 + w1)
+                .saturating_sub(r0 + w0)
+                .saturating_sub(args.n as u64);
+            f.api_requests_per_secret = Some(total as f64 / args.n as f64);
+        }
+        f.converge_vault_requests = self.audit.count(mark, &tag).map(|c| c.requests);
+
+        // Update 10 %: every tenth value to the next generation; ESO sees it when it refreshes.
+        let generation = base + 1;
+        let expected = self.expected_at("e", &updated, generation);
+        let start = Instant::now();
+        let (root, id) = (&self.root, &self.id);
+        concurrently(updated.clone(), 32, |i| async move {
+            let data = HashMap::from([("value", value(id, i, generation))]);
+            vaultrs::kv2::set(root, "secret", &kv_path(id, i), &data).await?;
+            Ok(())
+        })
+        .await?;
+        f.update = Some(
+            watch
+                .wait_all(&expected, start, timeout, "ESO update")
+                .await?,
+        );
+        verify_by_list(client, &selector, &expected).await?;
+        self.wait_eso_synced(timeout).await?;
+        eprintln!(
+            "ESO: {} changed values materialized after {:.2}s",
+            updated.len(),
+            f.update.unwrap().as_secs_f64()
+        );
+        drop(watch);
+
+        // Quiet: nothing changes for --quiet-intervals refresh intervals.
+        let quiet = Duration::from_secs(args.refresh * args.quiet_intervals as u64);
+        eprintln!("ESO: watching {}s of unchanged refreshes", quiet.as_secs());
+        let before = eso_resource_versions(client, run, &namespaces).await?;
+        let mark = self.audit.mark();
+        tokio::time::sleep(quiet).await;
+        let after = eso_resource_versions(client, run, &namespaces).await?;
+        f.quiet_api_writes = Some(writes_between(&before, &after));
+        f.quiet_vault_requests = self.audit.count(mark, &tag).map(|c| c.requests);
+        let stats = proc_stats(op.pid());
+        f.peak_rss_kib = Some(stats.hwm_kib);
+        f.steady_rss_kib = Some(stats.rss_kib);
+        f.total_cpu = Some(stats.cpu_secs);
+        // Logins over the whole run: token lookups and auth/*/login calls of its token.
+        f.logins = self.audit.count(run_mark, &tag).map(|c| c.logins);
+        if let Some((200, text)) = http_get(&metrics_addr, "/metrics").await {
+            // Counters: whole numbers (and never "-0" when a family has no sample yet).
+            let count = |name: &str, filter: &str| metric_sum(&text, name, filter) as u64;
+            let syncs = count("externalsecret_sync_calls_total", "");
+            let errors = count("externalsecret_sync_calls_error", "");
+            let vault = count(
+                "externalsecret_provider_api_calls_count",
+                "provider=\"HashiCorp/Vault\"",
+            );
+            let api = count("rest_client_requests_total", "");
+            f.note = format!(
+                "{syncs} ExternalSecret reconciles, {errors} errors; {vault} Vault provider calls; \
+                 {api} API requests of its own over the run (rest_client_requests_total)"
+            );
+        }
+
+        // Clean-up after ESO stops: it puts no finalizers on ExternalSecrets or stores, and
+        // running it would only recreate Secrets in terminating namespaces.
+        op.stop();
+        if !args.keep {
+            delete_namespaces(client, &[namespaces, vec![op_ns]].concat()).await;
+            let _ = stores.delete(&store, &DeleteParams::default()).await;
+            let _ = vaultrs::token::revoke(&self.root, &token).await;
+        }
+        Ok(f)
+    }
+
+    /// Waits until every ExternalSecret of the run reports `Ready=True`.
+    async fn wait_eso_synced(&self, timeout: Duration) -> anyhow::Result<()> {
+        let api: Api<DynamicObject> = Api::all_with(
+            self.client.clone(),
+            &eso_resource("ExternalSecret", "externalsecrets"),
+        );
+        let lp = ListParams::default().labels(&format!("{RUN_LABEL}={}", self.id));
+        let start = Instant::now();
+        loop {
+            let done = api
+                .list(&lp)
+                .await?
+                .items
+                .iter()
+                .filter(|e| eso_ready(e))
+                .count();
+            if done == self.args.n {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                start.elapsed() < timeout,
+                "only {done} of {} ExternalSecrets are Ready",
+                self.args.n
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
     async fn cleanup_vault(&self) {
         let (root, id) = (&self.root, &self.id);
         let _ = concurrently((0..self.args.n).collect(), 32, |i| async move {
@@ -1127,31 +1675,42 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> String {
     }
 }
 
-fn table(args: &Args, k: &Figures, l: &Figures) -> String {
+/// One markdown table: keyhaven, the limit, ESO, and keyhaven's ratios to both. `e` is
+/// None when ESO did not run (`not_run` says why in one or two words).
+fn table(args: &Args, k: &Figures, l: &Figures, e: Option<&Figures>, not_run: &str) -> String {
     let d = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
     let kf = |v: Option<u64>| v.map(|v| v as f64);
-    let rows: Vec<[String; 5]> = vec![
+    let uf = |v: Option<usize>| v.map(|v| v as f64);
+    let o = e.cloned().unwrap_or_default();
+    let cpu = |v: Option<f64>| v.map_or("–".into(), |v| format!("{v:.2}"));
+    let per = |v: Option<f64>| v.map_or("–".into(), |v| format!("{v:.1}"));
+    // [what, keyhaven, limit, keyhaven / limit, ESO, keyhaven / ESO, target]
+    let rows: Vec<[String; 7]> = vec![
         [
             format!("time to converge {} Secrets", args.n),
             secs(k.converge),
             secs(l.converge),
             ratio(d(k.converge), d(l.converge)),
-            "≤ 1.3×".into(),
+            secs(o.converge),
+            ratio(d(k.converge), d(o.converge)),
+            "≤ 1.3× the limit; ≤ 0.2× ESO (≥ 5× faster)".into(),
         ],
         [
             format!("time to materialize {} changed values", args.n / 10),
             secs(k.update),
             "–".into(),
             "–".into(),
+            secs(o.update),
+            ratio(d(k.update), d(o.update)),
             format!("(refreshInterval {}s ±10 %)", args.refresh),
         ],
         [
             "API requests per Secret (converge)".into(),
-            k.api_requests_per_secret
-                .map_or("–".into(), |v| format!("{v:.1}")),
-            l.api_requests_per_secret
-                .map_or("–".into(), |v| format!("{v:.1}")),
+            per(k.api_requests_per_secret),
+            per(l.api_requests_per_secret),
             ratio(k.api_requests_per_secret, l.api_requests_per_secret),
+            per(o.api_requests_per_secret),
+            ratio(k.api_requests_per_secret, o.api_requests_per_secret),
             "".into(),
         ],
         [
@@ -1159,6 +1718,8 @@ fn table(args: &Args, k: &Figures, l: &Figures) -> String {
             num(k.converge_vault_requests),
             num(l.converge_vault_requests),
             ratio(kf(k.converge_vault_requests), kf(l.converge_vault_requests)),
+            num(o.converge_vault_requests),
+            ratio(kf(k.converge_vault_requests), kf(o.converge_vault_requests)),
             "".into(),
         ],
         [
@@ -1169,6 +1730,8 @@ fn table(args: &Args, k: &Figures, l: &Figures) -> String {
             num(k.quiet_api_writes),
             "–".into(),
             "–".into(),
+            num(o.quiet_api_writes),
+            ratio(uf(k.quiet_api_writes), uf(o.quiet_api_writes)),
             "0".into(),
         ],
         [
@@ -1179,12 +1742,16 @@ fn table(args: &Args, k: &Figures, l: &Figures) -> String {
             num(k.quiet_vault_requests),
             "–".into(),
             "–".into(),
+            num(o.quiet_vault_requests),
+            ratio(kf(k.quiet_vault_requests), kf(o.quiet_vault_requests)),
             "".into(),
         ],
         [
             "OpenBao logins".into(),
             num(k.logins),
             num(l.logins),
+            "–".into(),
+            num(o.logins),
             "–".into(),
             "1 per store".into(),
         ],
@@ -1193,38 +1760,50 @@ fn table(args: &Args, k: &Figures, l: &Figures) -> String {
             mib(k.peak_rss_kib),
             mib(l.peak_rss_kib),
             ratio(kf(k.peak_rss_kib), kf(l.peak_rss_kib)),
-            "".into(),
+            mib(o.peak_rss_kib),
+            ratio(kf(k.peak_rss_kib), kf(o.peak_rss_kib)),
+            "≤ 0.25× ESO".into(),
         ],
         [
             "steady RSS (VmRSS, after the quiet intervals)".into(),
             mib(k.steady_rss_kib),
             "–".into(),
             "–".into(),
-            "≤ 48 MiB at 10,000".into(),
+            mib(o.steady_rss_kib),
+            ratio(kf(k.steady_rss_kib), kf(o.steady_rss_kib)),
+            "≤ 48 MiB at 10,000; ≤ 0.25× ESO".into(),
         ],
         [
             "CPU seconds (converge)".into(),
-            k.converge_cpu.map_or("–".into(), |v| format!("{v:.2}")),
-            l.converge_cpu.map_or("–".into(), |v| format!("{v:.2}")),
+            cpu(k.converge_cpu),
+            cpu(l.converge_cpu),
             ratio(k.converge_cpu, l.converge_cpu),
+            cpu(o.converge_cpu),
+            ratio(k.converge_cpu, o.converge_cpu),
             "".into(),
         ],
         [
             "CPU seconds (whole run)".into(),
-            k.total_cpu.map_or("–".into(), |v| format!("{v:.2}")),
-            l.total_cpu.map_or("–".into(), |v| format!("{v:.2}")),
+            cpu(k.total_cpu),
+            cpu(l.total_cpu),
             "–".into(),
+            cpu(o.total_cpu),
+            ratio(k.total_cpu, o.total_cpu),
             "".into(),
         ],
     ];
-    let mut out = String::from(
-        "| N = {n}, concurrency {c} | keyhaven | limit | keyhaven / limit | ESO | target |\n|---|---|---|---|---|---|\n",
-    )
-    .replace("{n}", &args.n.to_string())
-    .replace("{c}", &args.concurrency.to_string());
-    for [what, kv, lv, r, target] in rows {
+    let mut out = format!(
+        "| N = {}, concurrency {} | keyhaven | limit | keyhaven / limit | ESO {ESO_VERSION} | keyhaven / ESO | target |\n|---|---|---|---|---|---|---|\n",
+        args.n, args.concurrency
+    );
+    for [what, kv, lv, rl, ev, re, target] in rows {
+        let (ev, re) = if e.is_some() {
+            (ev, re)
+        } else {
+            (not_run.to_owned(), "–".to_owned())
+        };
         out.push_str(&format!(
-            "| {what} | {kv} | {lv} | {r} | not run | {target} |\n"
+            "| {what} | {kv} | {lv} | {rl} | {ev} | {re} | {target} |\n"
         ));
     }
     out
@@ -1260,6 +1839,16 @@ async fn main() -> anyhow::Result<()> {
         run.id, args.n, args.namespaces, args.concurrency, args.refresh
     );
     ensure_crds(&run.client).await?;
+    let eso_files = if args.no_eso {
+        Err("not run (--no-eso)".to_owned())
+    } else {
+        eso_files(&args, &run.bed)
+    };
+    if let Err(why) = &eso_files
+        && !args.no_eso
+    {
+        eprintln!("ESO: not run: {why}");
+    }
     let t = Instant::now();
     run.seed().await?;
     eprintln!(
@@ -1280,30 +1869,80 @@ async fn main() -> anyhow::Result<()> {
             run.limit().await?
         };
         eprintln!("limit figures: {l:?}");
-        anyhow::Ok((k, l))
+        // ESO last, in its own namespaces. Its failure does not lose the other figures: the
+        // table is printed, then the bench exits with the error.
+        let e: Result<Figures, String> = match &eso_files {
+            Err(why) if args.no_eso => Err(why.clone()),
+            Err(why) => Err(format!("not run: {why}")),
+            Ok(files) => {
+                // The keyhaven phase moved every tenth value to generation 2.
+                let base = if args.no_keyhaven { 1 } else { 2 };
+                run.eso(files, base).await.map_err(|err| {
+                    eprintln!("ESO phase failed: {err:#}");
+                    format!("failed: {err:#}")
+                })
+            }
+        };
+        if let Ok(e) = &e {
+            eprintln!("ESO figures: {e:?}");
+        }
+        anyhow::Ok((k, l, e))
     }
     .await;
     if !args.keep {
         run.cleanup_vault().await;
-        let all: Vec<String> = [run.namespaces("k"), run.namespaces("l")].concat();
-        delete_namespaces(&run.client, &[all, vec![format!("{}-op", run.id)]].concat()).await;
+        let all: Vec<String> = [
+            run.namespaces("k"),
+            run.namespaces("l"),
+            run.namespaces("e"),
+        ]
+        .concat();
+        let ops = vec![format!("{}-op", run.id), format!("{}-eso", run.id)];
+        delete_namespaces(&run.client, &[all, ops].concat()).await;
+        if eso_files.is_ok() {
+            let _ = Api::<DynamicObject>::all_with(
+                run.client.clone(),
+                &eso_resource("ClusterSecretStore", "clustersecretstores"),
+            )
+            .delete(&format!("{}-eso", run.id), &DeleteParams::default())
+            .await;
+        }
     }
-    let (k, l) = result?;
+    let (k, l, e) = result?;
+    let skipped: String = [
+        (args.no_keyhaven, " --no-keyhaven"),
+        (args.no_limit, " --no-limit"),
+        (args.no_eso, " --no-eso"),
+    ]
+    .iter()
+    .filter(|(on, _)| *on)
+    .map(|(_, flag)| *flag)
+    .collect();
     let command = format!(
-        "cargo run --release --bin keyhaven-bench -- --n {} --namespaces {} --concurrency {} --refresh {} --quiet-intervals {}",
+        "cargo run --release --bin keyhaven-bench -- --n {} --namespaces {} --concurrency {} --refresh {} --quiet-intervals {}{skipped}",
         args.n, args.namespaces, args.concurrency, args.refresh, args.quiet_intervals
     );
+    let (eso_figures, not_run) = match &e {
+        Ok(f) => (Some(f), ""),
+        Err(why) if why.starts_with("failed") => (None, "failed"),
+        Err(_) => (None, "not run"),
+    };
+    let mut notes = vec![];
+    if !k.note.is_empty() {
+        notes.push(format!("keyhaven: {}.\n", k.note));
+    }
+    match &e {
+        Ok(f) if !f.note.is_empty() => notes.push(format!("ESO: {}.\n", f.note)),
+        Ok(_) => {}
+        Err(why) => notes.push(format!("ESO: {why}.\n")),
+    }
+    let notes = notes.join("\n");
     let text = format!(
-        "### N = {} (run {}, {})\n\n`{command}`\n\n{}\n{}\n",
+        "### N = {} (run {}, {})\n\n`{command}`\n\n{}\n{notes}\n",
         args.n,
         run.id,
         jiff::Timestamp::now().strftime("%Y-%m-%d %H:%M UTC"),
-        table(&args, &k, &l),
-        if k.note.is_empty() {
-            String::new()
-        } else {
-            format!("keyhaven: {}.\n", k.note)
-        }
+        table(&args, &k, &l, eso_figures, not_run),
     );
     println!("{text}");
     if let Some(out) = &args.out {
@@ -1312,6 +1951,11 @@ async fn main() -> anyhow::Result<()> {
             .append(true)
             .open(out)?;
         file.write_all(text.as_bytes())?;
+    }
+    if let Err(why) = e
+        && why.starts_with("failed")
+    {
+        anyhow::bail!("the ESO phase {why}");
     }
     Ok(())
 }

@@ -6,7 +6,7 @@
 mod e2e;
 
 use e2e::fixture::Fixture;
-use e2e::hsm::{TokenKeys, bed_provider, hsm_store, kek_label, set_pin};
+use e2e::hsm::{TokenKeys, hsm_setup, hsm_store};
 use e2e::{Testbed, plugin};
 use futures::{StreamExt, TryStreamExt};
 use keyhaven::api::{ManagedSecret, SecretStore, StorePhase, VaultProfile, VersionRecord};
@@ -104,11 +104,7 @@ async fn switching_tier_keeps_old_versions_in_the_store_they_were_written_to() {
     const VERSIONS: u64 = 5;
     let mut keys = TokenKeys(vec![]);
     let fx = Fixture::new("switch").await;
-    let bed = Testbed::load();
-    let kek = kek_label(&fx, "kek");
-    keys.0.push(kek.clone());
-    set_pin(&fx, &bed.pkcs11_pin).await;
-    let hsm = fx.store("hsm", bed_provider(&kek)).await;
+    let (hsm, kek) = hsm_setup(&fx, &mut keys).await;
     let internal = fx.store("internal", json!({"internal": {}})).await;
     let dev = fx
         .profile_spec(

@@ -14,7 +14,9 @@ use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeInfo, AttributeType, KeyType, ObjectClass};
 use e2e::Testbed;
 use e2e::fixture::{Fixture, wait_until};
-use e2e::hsm::{PIN_SECRET, TokenKeys, bed_provider, hsm_store, kek_label, provider, set_pin};
+use e2e::hsm::{
+    PIN_SECRET, TokenKeys, bed_provider, hsm_setup, hsm_store, kek_label, provider, set_pin,
+};
 use k8s_openapi::api::core::v1::Secret;
 use keyhaven::api::{KekRotationPhase, SecretStore, StorePhase};
 use keyhaven::backend::{Backend, Pkcs11Store};
@@ -72,10 +74,7 @@ async fn values_round_trip_as_source_and_sync_target_and_only_ciphertext_is_stor
     let mut keys = TokenKeys(vec![]);
     let fx = Fixture::new("pkcs11-trip").await;
     let bed = Testbed::load();
-    let kek = kek_label(&fx, "kek");
-    keys.0.push(kek.clone());
-    set_pin(&fx, &bed.pkcs11_pin).await;
-    let hsm = fx.store("hsm", bed_provider(&kek)).await;
+    let (hsm, kek) = hsm_setup(&fx, &mut keys).await;
     let internal = fx.store("internal", json!({"internal": {}})).await;
     let status = fx
         .wait_store(&hsm, "Active", Duration::from_secs(60), |s| {
@@ -236,10 +235,7 @@ async fn the_kek_is_created_sensitive_and_never_leaves_the_token() {
     let mut keys = TokenKeys(vec![]);
     let fx = Fixture::new("pkcs11-kek").await;
     let bed = Testbed::load();
-    let kek = kek_label(&fx, "kek");
-    keys.0.push(kek.clone());
-    set_pin(&fx, &bed.pkcs11_pin).await;
-    let hsm = fx.store("hsm", bed_provider(&kek)).await;
+    let (hsm, kek) = hsm_setup(&fx, &mut keys).await;
     fx.wait_store(&hsm, "Active", Duration::from_secs(60), |s| {
         s.phase == Some(StorePhase::Active)
     })
@@ -338,10 +334,7 @@ async fn a_wrong_pin_seals_the_store_and_never_touches_native_secrets() {
     let mut keys = TokenKeys(vec![]);
     let fx = Fixture::new("pkcs11-pin").await;
     let bed = Testbed::load();
-    let kek = kek_label(&fx, "kek");
-    keys.0.push(kek.clone());
-    set_pin(&fx, &bed.pkcs11_pin).await;
-    let hsm = fx.store("hsm", bed_provider(&kek)).await;
+    let (hsm, kek) = hsm_setup(&fx, &mut keys).await;
     let profile = fx.profile("p", &hsm, &[]).await;
     let value = "sealed-but-kept-e2e-pkcs11";
     fx.secret(&fx.ns, "src", &[("api-key", value)]).await;

@@ -459,103 +459,60 @@ fn apiserver_requests(bed: &Bed) -> Option<(u64, u64)> {
     Some((reads, writes))
 }
 
-/// resourceVersions of the objects a run's operator writes: its native Secrets, its
-/// ManagedSecrets, and the Events of the run's namespaces.
+/// resourceVersions of the objects a run's operator (`who`: keyhaven or eso) writes: its
+/// native Secrets, its own kind (ManagedSecrets or ExternalSecrets: a status rewrite
+/// counts) and the Events of its namespaces.
 async fn resource_versions(
     client: &Client,
     run: &str,
+    who: &str,
     namespaces: &[String],
 ) -> anyhow::Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
-    let sel = format!("{RUN_LABEL}={run},{WHO_LABEL}=keyhaven");
-    for s in Api::<Secret>::all(client.clone())
-        .list_metadata(&ListParams::default().labels(&sel))
-        .await?
-    {
-        out.insert(
-            format!(
-                "Secret/{}/{}",
-                s.namespace().unwrap_or_default(),
-                s.name_any()
-            ),
-            s.resource_version().unwrap_or_default(),
-        );
-    }
-    for m in Api::<ManagedSecret>::all(client.clone())
-        .list_metadata(&ListParams::default().labels(&format!("{RUN_LABEL}={run}")))
-        .await?
-    {
-        out.insert(
-            format!(
-                "ManagedSecret/{}/{}",
-                m.namespace().unwrap_or_default(),
-                m.name_any()
-            ),
-            m.resource_version().unwrap_or_default(),
-        );
+    let secrets = ListParams::default().labels(&format!("{RUN_LABEL}={run},{WHO_LABEL}={who}"));
+    let owned = ListParams::default().labels(&format!("{RUN_LABEL}={run}"));
+    record_versions(
+        &mut out,
+        "Secret",
+        Api::<Secret>::all(client.clone())
+            .list_metadata(&secrets)
+            .await?,
+    );
+    if who == "eso" {
+        let ar = eso_resource("ExternalSecret", "externalsecrets");
+        let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
+        record_versions(&mut out, "ExternalSecret", api.list_metadata(&owned).await?);
+    } else {
+        let api = Api::<ManagedSecret>::all(client.clone());
+        record_versions(&mut out, "ManagedSecret", api.list_metadata(&owned).await?);
     }
     for ns in namespaces {
-        for e in Api::<Event>::namespaced(client.clone(), ns)
-            .list_metadata(&ListParams::default())
-            .await?
-        {
-            out.insert(
-                format!("Event/{ns}/{}", e.name_any()),
-                e.resource_version().unwrap_or_default(),
-            );
-        }
+        let api = Api::<Event>::namespaced(client.clone(), ns);
+        record_versions(
+            &mut out,
+            "Event",
+            api.list_metadata(&ListParams::default()).await?,
+        );
     }
     Ok(out)
 }
 
-/// resourceVersions of what ESO writes: its native Secrets, its ExternalSecrets (a status
-/// rewrite counts) and the Events of its namespaces; as `resource_versions` for keyhaven.
-async fn eso_resource_versions(
-    client: &Client,
-    run: &str,
-    namespaces: &[String],
-) -> anyhow::Result<BTreeMap<String, String>> {
-    let mut out = BTreeMap::new();
-    let sel = format!("{RUN_LABEL}={run},{WHO_LABEL}=eso");
-    for s in Api::<Secret>::all(client.clone())
-        .list_metadata(&ListParams::default().labels(&sel))
-        .await?
-    {
+/// Adds `kind/namespace/name → resourceVersion` of each object to `out`.
+fn record_versions<K: kube::Resource>(
+    out: &mut BTreeMap<String, String>,
+    kind: &str,
+    objects: impl IntoIterator<Item = K>,
+) {
+    for o in objects {
         out.insert(
             format!(
-                "Secret/{}/{}",
-                s.namespace().unwrap_or_default(),
-                s.name_any()
+                "{kind}/{}/{}",
+                o.namespace().unwrap_or_default(),
+                o.name_any()
             ),
-            s.resource_version().unwrap_or_default(),
+            o.resource_version().unwrap_or_default(),
         );
     }
-    let ar = eso_resource("ExternalSecret", "externalsecrets");
-    for e in Api::<DynamicObject>::all_with(client.clone(), &ar)
-        .list_metadata(&ListParams::default().labels(&format!("{RUN_LABEL}={run}")))
-        .await?
-    {
-        out.insert(
-            format!(
-                "ExternalSecret/{}/{}",
-                e.namespace().unwrap_or_default(),
-                e.name_any()
-            ),
-            e.resource_version().unwrap_or_default(),
-        );
-    }
-    for ns in namespaces {
-        for e in Api::<Event>::namespaced(client.clone(), ns)
-            .list_metadata(&ListParams::default())
-            .await?
-        {
-            out.insert(
-                format!("Event/{ns}/{}", e.name_any()),
-                e.resource_version().unwrap_or_default(),
-            );
-        }
-    }
-    Ok(out)
 }
 
 /// Objects created or changed between two snapshots.
@@ -1077,13 +1034,57 @@ impl Run {
     }
 
     async fn seed(&self) -> anyhow::Result<()> {
+        self.write_values((0..self.args.n).collect(), 1).await
+    }
+
+    /// Writes `generation` of the values of secrets `indices` in OpenBao, 32 at a time.
+    async fn write_values(&self, indices: Vec<usize>, generation: u32) -> anyhow::Result<()> {
         let (root, id) = (&self.root, &self.id);
-        concurrently((0..self.args.n).collect(), 32, |i| async move {
-            let data = HashMap::from([("value", value(id, i, 1))]);
+        concurrently(indices, 32, |i| async move {
+            let data = HashMap::from([("value", value(id, i, generation))]);
             vaultrs::kv2::set(root, "secret", &kv_path(id, i), &data).await?;
             Ok(())
         })
         .await
+    }
+
+    /// API requests per Secret since `before` (`apiserver_request_total`), minus the
+    /// bench's own N applies.
+    fn api_requests_per_secret(&self, before: Option<(u64, u64)>) -> Option<f64> {
+        let (r0, w0) = before?;
+        let (r1, w1) = apiserver_requests(&self.bed)?;
+        let n = self.args.n as u64;
+        let total = (r1 + w1).saturating_sub(r0 + w0).saturating_sub(n);
+        Some(total as f64 / n as f64)
+    }
+
+    /// The quiet phase: --quiet-intervals refresh intervals with nothing changed; the API
+    /// writes of `who`, the OpenBao requests of its token `tag`, then its RSS and CPU.
+    async fn quiet(
+        &self,
+        f: &mut Figures,
+        who: &str,
+        tag: &str,
+        namespaces: &[String],
+        pid: u32,
+    ) -> anyhow::Result<()> {
+        let (run, client) = (&self.id, &self.client);
+        let quiet = Duration::from_secs(self.args.refresh * self.args.quiet_intervals as u64);
+        eprintln!(
+            "{who}: watching {}s of unchanged refreshes",
+            quiet.as_secs()
+        );
+        let before = resource_versions(client, run, who, namespaces).await?;
+        let mark = self.audit.mark();
+        tokio::time::sleep(quiet).await;
+        let after = resource_versions(client, run, who, namespaces).await?;
+        f.quiet_api_writes = Some(writes_between(&before, &after));
+        f.quiet_vault_requests = self.audit.count(mark, tag).map(|c| c.requests);
+        let stats = proc_stats(pid);
+        f.peak_rss_kib = Some(stats.hwm_kib);
+        f.steady_rss_kib = Some(stats.rss_kib);
+        f.total_cpu = Some(stats.cpu_secs);
+        Ok(())
     }
 
     async fn keyhaven(&self) -> anyhow::Result<Figures> {
@@ -1197,15 +1198,7 @@ impl Run {
         );
         // Every status recorded (version 1) before anything changes.
         self.wait_statuses(&[], timeout).await?;
-        if let Some((r0, w0)) = api_before
-            && let Some((r1, w1)) = apiserver_requests(&self.bed)
-        {
-            // Minus the bench's own: N applies, and its reads (LISTs of statuses, about one a second).
-            let total = (r1 + w1)
-                .saturating_sub(r0 + w0)
-                .saturating_sub(args.n as u64);
-            f.api_requests_per_secret = Some(total as f64 / args.n as f64);
-        }
+        f.api_requests_per_secret = self.api_requests_per_secret(api_before);
         f.converge_vault_requests = self
             .audit
             .count(mark, &format!("{run}-op"))
@@ -1215,13 +1208,7 @@ impl Run {
         let updated: Vec<usize> = (0..args.n).step_by(10).collect();
         let expected = self.expected("k", &updated);
         let start = Instant::now();
-        let (root, id) = (&self.root, &self.id);
-        concurrently(updated.clone(), 32, |i| async move {
-            let data = HashMap::from([("value", value(id, i, 2))]);
-            vaultrs::kv2::set(root, "secret", &kv_path(id, i), &data).await?;
-            Ok(())
-        })
-        .await?;
+        self.write_values(updated.clone(), 2).await?;
         f.update = Some(
             watch
                 .wait_all(&expected, start, timeout, "keyhaven update")
@@ -1236,25 +1223,14 @@ impl Run {
         );
         drop(watch);
 
-        // Quiet: nothing changes for --quiet-intervals refresh intervals.
-        let quiet = Duration::from_secs(args.refresh * args.quiet_intervals as u64);
-        eprintln!(
-            "keyhaven: watching {}s of unchanged refreshes",
-            quiet.as_secs()
-        );
-        let before = resource_versions(client, run, &namespaces).await?;
-        let mark = self.audit.mark();
-        tokio::time::sleep(quiet).await;
-        let after = resource_versions(client, run, &namespaces).await?;
-        f.quiet_api_writes = Some(writes_between(&before, &after));
-        f.quiet_vault_requests = self
-            .audit
-            .count(mark, &format!("{run}-op"))
-            .map(|c| c.requests);
-        let stats = proc_stats(op.pid());
-        f.peak_rss_kib = Some(stats.hwm_kib);
-        f.steady_rss_kib = Some(stats.rss_kib);
-        f.total_cpu = Some(stats.cpu_secs);
+        self.quiet(
+            &mut f,
+            "keyhaven",
+            &format!("{run}-op"),
+            &namespaces,
+            op.pid(),
+        )
+        .await?;
         // Logins over the whole run: the audit log (token lookups), and the operator's log.
         let log_logins = op.log_text().matches("logged in to Vault").count() as u64;
         let audit_logins = self
@@ -1506,28 +1482,14 @@ impl Run {
         );
         // Every status Ready (ESO's equivalent of keyhaven's recorded version).
         self.wait_eso_synced(timeout).await?;
-        if let Some((r0, w0)) = api_before
-            && let Some((r1, w1)) = apiserver_requests(&self.bed)
-        {
-            // Minus the bench's own N applies, as for keyhaven.
-            let total = (r1 + w1)
-                .saturating_sub(r0 + w0)
-                .saturating_sub(args.n as u64);
-            f.api_requests_per_secret = Some(total as f64 / args.n as f64);
-        }
+        f.api_requests_per_secret = self.api_requests_per_secret(api_before);
         f.converge_vault_requests = self.audit.count(mark, &tag).map(|c| c.requests);
 
         // Update 10 %: every tenth value to the next generation; ESO sees it when it refreshes.
         let generation = base + 1;
         let expected = self.expected_at("e", &updated, generation);
         let start = Instant::now();
-        let (root, id) = (&self.root, &self.id);
-        concurrently(updated.clone(), 32, |i| async move {
-            let data = HashMap::from([("value", value(id, i, generation))]);
-            vaultrs::kv2::set(root, "secret", &kv_path(id, i), &data).await?;
-            Ok(())
-        })
-        .await?;
+        self.write_values(updated.clone(), generation).await?;
         f.update = Some(
             watch
                 .wait_all(&expected, start, timeout, "ESO update")
@@ -1542,19 +1504,8 @@ impl Run {
         );
         drop(watch);
 
-        // Quiet: nothing changes for --quiet-intervals refresh intervals.
-        let quiet = Duration::from_secs(args.refresh * args.quiet_intervals as u64);
-        eprintln!("ESO: watching {}s of unchanged refreshes", quiet.as_secs());
-        let before = eso_resource_versions(client, run, &namespaces).await?;
-        let mark = self.audit.mark();
-        tokio::time::sleep(quiet).await;
-        let after = eso_resource_versions(client, run, &namespaces).await?;
-        f.quiet_api_writes = Some(writes_between(&before, &after));
-        f.quiet_vault_requests = self.audit.count(mark, &tag).map(|c| c.requests);
-        let stats = proc_stats(op.pid());
-        f.peak_rss_kib = Some(stats.hwm_kib);
-        f.steady_rss_kib = Some(stats.rss_kib);
-        f.total_cpu = Some(stats.cpu_secs);
+        self.quiet(&mut f, "eso", &tag, &namespaces, op.pid())
+            .await?;
         // Logins over the whole run: token lookups and auth/*/login calls of its token.
         f.logins = self.audit.count(run_mark, &tag).map(|c| c.logins);
         if let Some((200, text)) = http_get(&metrics_addr, "/metrics").await {

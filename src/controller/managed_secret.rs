@@ -140,13 +140,15 @@ async fn apply(ms: &ManagedSecret, ctx: &Context) -> Result<Action> {
     }
     // A migration of the profile moves this secret's versions first (its status is then
     // the one stored); a failed one is retried soon, while the sync goes on.
-    let migrated = match resolve_profile(ms, ctx).await {
-        Ok((profile, _)) => super::migration::step(ms, ctx, &profile).await?,
+    // The profile is resolved once; a failure to resolve is the sync's to report.
+    let resolved = resolve_profile(ms, ctx).await;
+    let migrated = match &resolved {
+        Ok((profile, _)) => super::migration::step(ms, ctx, profile).await?,
         Err(_) => None,
     };
     let migration_failed = migrated.as_ref().is_some_and(|(_, failed)| *failed);
     let ms = migrated.as_ref().map_or(ms, |(ms, _)| ms);
-    match sync(ms, ctx).await {
+    match sync(ms, ctx, resolved).await {
         Ok(synced) => {
             let status = synced_status(ms, &synced);
             let failed: Vec<&TargetStatus> =
@@ -354,9 +356,13 @@ async fn resolve_profile(
     Ok((Arc::new(profile), resolved.via))
 }
 
-async fn sync(ms: &ManagedSecret, ctx: &Context) -> Result<Synced> {
+async fn sync(
+    ms: &ManagedSecret,
+    ctx: &Context,
+    resolved: Result<(Arc<VaultProfile>, profiles::Via)>,
+) -> Result<Synced> {
     let namespace = ms.namespace().unwrap_or_default();
-    let (profile, via) = resolve_profile(ms, ctx).await?;
+    let (profile, via) = resolved?;
     let source_name = profile.spec.source.clone();
     let source = ctx.backend(&source_name).await?;
     let path = ms.store_path();

@@ -81,3 +81,13 @@ pub fn hsm_store(fx: &Fixture, name: &str, kek: &str) -> Pkcs11Store {
     let spec: Pkcs11Provider = serde_json::from_value(bed_provider(kek)["pkcs11"].clone()).unwrap();
     Pkcs11Store::new(name, fx.client.clone(), &fx.op.namespace, &spec).unwrap()
 }
+
+/// The usual start of a pkcs11 test: the PIN Secret, and a SecretStore `hsm` on the bed's
+/// token with a KEK of this test's own (destroyed with `keys`). Returns the store's name
+/// and the KEK's label.
+pub async fn hsm_setup(fx: &Fixture, keys: &mut TokenKeys) -> (String, String) {
+    let kek = kek_label(fx, "kek");
+    keys.0.push(kek.clone());
+    set_pin(fx, &Testbed::load().pkcs11_pin).await;
+    (fx.store("hsm", bed_provider(&kek)).await, kek)
+}

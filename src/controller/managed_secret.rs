@@ -242,7 +242,12 @@ async fn apply(ms: &ManagedSecret, ctx: &Context) -> Result<Action> {
         Err(e) => {
             warn!(error = %e, "sync failed");
             ctx.store_failed(&e);
-            let mut status = ms.status.clone().unwrap_or_default();
+            // From the API server, not the cache: the cache may not hold our last status
+            // write yet, and writing it back would drop the version that write recorded.
+            let mut status = match stored_status(ms, ctx).await {
+                Ok(stored) => stored,
+                Err(_) => ms.status.clone().unwrap_or_default(),
+            };
             if RESOLUTION_REASONS.contains(&e.reason()) {
                 status.profile = None;
             }

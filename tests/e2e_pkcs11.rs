@@ -447,6 +447,88 @@ async fn a_wrong_pin_seals_the_store_and_never_touches_native_secrets() {
         .await;
 }
 
+/// A token of a test's own on the bed's token directory, deleted when dropped.
+struct OwnToken(String);
+
+impl OwnToken {
+    /// Initialises a token labelled `label` with user PIN `pin`, as an administrator would
+    /// with softhsm2-util, in another process.
+    fn create(label: &str, pin: &str) -> OwnToken {
+        Testbed::load().export_softhsm2_conf();
+        let out = std::process::Command::new("softhsm2-util")
+            .args(["--init-token", "--free", "--label", label, "--pin", pin])
+            .args(["--so-pin", &format!("so-{pin}")])
+            .output()
+            .expect("run softhsm2-util");
+        assert!(
+            out.status.success(),
+            "softhsm2-util --init-token: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        OwnToken(label.to_owned())
+    }
+}
+
+impl Drop for OwnToken {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("softhsm2-util")
+            .args(["--delete-token", "--token", &self.0])
+            .output();
+    }
+}
+
+#[tokio::test]
+async fn a_token_initialised_after_the_operator_started_unseals_its_store() {
+    // SoftHSM2 lists its tokens once, at C_Initialize: without re-initialising the module
+    // the operator would report this token missing for as long as it runs.
+    // Declared before the fixture: the token goes after the operator.
+    let token;
+    let fx = Fixture::new("pkcs11-late").await;
+    let bed = Testbed::load();
+    let label = format!("e2e-late-{}", e2e::unique_suffix());
+    let pin = format!("pin-{}", e2e::unique_suffix());
+    let kek = kek_label(&fx, "kek");
+    set_pin(&fx, &pin).await;
+    let module = bed.pkcs11_module.display().to_string();
+    let hsm = fx.store("late", provider(&module, &label, &kek)).await;
+    let s = fx
+        .wait_store(&hsm, "Sealed", Duration::from_secs(60), |s| {
+            s.phase == Some(StorePhase::Sealed)
+        })
+        .await;
+    let message = s.message.unwrap_or_default();
+    assert!(
+        message.contains(&format!("has no token \"{label}\"")),
+        "{message}"
+    );
+
+    // The administrator initialises the token now: the store unseals at its next check
+    // (10 s) and a secret syncs through it.
+    token = OwnToken::create(&label, &pin);
+    fx.wait_store(&hsm, "Active", Duration::from_secs(60), |s| {
+        s.phase == Some(StorePhase::Active)
+    })
+    .await;
+    let profile = fx.profile("p", &hsm, &[]).await;
+    let value = "late-token-value-e2e-pkcs11";
+    fx.secret(&fx.ns, "src", &[("api-key", value)]).await;
+    fx.managed_secret(
+        "api",
+        json!({"profile": profile, "type": "api-key",
+               "content": {"fromSecret": {"name": "src"}}}),
+    )
+    .await;
+    fx.wait_synced("api", 1).await;
+    assert_eq!(
+        fx.secret_data(&fx.ns, "api").await.unwrap()["api-key"],
+        value
+    );
+    assert_eq!(records(&fx, &hsm).await.len(), 1);
+    fx.assert_values_never_leaked(&[value, &pin]).await;
+    drop(fx);
+    drop(token);
+}
+
 #[tokio::test]
 async fn kek_rotation_of_200_secrets_survives_a_crash_half_way() {
     const N: usize = 200;

@@ -197,11 +197,13 @@ impl From<CkError> for CallError {
     }
 }
 
-/// The initialised module at `path`, loaded and `C_Initialize`d on first use. Never
-/// finalised: `C_Finalize` would close the sessions of every store using it.
+/// The initialised module at `path`, loaded and `C_Initialize`d on first use. Finalised
+/// only by [`reinitialize`], while none of its tokens is in use: `C_Finalize` would close
+/// the sessions of every store using it.
 /// Blocking (dlopen, C_Initialize): call it on a blocking thread.
+static MODULES: LazyLock<Mutex<HashMap<PathBuf, Pkcs11>>> = LazyLock::new(Default::default);
+
 fn module(path: &Path) -> Result<Pkcs11, HsmError> {
-    static MODULES: LazyLock<Mutex<HashMap<PathBuf, Pkcs11>>> = LazyLock::new(Default::default);
     let mut modules = MODULES.lock().expect("pkcs11 module registry");
     if let Some(m) = modules.get(path) {
         return Ok(m.clone());
@@ -220,12 +222,49 @@ fn module(path: &Path) -> Result<Pkcs11, HsmError> {
     Ok(pkcs11)
 }
 
+/// Tokens by module and slot id.
+type Tokens = Mutex<HashMap<(PathBuf, u64), Arc<Token>>>;
+static TOKENS: LazyLock<Tokens> = LazyLock::new(Default::default);
+
 /// The token `selector` names in the module at `path`, shared by every store using it.
 /// Blocking: call it on a blocking thread.
+///
+/// A module may list its tokens once, at `C_Initialize` (SoftHSM2 reads its token
+/// directory then, and skips a token whose files another process is writing at that
+/// moment). So when the token is not found and no store of this process uses the module
+/// yet, the module is finalised, initialised again and asked once more before the token
+/// is reported missing.
 pub(super) fn token(path: &Path, selector: &TokenSelector) -> Result<Arc<Token>, HsmError> {
-    /// Tokens by module and slot id.
-    type Tokens = Mutex<HashMap<(PathBuf, u64), Arc<Token>>>;
-    static TOKENS: LazyLock<Tokens> = LazyLock::new(Default::default);
+    // One lookup at a time: a lookup may finalise the module under another.
+    static LOOKUP: Mutex<()> = Mutex::new(());
+    let _lookup = LOOKUP.lock().expect("pkcs11 token lookup");
+    match find_token(path, selector) {
+        Err(HsmError::NoToken { .. }) if reinitialize(path) => find_token(path, selector),
+        found => found,
+    }
+}
+
+/// Finalises the module at `path` so that its next use initialises it again, unless a
+/// token of it is in use (finalising would close that token's sessions). Says whether it
+/// did.
+fn reinitialize(path: &Path) -> bool {
+    let tokens = TOKENS.lock().expect("pkcs11 token registry");
+    if tokens.keys().any(|(module, _)| module == path) {
+        return false;
+    }
+    let mut modules = MODULES.lock().expect("pkcs11 module registry");
+    match modules.remove(path) {
+        Some(pkcs11) => {
+            if let Err(e) = pkcs11.finalize() {
+                tracing::debug!(module = %path.display(), error = %CallError(e), "C_Finalize");
+            }
+            true
+        }
+        None => false,
+    }
+}
+
+fn find_token(path: &Path, selector: &TokenSelector) -> Result<Arc<Token>, HsmError> {
     let pkcs11 = module(path)?;
     let call = |e: CkError| HsmError::Call {
         token: format!("PKCS#11 module {}", path.display()),

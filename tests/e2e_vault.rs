@@ -523,6 +523,7 @@ async fn token_auth_kv_v2_versions_follow_the_source() {
     .await;
     assert_eq!(st.type_.as_deref(), Some("vault"));
 
+    let adopt_mark = audit.mark();
     fx.managed_secret(
         "db",
         json!({"profile": profile, "type": "key-value", "path": path,
@@ -532,6 +533,40 @@ async fn token_auth_kv_v2_versions_follow_the_source() {
     let ms = fx.wait_synced("db", 1).await;
     let status = ms.status.clone().unwrap();
     assert_eq!(versions(&ms), vec![1]);
+    // Adopting the value costs three OpenBao requests: the value and the bookkeeping read
+    // (at once), the bookkeeping written; the value is never written back.
+    let adopt: Vec<String> = audit
+        .since(adopt_mark)
+        .into_iter()
+        .filter(|e| is_request(e) && metadata(e, "e2e") == Some(fx.ns.as_str()))
+        .filter(|e| e["request"]["operation"] != "list")
+        .map(|e| {
+            let operation = e["request"]["operation"].as_str().unwrap_or_default();
+            format!("{operation} {}", request_path(&e))
+        })
+        .filter(|r| r.contains(&path) || r.contains("keyhaven/objects/"))
+        .collect();
+    let first_write = adopt
+        .iter()
+        .position(|r| r.starts_with("update") || r.starts_with("create"))
+        .unwrap_or_else(|| panic!("no bookkeeping write: {adopt:#?}"));
+    // Sorted: the two reads go out at once.
+    let mut until_recorded = adopt[..=first_write].to_vec();
+    until_recorded.sort();
+    let book = until_recorded
+        .iter()
+        .find(|r| r.contains("keyhaven/objects/"))
+        .map(|r| r.rsplit_once(' ').unwrap().1.to_owned())
+        .unwrap_or_default();
+    assert_eq!(
+        until_recorded,
+        vec![
+            format!("create {book}"),
+            format!("read secret/data/{path}"),
+            format!("read {book}"),
+        ],
+        "OpenBao requests to adopt a value"
+    );
     assert_eq!(status.versions[0].store, vault);
     assert_eq!(
         status.versions[0].store_version,

@@ -40,11 +40,56 @@ pub struct VaultStore {
     mount: String,
     kv: KvVersion,
     session: Session,
-    /// KV v2: the bookkeeping entry of each path's current value, as last read or written.
-    /// A refresh uses it while the path's latest KV version is the one it describes, so an
-    /// unchanged value costs one OpenBao read, not two; any other KV version (a value written
-    /// by hand or by another writer) reads the bookkeeping again.
-    current: std::sync::Mutex<HashMap<String, VersionEntry>>,
+    /// KV v2: what this process last saw of each path ([`Known`]).
+    known: std::sync::Mutex<HashMap<String, Known>>,
+}
+
+/// What the store last saw of a KV v2 path, as read or written.
+///
+/// A refresh uses `current` while the path's latest KV version is the one it describes, so
+/// an unchanged value costs one OpenBao read, not two; any other KV version (a value
+/// written by hand or by another writer) reads the bookkeeping again. A write shortly
+/// after a read (the same reconcile) uses all of it, so adopting a value costs no second
+/// read of the value or of the bookkeeping: keyhaven alone writes its bookkeeping, and the
+/// KV version it records is immutable.
+#[derive(Clone, Debug)]
+struct Known {
+    /// The bookkeeping's current entry; `None`: the path has no bookkeeping.
+    current: Option<VersionEntry>,
+    latest: Latest,
+    seen: std::time::Instant,
+}
+
+/// The latest value seen at a KV v2 path.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Latest {
+    Unknown,
+    Absent,
+    /// Its KV version, and a digest of its content.
+    At(u64, [u8; 32]),
+}
+
+/// How long after a read a write trusts what that read saw.
+const KNOWN_FRESH: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl Known {
+    fn fresh(&self) -> bool {
+        self.seen.elapsed() < KNOWN_FRESH
+    }
+}
+
+/// A digest of a value's content, to tell "the content just read" from other content
+/// without keeping it.
+fn digest(data: &SecretData) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for (k, v) in data.iter() {
+        h.update((k.len() as u64).to_le_bytes());
+        h.update(k.as_bytes());
+        h.update((v.len() as u64).to_le_bytes());
+        h.update(v);
+    }
+    h.finalize().into()
 }
 
 /// keyhaven's bookkeeping for one path.
@@ -125,7 +170,7 @@ impl VaultStore {
             mount: spec.mount.clone().unwrap_or_else(|| "secret".into()),
             kv: spec.version.unwrap_or_default(),
             session: Session::new(name, spec, source)?,
-            current: Default::default(),
+            known: Default::default(),
         })
     }
 
@@ -243,21 +288,37 @@ impl VaultStore {
         version: Option<u64>,
     ) -> Result<Option<StoredVersion>, BackendError> {
         let Some(version) = version else {
-            let Some((values, store_version)) = self
-                .get_object(client, path, None)
-                .await
-                .map_err(|e| self.error(path, e))?
-            else {
-                self.forget(path);
+            let known = self.known(path);
+            // Nothing known of the path (its first read here, or KV v1): the value and the
+            // bookkeeping are read at once.
+            let (value, mut book) = if known.is_none() {
+                let (value, book) = tokio::join!(
+                    self.get_object(client, path, None),
+                    self.bookkeeping(client, path)
+                );
+                (value, Some(book?))
+            } else {
+                (self.get_object(client, path, None).await, None)
+            };
+            let Some((values, store_version)) = value.map_err(|e| self.error(path, e))? else {
+                match book {
+                    // What a write of the first version needs to know.
+                    Some(book) => self.remember(path, book.and_then(|b| b.current), Latest::Absent),
+                    None => self.forget(path),
+                }
                 return Ok(None);
             };
-            let current = match self.cached(path, store_version) {
+            let current = match known
+                .and_then(|k| k.current)
+                .filter(|c| store_version.is_some() && c.store_version == store_version)
+            {
                 Some(c) => Some(c),
                 None => {
-                    let book = self.bookkeeping(client, path).await?;
-                    let current = book.and_then(|b| b.current);
-                    self.remember(path, current.as_ref());
-                    current
+                    let book = match book.take() {
+                        Some(book) => book,
+                        None => self.bookkeeping(client, path).await?,
+                    };
+                    book.and_then(|b| b.current)
                 }
             };
             // Binary flags apply to the value keyhaven wrote, not to one written since by hand.
@@ -267,8 +328,11 @@ impl VaultStore {
                 }
                 _ => Vec::new(),
             };
+            let data = decode(&values, &binary);
+            let latest = store_version.map_or(Latest::Unknown, |v| Latest::At(v, digest(&data)));
+            self.remember(path, current.clone(), latest);
             return Ok(Some(StoredVersion {
-                data: decode(&values, &binary),
+                data,
                 stamp: current.and_then(|c| c.stamp()),
                 store_version,
             }));
@@ -300,13 +364,16 @@ impl VaultStore {
         data: &SecretData,
     ) -> Result<Option<u64>, BackendError> {
         let err = |e| self.error(path, e);
-        let mut book = self
-            .bookkeeping(client, path)
-            .await?
-            .unwrap_or_else(|| Bookkeeping {
-                path: path.to_owned(),
-                ..Bookkeeping::default()
-            });
+        // What a read of this reconcile just saw (KV v2 only).
+        let known = self.known(path).filter(Known::fresh);
+        let book = match &known {
+            Some(Known { current: None, .. }) => None,
+            _ => self.bookkeeping(client, path).await?,
+        };
+        let mut book = book.unwrap_or_else(|| Bookkeeping {
+            path: path.to_owned(),
+            ..Bookkeeping::default()
+        });
         let (values, binary) = encode(data);
         if let Some(newer) = book.current.clone().filter(|c| c.version > stamp.version) {
             return self
@@ -315,10 +382,15 @@ impl VaultStore {
         }
         // The value first. Unchanged content (a value written by hand, adopted as a
         // version) is not written again: only the bookkeeping changes.
-        let current = self.get_object(client, path, None).await.map_err(err)?;
-        let store_version = match current {
-            Some((old, v)) if decode(&old, &binary) == *data => v,
-            _ => self.put_object(client, path, &values).await.map_err(err)?,
+        let store_version = match known.map_or(Latest::Unknown, |k| k.latest) {
+            Latest::At(v, seen) if seen == digest(data) => Some(v),
+            Latest::At(..) | Latest::Absent => {
+                self.put_object(client, path, &values).await.map_err(err)?
+            }
+            Latest::Unknown => match self.get_object(client, path, None).await.map_err(err)? {
+                Some((old, v)) if decode(&old, &binary) == *data => v,
+                _ => self.put_object(client, path, &values).await.map_err(err)?,
+            },
         };
         if self.kv == KvVersion::V1 {
             self.put_object(client, &Self::history_path(path, stamp.version), &values)
@@ -345,35 +417,36 @@ impl VaultStore {
         self.put_object(client, &Self::object_path(path), &book)
             .await
             .map_err(err)?;
-        self.remember(path, Some(&entry));
+        let latest = store_version.map_or(Latest::Unknown, |v| Latest::At(v, digest(data)));
+        self.remember(path, Some(entry), latest);
         Ok(store_version)
     }
 
-    /// The cached current entry of `path`, if it describes KV version `store_version`.
-    fn cached(&self, path: &str, store_version: Option<u64>) -> Option<VersionEntry> {
+    /// What this process last saw of `path` (KV v2 only).
+    fn known(&self, path: &str) -> Option<Known> {
         if self.kv != KvVersion::V2 {
             return None;
         }
-        let cache = self.current.lock().expect("bookkeeping cache lock");
-        cache
-            .get(path)
-            .filter(|c| store_version.is_some() && c.store_version == store_version)
-            .cloned()
+        let cache = self.known.lock().expect("bookkeeping cache lock");
+        cache.get(path).cloned()
     }
 
-    fn remember(&self, path: &str, current: Option<&VersionEntry>) {
+    fn remember(&self, path: &str, current: Option<VersionEntry>, latest: Latest) {
         if self.kv != KvVersion::V2 {
             return;
         }
-        let mut cache = self.current.lock().expect("bookkeeping cache lock");
-        match current {
-            Some(c) => cache.insert(path.to_owned(), c.clone()),
-            None => cache.remove(path),
+        let known = Known {
+            current,
+            latest,
+            seen: std::time::Instant::now(),
         };
+        let mut cache = self.known.lock().expect("bookkeeping cache lock");
+        cache.insert(path.to_owned(), known);
     }
 
     fn forget(&self, path: &str) {
-        self.remember(path, None);
+        let mut cache = self.known.lock().expect("bookkeeping cache lock");
+        cache.remove(path);
     }
 
     /// Writes a version older than the current one (a migration copies history after a
@@ -434,9 +507,8 @@ impl VaultStore {
         self.put_object(client, &Self::object_path(path), &book)
             .await
             .map_err(err)?;
-        if self.kv == KvVersion::V2 {
-            self.remember(path, book.current.as_ref());
-        }
+        // The latest KV version now holds the current value again, unread here.
+        self.remember(path, book.current, Latest::Unknown);
         Ok(store_version)
     }
 

@@ -114,6 +114,8 @@ struct Bed {
     audit_log: Option<PathBuf>,
     /// Directories the env file puts on PATH (kubectl).
     path: String,
+    /// The bed's state directory (its servers' pid files).
+    dir: PathBuf,
 }
 
 impl Bed {
@@ -154,7 +156,19 @@ impl Bed {
             vault_token: need("VAULT_TOKEN")?,
             audit_log: get("KEYHAVEN_OPENBAO_AUDIT_LOG").map(PathBuf::from),
             path: path_dirs.join(":"),
+            dir,
         })
+    }
+
+    /// CPU seconds the bed's servers have used so far: kube-apiserver, etcd, OpenBao.
+    fn servers_cpu(&self) -> ServersCpu {
+        let cpu = |name: &str| {
+            std::fs::read_to_string(self.dir.join(format!("pids/{name}.pid")))
+                .ok()
+                .and_then(|p| p.trim().parse().ok())
+                .map(|pid| proc_stats(pid).cpu_secs)
+        };
+        ServersCpu([cpu("kube-apiserver"), cpu("etcd"), cpu("openbao")])
     }
 
     async fn client(&self) -> anyhow::Result<Client> {
@@ -374,6 +388,28 @@ fn proc_stats(pid: u32) -> ProcStats {
         hwm_kib: kib("VmHWM:"),
         rss_kib: kib("VmRSS:"),
         cpu_secs: (ticks(11) + ticks(12)) as f64 / 100.0,
+    }
+}
+
+/// CPU seconds of kube-apiserver, etcd and OpenBao.
+#[derive(Default, Debug, Clone, Copy)]
+struct ServersCpu([Option<f64>; 3]);
+
+impl ServersCpu {
+    /// What the servers used since `before`.
+    fn since(self, before: ServersCpu) -> ServersCpu {
+        let mut d = [None; 3];
+        for (i, slot) in d.iter_mut().enumerate() {
+            if let (Some(a), Some(b)) = (self.0[i], before.0[i]) {
+                *slot = Some(a - b);
+            }
+        }
+        ServersCpu(d)
+    }
+
+    fn show(&self) -> String {
+        let c = |v: Option<f64>| v.map_or("?".into(), |v| format!("{v:.1}"));
+        format!("{} / {} / {}", c(self.0[0]), c(self.0[1]), c(self.0[2]))
     }
 }
 
@@ -987,6 +1023,8 @@ struct Figures {
     peak_rss_kib: Option<u64>,
     steady_rss_kib: Option<u64>,
     converge_cpu: Option<f64>,
+    /// The bed's servers' CPU seconds while converging.
+    servers_cpu: ServersCpu,
     total_cpu: Option<f64>,
     api_requests_per_secret: Option<f64>,
     note: String,
@@ -1156,6 +1194,7 @@ impl Run {
         let api_before = apiserver_requests(&self.bed);
         let mark = self.audit.mark();
         let cpu0 = proc_stats(op.pid()).cpu_secs;
+        let servers0 = self.bed.servers_cpu();
         let start = Instant::now();
         let refresh = format!("{}s", args.refresh);
         concurrently((0..args.n).collect(), args.concurrency, |i| {
@@ -1189,6 +1228,7 @@ impl Run {
                 .await?,
         );
         f.converge_cpu = Some(proc_stats(op.pid()).cpu_secs - cpu0);
+        f.servers_cpu = self.bed.servers_cpu().since(servers0);
         verify_by_list(client, &selector, &expected).await?;
         eprintln!(
             "keyhaven: {} Secrets right after {:.2}s (ManagedSecrets applied in {:.2}s)",
@@ -1326,6 +1366,7 @@ impl Run {
         };
         let expected = self.expected("l", &updated);
         let mark = self.audit.mark();
+        let servers0 = self.bed.servers_cpu();
         let start = Instant::now();
         let child = Command::new(std::env::current_exe()?)
             .args(["--limit-worker", run])
@@ -1345,6 +1386,7 @@ impl Run {
                 .wait_all(&expected, start, timeout, "limit converge")
                 .await?,
         );
+        f.servers_cpu = self.bed.servers_cpu().since(servers0);
         let out = tokio::task::spawn_blocking(move || child.wait_with_output()).await??;
         anyhow::ensure!(out.status.success(), "the limit worker failed");
         verify_by_list(client, &selector, &expected).await?;
@@ -1436,6 +1478,7 @@ impl Run {
         let api_before = apiserver_requests(&self.bed);
         let mark = self.audit.mark();
         let cpu0 = proc_stats(op.pid()).cpu_secs;
+        let servers0 = self.bed.servers_cpu();
         let start = Instant::now();
         let refresh = format!("{}s", args.refresh);
         let external_secrets = eso_resource("ExternalSecret", "externalsecrets");
@@ -1473,6 +1516,7 @@ impl Run {
                 .await?,
         );
         f.converge_cpu = Some(proc_stats(op.pid()).cpu_secs - cpu0);
+        f.servers_cpu = self.bed.servers_cpu().since(servers0);
         verify_by_list(client, &selector, &expected).await?;
         eprintln!(
             "ESO: {} Secrets right after {:.2}s (ExternalSecrets applied in {:.2}s)",
@@ -1731,6 +1775,15 @@ fn table(args: &Args, k: &Figures, l: &Figures, e: Option<&Figures>, not_run: &s
             ratio(k.converge_cpu, l.converge_cpu),
             cpu(o.converge_cpu),
             ratio(k.converge_cpu, o.converge_cpu),
+            "".into(),
+        ],
+        [
+            "server CPU s (converge): apiserver / etcd / OpenBao".into(),
+            k.servers_cpu.show(),
+            l.servers_cpu.show(),
+            "–".into(),
+            o.servers_cpu.show(),
+            "–".into(),
             "".into(),
         ],
         [

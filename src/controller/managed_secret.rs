@@ -154,6 +154,13 @@ async fn apply(ms: &ManagedSecret, ctx: &Context) -> Result<Action> {
             let failed: Vec<&TargetStatus> =
                 synced.targets.iter().filter(|t| failed_target(t)).collect();
             let version = synced.decision.version();
+            // One event says what this sync did: the version recorded and, when it was
+            // written too, the Secret that holds it.
+            let holds = if synced.native_written {
+                format!("; Secret {} holds it", synced.secret_name)
+            } else {
+                String::new()
+            };
             match synced.decision {
                 VersionDecision::New(v) => {
                     ctx.metrics.version_written(&synced.profile);
@@ -161,7 +168,7 @@ async fn apply(ms: &ManagedSecret, ctx: &Context) -> Result<Action> {
                         ms,
                         EventType::Normal,
                         "VersionCreated",
-                        &format!("version {v} recorded ({})", short(&synced.record)),
+                        &format!("version {v} recorded ({}){holds}", short(&synced.record)),
                     )
                     .await
                 }
@@ -170,20 +177,20 @@ async fn apply(ms: &ManagedSecret, ctx: &Context) -> Result<Action> {
                         ms,
                         EventType::Normal,
                         "VersionRecorded",
-                        &format!("version {v}, written before a restart, recorded"),
+                        &format!("version {v}, written before a restart, recorded{holds}"),
                     )
                     .await
                 }
+                VersionDecision::Unchanged(_) if synced.native_written => {
+                    ctx.event(
+                        ms,
+                        EventType::Normal,
+                        "SecretSynced",
+                        &format!("Secret {} holds version {version}", synced.secret_name),
+                    )
+                    .await;
+                }
                 VersionDecision::Unchanged(_) => {}
-            }
-            if synced.native_written {
-                ctx.event(
-                    ms,
-                    EventType::Normal,
-                    "SecretSynced",
-                    &format!("Secret {} holds version {version}", synced.secret_name),
-                )
-                .await;
             }
             if !synced.restarted.is_empty() {
                 ctx.event(
@@ -764,11 +771,15 @@ async fn issuer_value(ctx: &Context, namespace: &str, name: &str) -> Result<Secr
     Ok(value.data)
 }
 
-/// The status as stored, not as cached.
+/// The status as stored, not as cached: the cached one when it holds this process's last
+/// status write, else read from the API server.
 pub(super) async fn stored_status(
     ms: &ManagedSecret,
     ctx: &Context,
 ) -> Result<ManagedSecretStatus> {
+    if ctx.holds_status_written(ms) {
+        return Ok(ms.status.clone().unwrap_or_default());
+    }
     let api: Api<ManagedSecret> =
         Api::namespaced(ctx.client.clone(), &ms.namespace().unwrap_or_default());
     Ok(api
@@ -1156,12 +1167,14 @@ pub(super) async fn patch_status(
         "kind": ManagedSecret::kind(&()),
         "status": status,
     });
-    api.patch_status(
-        &ms.name_any(),
-        &PatchParams::apply(&ctx.config.field_manager).force(),
-        &Patch::Apply(&body),
-    )
-    .await?;
+    let stored = api
+        .patch_status(
+            &ms.name_any(),
+            &PatchParams::apply(&ctx.config.field_manager).force(),
+            &Patch::Apply(&body),
+        )
+        .await?;
+    ctx.status_written(&stored);
     Ok(())
 }
 
@@ -1193,6 +1206,7 @@ fn jittered(d: Duration) -> Duration {
 
 /// Applies the deletionPolicy to the native Secret. The stores keep every version.
 async fn cleanup(ms: &ManagedSecret, ctx: &Context) -> Result<Action> {
+    ctx.status_forget(ms);
     let namespace = ms.namespace().unwrap_or_default();
     let name = ms.secret_name();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);

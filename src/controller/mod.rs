@@ -66,6 +66,9 @@ pub struct Context {
     pub managed_synced: Arc<std::sync::atomic::AtomicBool>,
     /// ManagedSecrets not synced at their generation yet, and when that was counted.
     backlog: std::sync::Mutex<Option<(std::time::Instant, usize)>>,
+    /// A digest of the status this process last wrote, by ManagedSecret uid: tells a cached
+    /// object that holds our last status write from one that predates it.
+    written_status: std::sync::Mutex<std::collections::HashMap<String, [u8; 32]>>,
     /// Namespaces' metadata (labels, annotations): the watched namespace only, with
     /// `--watch-namespace`.
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
@@ -107,6 +110,30 @@ impl Context {
                 n
             }
         }
+    }
+
+    /// Records the status the API server stored for `ms` after our write.
+    pub(super) fn status_written(&self, ms: &ManagedSecret) {
+        let Some(uid) = ms.uid() else { return };
+        let mut written = self.written_status.lock().expect("status record lock");
+        written.insert(uid, status_digest(ms));
+    }
+
+    /// Forgets what was written for a ManagedSecret that is gone.
+    pub(super) fn status_forget(&self, ms: &ManagedSecret) {
+        if let Some(uid) = ms.uid() {
+            let mut written = self.written_status.lock().expect("status record lock");
+            written.remove(&uid);
+        }
+    }
+
+    /// Whether the cached `ms` holds the last status this process wrote for it (true when
+    /// it wrote none: the cache was listed after the process started, and no other writer
+    /// changes the status).
+    pub(super) fn holds_status_written(&self, ms: &ManagedSecret) -> bool {
+        let Some(uid) = ms.uid() else { return false };
+        let written = self.written_status.lock().expect("status record lock");
+        written.get(&uid).is_none_or(|d| *d == status_digest(ms))
     }
 
     /// Re-checks every store's health soon. A full queue means one is already pending.
@@ -209,6 +236,13 @@ impl Context {
             warn!(error = %e, reason, "could not publish an event");
         }
     }
+}
+
+/// A digest of a ManagedSecret's status as the API server returned it.
+fn status_digest(ms: &ManagedSecret) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let json = serde_json::to_vec(&ms.status).unwrap_or_default();
+    Sha256::digest(&json).into()
 }
 
 /// What [`run`] shares with the process around it: the metrics, the probes `/readyz`
@@ -507,6 +541,7 @@ async fn run_controllers(
         managed: managed_ctl.store(),
         managed_synced,
         backlog: Default::default(),
+        written_status: Default::default(),
         namespaces,
         stores_registry: StoreRegistry::new(
             client.clone(),

@@ -50,6 +50,16 @@ const DEFAULT_EXPIRY_WARNING: Duration = Duration::from_secs(720 * 3600);
 pub async fn reconcile(ms: Arc<ManagedSecret>, ctx: Arc<Context>) -> Result<Action> {
     let span = tracing::info_span!("reconcile", kind = "ManagedSecret", namespace = %ms.namespace().unwrap_or_default(), name = %ms.name_any());
     async move {
+        // Without a cleanup to do (the default: the garbage collector deletes the Secret
+        // the ManagedSecret owns), no finalizer: it would cost a write and a reconcile on
+        // every creation and deletion. One already there is honoured.
+        if !needs_cleanup(&ms) && !ms.finalizers().iter().any(|f| f == FINALIZER) {
+            if ms.metadata.deletion_timestamp.is_some() {
+                ctx.status_forget(&ms);
+                return Ok(Action::await_change());
+            }
+            return apply(&ms, &ctx).await;
+        }
         let api: Api<ManagedSecret> =
             Api::namespaced(ctx.client.clone(), &ms.namespace().unwrap_or_default());
         finalizer(&api, FINALIZER, ms, |event| async {
@@ -634,13 +644,14 @@ async fn sync(
                 version,
                 &fp,
             );
-            secrets
+            let written = secrets
                 .patch(
                     &secret_name,
                     &PatchParams::apply(&ctx.config.field_manager).force(),
                     &Patch::Apply(&desired),
                 )
                 .await?;
+            ctx.wrote_secret(&written);
             info!(secret = %secret_name, version, "native Secret applied");
             true
         }
@@ -1202,6 +1213,20 @@ fn refresh_interval(ms: &ManagedSecret) -> Duration {
 fn jittered(d: Duration) -> Duration {
     let factor = 0.9 + rand::random::<f64>() * 0.2;
     d.mul_f64(factor)
+}
+
+/// Whether deleting `ms` asks keyhaven to do something to its native Secret (see
+/// [`cleanup`]): everything but Owner + Delete, which the garbage collector carries out,
+/// and Retain of a Secret keyhaven does not own.
+fn needs_cleanup(ms: &ManagedSecret) -> bool {
+    let target = &ms.spec.target;
+    matches!(
+        (target.deletion_policy, target.creation_policy),
+        (
+            DeletionPolicy::Delete,
+            CreationPolicy::Orphan | CreationPolicy::Merge
+        ) | (DeletionPolicy::Retain, CreationPolicy::Owner)
+    )
 }
 
 /// Applies the deletionPolicy to the native Secret. The stores keep every version.

@@ -68,7 +68,10 @@ pub struct Context {
     backlog: std::sync::Mutex<Option<(std::time::Instant, usize)>>,
     /// A digest of the status this process last wrote, by ManagedSecret uid: tells a cached
     /// object that holds our last status write from one that predates it.
-    written_status: std::sync::Mutex<std::collections::HashMap<String, [u8; 32]>>,
+    written_status: std::sync::Mutex<WrittenStatus>,
+    /// The resourceVersion of each native Secret keyhaven last wrote, by namespace and
+    /// name, until its watch event comes back.
+    own_writes: std::sync::Mutex<std::collections::HashMap<(String, String), String>>,
     /// Namespaces' metadata (labels, annotations): the watched namespace only, with
     /// `--watch-namespace`.
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
@@ -76,6 +79,7 @@ pub struct Context {
     /// Counters and latencies (`/metrics`).
     pub metrics: Arc<Metrics>,
     recorder: Recorder,
+    reporter: Reporter,
     /// Asks the SecretStore controller for a health check now (a reconcile of another kind
     /// saw a store fail), instead of at its next periodic check.
     recheck: std::sync::Mutex<futures::channel::mpsc::Sender<()>>,
@@ -116,14 +120,26 @@ impl Context {
     pub(super) fn status_written(&self, ms: &ManagedSecret) {
         let Some(uid) = ms.uid() else { return };
         let mut written = self.written_status.lock().expect("status record lock");
-        written.insert(uid, status_digest(ms));
+        written.digests.insert(uid, status_digest(ms));
+        // ManagedSecrets deleted without a finalizer leave their record: those are dropped
+        // whenever the map has doubled since the last time.
+        if written.digests.len() > written.prune_at {
+            let live: std::collections::HashSet<String> = self
+                .managed
+                .state()
+                .iter()
+                .filter_map(|m| m.uid())
+                .collect();
+            written.digests.retain(|uid, _| live.contains(uid));
+            written.prune_at = 1024 + 2 * written.digests.len();
+        }
     }
 
     /// Forgets what was written for a ManagedSecret that is gone.
     pub(super) fn status_forget(&self, ms: &ManagedSecret) {
         if let Some(uid) = ms.uid() {
             let mut written = self.written_status.lock().expect("status record lock");
-            written.remove(&uid);
+            written.digests.remove(&uid);
         }
     }
 
@@ -133,7 +149,33 @@ impl Context {
     pub(super) fn holds_status_written(&self, ms: &ManagedSecret) -> bool {
         let Some(uid) = ms.uid() else { return false };
         let written = self.written_status.lock().expect("status record lock");
-        written.get(&uid).is_none_or(|d| *d == status_digest(ms))
+        written
+            .digests
+            .get(&uid)
+            .is_none_or(|d| *d == status_digest(ms))
+    }
+
+    /// Notes a native Secret keyhaven just wrote (as the API server returned it).
+    pub(super) fn wrote_secret(&self, secret: &Secret) {
+        let (Some(ns), Some(rv)) = (secret.namespace(), secret.resource_version()) else {
+            return;
+        };
+        let mut own = self.own_writes.lock().expect("own writes lock");
+        own.insert((ns, secret.name_any()), rv);
+    }
+
+    /// Whether this watch event of a native Secret is keyhaven's own last write coming
+    /// back (forgotten then: the next event of it is someone's change).
+    fn is_own_write(&self, secret: &PartialObjectMeta<Secret>) -> bool {
+        let key = (secret.namespace().unwrap_or_default(), secret.name_any());
+        let mut own = self.own_writes.lock().expect("own writes lock");
+        match own.get(&key) {
+            Some(rv) if secret.resource_version().as_ref() == Some(rv) => {
+                own.remove(&key);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Re-checks every store's health soon. A full queue means one is already pending.
@@ -232,10 +274,30 @@ impl Context {
             action: format!("Reconcile-{digest}"),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
+        // Warnings go through the shared recorder, which folds a repeated one into a series
+        // for six minutes. Normal events say something new each time (a version, a Secret):
+        // a recorder of their own keeps nothing, where the shared one would hold every
+        // event of a sync of thousands of secrets for those six minutes.
+        let published = match type_ {
+            EventType::Warning => self.recorder.publish(&ev, &obj.object_ref(&())).await,
+            EventType::Normal => {
+                Recorder::new(self.client.clone(), self.reporter.clone())
+                    .publish(&ev, &obj.object_ref(&()))
+                    .await
+            }
+        };
+        if let Err(e) = published {
             warn!(error = %e, reason, "could not publish an event");
         }
     }
+}
+
+/// Digests of the statuses this process wrote, by ManagedSecret uid.
+#[derive(Default)]
+struct WrittenStatus {
+    digests: std::collections::HashMap<String, [u8; 32]>,
+    /// The size at which records of deleted ManagedSecrets are dropped.
+    prune_at: usize,
 }
 
 /// A digest of a ManagedSecret's status as the API server returned it.
@@ -533,6 +595,10 @@ async fn run_controllers(
     };
 
     let (recheck, recheck_rx) = futures::channel::mpsc::channel(0);
+    let reporter = Reporter {
+        controller: config.field_manager.clone(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
     let ctx = Arc::new(Context {
         recheck: std::sync::Mutex::new(recheck),
         client: client.clone(),
@@ -542,6 +608,7 @@ async fn run_controllers(
         managed_synced,
         backlog: Default::default(),
         written_status: Default::default(),
+        own_writes: Default::default(),
         namespaces,
         stores_registry: StoreRegistry::new(
             client.clone(),
@@ -549,13 +616,8 @@ async fn run_controllers(
             &config.service_account,
             keys.clone(),
         ),
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: config.field_manager.clone(),
-                instance: std::env::var("POD_NAME").ok(),
-            },
-        ),
+        recorder: Recorder::new(client.clone(), reporter.clone()),
+        reporter,
         keys,
         config: config.clone(),
         metrics: rt.metrics.clone(),
@@ -604,13 +666,30 @@ async fn run_controllers(
                 .collect::<Vec<_>>()
         })
         // Metadata only: the data of thousands of Secrets is never held or even decoded here.
+        // keyhaven's own writes come back as watch events: they trigger nothing (the
+        // reconcile that wrote is the one that would run again).
         .watches_stream(
             watcher::watcher(
                 secrets_api,
                 watcher::Config::default()
                     .labels(&format!("{MANAGED_LABEL}={MANAGED_LABEL_VALUE}")),
             )
-            .touched_objects(),
+            .filter_map({
+                let ctx = ctx.clone();
+                move |event| {
+                    let touched = match event {
+                        Ok(watcher::Event::Apply(s)) if ctx.is_own_write(&s) => None,
+                        Ok(
+                            watcher::Event::Apply(s)
+                            | watcher::Event::InitApply(s)
+                            | watcher::Event::Delete(s),
+                        ) => Some(Ok(s)),
+                        Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
+                        Err(e) => Some(Err(e)),
+                    };
+                    futures::future::ready(touched)
+                }
+            }),
             |secret: PartialObjectMeta<Secret>| {
                 let owner = secret.labels().get(MANAGED_SECRET_LABEL).cloned();
                 owner.map(|name| {

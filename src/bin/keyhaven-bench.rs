@@ -1287,7 +1287,9 @@ impl Run {
                 "kind=\"ManagedSecret\"",
             );
             f.note = format!(
-                "{reconciles} ManagedSecret reconciles, {errors} errors; {log_logins} login(s) in its log"
+                "{reconciles} ManagedSecret reconciles, {errors} errors; {log_logins} login(s) in its log",
+                reconciles = reconciles as u64,
+                errors = errors as u64
             );
         }
 

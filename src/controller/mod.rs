@@ -505,27 +505,44 @@ async fn run_controllers(
         },
     );
     // Every profile change reaches the ManagedSecret controller (whose profile resolution
-    // reads this same cache, already updated) and re-checks every profile's conflicts.
+    // reads this same cache, already updated) and re-checks every profile's conflicts. Not
+    // a status write: a profile's status (its counts) changes as its ManagedSecrets sync,
+    // and fanning each of those out to every ManagedSecret of the profile made the work of
+    // a sync of N secrets grow as N².
     let (profile_changed, profile_changes) = futures::channel::mpsc::unbounded::<VaultProfile>();
     let (profiles_recheck, profiles_recheck_rx) = futures::channel::mpsc::unbounded::<()>();
     let profiles_recheck_managed = profiles_recheck.clone();
     let profile_ctl = {
         let profiles_recheck = profiles_recheck.clone();
+        let mut inputs: std::collections::HashMap<String, Option<u64>> = Default::default();
         controller(
             Api::<VaultProfile>::all(client.clone()),
             store_wc.clone(),
             probes.clone(),
             move |event: &watcher::Event<VaultProfile>| {
-                if let watcher::Event::Apply(p)
-                | watcher::Event::Delete(p)
-                | watcher::Event::InitApply(p) = event
-                {
+                let changed = match event {
+                    watcher::Event::Apply(p) | watcher::Event::InitApply(p) => {
+                        let now = reconcile_inputs(p);
+                        (inputs.insert(p.name_any(), now) != Some(now)).then_some(p)
+                    }
+                    watcher::Event::Delete(p) => {
+                        inputs.remove(&p.name_any());
+                        Some(p)
+                    }
+                    _ => None,
+                };
+                if let Some(p) = changed {
                     let _ = profile_changed.unbounded_send(p.clone());
                     let _ = profiles_recheck.unbounded_send(());
                 }
             },
         )
     };
+    // Re-checks of every profile (counts, conflicts) asked for while one runs or within
+    // half a second make one more: a sync of thousands of ManagedSecrets asks for one each.
+    let profiles_recheck_rx = profiles_recheck_rx
+        .ready_chunks(64)
+        .then(|_| tokio::time::sleep(Duration::from_millis(500)));
     // Namespaces, metadata only (labels and the profile annotation decide profiles): the
     // watched one, or all.
     let ns_wc = match &config.watch_namespace {

@@ -78,18 +78,11 @@ impl Known {
     }
 }
 
-/// A digest of a value's content, to tell "the content just read" from other content
-/// without keeping it.
+/// A digest of a value's content (of its canonical serialization), to tell "the content
+/// just read" from other content without keeping it.
 fn digest(data: &SecretData) -> [u8; 32] {
     use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
-    for (k, v) in data.iter() {
-        h.update((k.len() as u64).to_le_bytes());
-        h.update(k.as_bytes());
-        h.update((v.len() as u64).to_le_bytes());
-        h.update(v);
-    }
-    h.finalize().into()
+    Sha256::digest(data.to_sealed_bytes().as_slice()).into()
 }
 
 /// keyhaven's bookkeeping for one path.

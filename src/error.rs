@@ -1,46 +1,89 @@
 //! The controller's errors. Each says what failed and on which object; none carries a value.
 
+use crate::api::Reason;
 use crate::backend::BackendError;
 use crate::content::ContentError;
 
 /// A reconcile failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
+    /// A Kubernetes API request failed: which one, on which object.
+    #[error("{verb} {object}: {source}")]
+    Kube {
+        verb: Verb,
+        /// `Kind namespace/name`, or what was listed.
+        object: String,
+        #[source]
+        source: kube::Error,
+    },
     #[error(transparent)]
     Backend(#[from] BackendError),
     #[error("{0}")]
     Content(#[from] ContentError),
     /// The spec refers to something that does not exist or cannot be used; retried slowly.
     #[error("{message}")]
-    Config {
-        reason: &'static str,
-        message: String,
-    },
+    Config { reason: Reason, message: String },
     #[error("finalizer: {0}")]
     Finalizer(String),
 }
 
+/// What a failed Kubernetes API request was doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verb {
+    Read,
+    List,
+    Create,
+    Apply,
+    Patch,
+    Delete,
+    ReadStatus,
+    ApplyStatus,
+}
+
+impl std::fmt::Display for Verb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Verb::Read => "reading",
+            Verb::List => "listing",
+            Verb::Create => "creating",
+            Verb::Apply => "applying",
+            Verb::Patch => "patching",
+            Verb::Delete => "deleting",
+            Verb::ReadStatus => "reading the status of",
+            Verb::ApplyStatus => "writing the status of",
+        })
+    }
+}
+
 impl Error {
-    /// The CamelCase reason used in conditions and events.
-    pub fn reason(&self) -> &'static str {
+    /// The reason used in conditions and events.
+    pub fn reason(&self) -> Reason {
         match self {
-            Error::Kube(_) => "KubernetesError",
-            Error::Backend(BackendError::Unreachable { .. }) => "StoreUnreachable",
-            Error::Backend(BackendError::Sealed { .. }) => "StoreSealed",
-            Error::Backend(BackendError::Invalid { .. }) => "StoreInvalid",
-            Error::Backend(_) => "StoreError",
-            Error::Content(_) => "InvalidContent",
-            Error::Config { reason, .. } => reason,
-            Error::Finalizer(_) => "FinalizerError",
+            Error::Kube { .. } => Reason::KubernetesError,
+            Error::Backend(BackendError::Unreachable { .. }) => Reason::StoreUnreachable,
+            Error::Backend(BackendError::Sealed { .. }) => Reason::StoreSealed,
+            Error::Backend(BackendError::Invalid { .. }) => Reason::StoreInvalid,
+            Error::Backend(_) => Reason::StoreError,
+            Error::Content(_) => Reason::InvalidContent,
+            Error::Config { reason, .. } => *reason,
+            Error::Finalizer(_) => Reason::FinalizerError,
         }
     }
 
-    pub fn config(reason: &'static str, message: impl Into<String>) -> Self {
+    pub fn config(reason: Reason, message: impl Into<String>) -> Self {
         Error::Config {
             reason,
             message: message.into(),
+        }
+    }
+
+    /// Wraps a failed Kubernetes request `verb` on `object`: `.map_err(Error::kube(..))`.
+    pub fn kube(verb: Verb, object: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
+        let object = object.into();
+        move |source| Error::Kube {
+            verb,
+            object,
+            source,
         }
     }
 
@@ -49,7 +92,7 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            Error::Kube(_)
+            Error::Kube { .. }
                 | Error::Backend(BackendError::Unreachable { .. } | BackendError::Conflict { .. })
                 | Error::Finalizer(_)
         )
@@ -57,3 +100,20 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kube_error_says_what_was_done_to_which_object() {
+        let source = kube::Error::Api(Box::new(
+            kube::core::Status::failure("secrets \"db\" is forbidden", "Forbidden").with_code(403),
+        ));
+        let e = Error::kube(Verb::Apply, "Secret team-a/db")(source);
+        let text = e.to_string();
+        assert!(text.starts_with("applying Secret team-a/db: "), "{text}");
+        assert_eq!(e.reason(), Reason::KubernetesError);
+        assert!(e.is_transient());
+    }
+}

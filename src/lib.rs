@@ -7,6 +7,7 @@ pub mod controller;
 pub mod crypto;
 pub mod error;
 pub mod http;
+pub mod labels;
 pub mod leader;
 pub mod metrics;
 pub mod profiles;

@@ -199,7 +199,7 @@ impl Metrics {
             self.reconcile_errors
                 .get_or_create(&ErrorLabels {
                     kind,
-                    reason: e.reason(),
+                    reason: e.reason().as_str(),
                 })
                 .inc();
         }
@@ -301,9 +301,11 @@ impl Collector for CacheGauges {
             let expiring = Gauge::<i64>::default();
             for ms in managed.state() {
                 let status = ms.status.as_ref();
+                // Not synced yet: no phase written.
                 let phase = status
-                    .and_then(|s| s.phase.clone())
-                    .unwrap_or_else(|| "Pending".into());
+                    .and_then(|s| s.phase)
+                    .map_or("Pending", |p| p.as_str())
+                    .to_owned();
                 *by_phase.entry(phase).or_default() += 1;
                 if let Some(at) = status.and_then(|s| s.expires_at.as_ref()) {
                     expiry
@@ -314,9 +316,10 @@ impl Collector for CacheGauges {
                         .set(at.0.as_second());
                 }
                 let is_expiring = status.is_some_and(|s| {
-                    s.conditions
-                        .iter()
-                        .any(|c| c.type_ == "Expiring" && c.status == "True")
+                    s.conditions.iter().any(|c| {
+                        c.type_ == crate::api::ConditionType::Expiring.as_str()
+                            && c.status == "True"
+                    })
                 });
                 if is_expiring {
                     expiring.inc();
@@ -469,7 +472,7 @@ mod tests {
         let _ = m
             .reconcile::<()>("ManagedSecret", async {
                 Err(crate::error::Error::config(
-                    "StoreNotFound",
+                    crate::api::Reason::StoreNotFound,
                     "no such store",
                 ))
             })

@@ -13,13 +13,13 @@
 //!    namespace). Two fallbacks are a conflict too.
 //! 5. Otherwise there is no profile.
 
-use crate::api::VaultProfile;
+use crate::api::{Reason, VaultProfile};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::ResourceExt;
 use std::collections::BTreeMap;
 
 /// The namespace annotation naming the profile of ManagedSecrets without `spec.profile`.
-pub const PROFILE_ANNOTATION: &str = "keyhaven.io/profile";
+pub use crate::labels::PROFILE_ANNOTATION;
 
 /// What resolution needs of a namespace.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -74,7 +74,7 @@ pub struct Resolved {
 /// Why no profile can be used: a condition reason and a message (no secret values).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Refused {
-    pub reason: &'static str,
+    pub reason: Reason,
     pub message: String,
 }
 
@@ -164,13 +164,13 @@ pub fn resolve<'a>(
         };
         let Some(profile) = profiles.iter().find(|p| p.name_any() == name) else {
             return Err(Refused {
-                reason: "ProfileNotFound",
+                reason: Reason::ProfileNotFound,
                 message: format!("VaultProfile {name} does not exist{from}"),
             });
         };
         if !allows(profile, ns) {
             return Err(Refused {
-                reason: "ProfileNotAllowed",
+                reason: Reason::ProfileNotAllowed,
                 message: format!(
                     "VaultProfile {name}{from} does not select namespace {}: its namespaceSelector does not match the namespace's labels",
                     ns.name
@@ -203,7 +203,7 @@ pub fn resolve<'a>(
         [] => {}
         many => {
             return Err(Refused {
-                reason: "DefaultProfileConflict",
+                reason: Reason::DefaultProfileConflict,
                 message: format!(
                     "namespace {} is selected by more than one default VaultProfile ({}): set spec.profile, annotate the namespace with {PROFILE_ANNOTATION}, or make the selectors disjoint",
                     ns.name,
@@ -215,21 +215,21 @@ pub fn resolve<'a>(
     let fallbacks = fallbacks(profiles.iter().copied());
     match fallbacks.as_slice() {
         [] => Err(Refused {
-            reason: "NoProfile",
+            reason: Reason::NoProfile,
             message: format!(
                 "spec.profile is not set, namespace {} has no {PROFILE_ANNOTATION} annotation, no default VaultProfile selects it and there is no fallback profile",
                 ns.name
             ),
         }),
         [one] => named(one, Via::Fallback).map_err(|_| Refused {
-            reason: "ProfileNotAllowed",
+            reason: Reason::ProfileNotAllowed,
             message: format!(
                 "the fallback VaultProfile {one} does not select namespace {} (its namespaceSelector), and no default profile does",
                 ns.name
             ),
         }),
         many => Err(Refused {
-            reason: "FallbackProfileConflict",
+            reason: Reason::FallbackProfileConflict,
             message: format!(
                 "more than one VaultProfile is the fallback ({}): keep fallback: true on one",
                 many.join(", ")
@@ -276,7 +276,7 @@ pub fn conflicts<'a>(
                 })
                 .collect();
             out.push(Refused {
-                reason: "DefaultProfileConflict",
+                reason: Reason::DefaultProfileConflict,
                 message: format!(
                     "default conflict {}: ManagedSecrets there without spec.profile are refused",
                     parts.join("; ")
@@ -291,7 +291,7 @@ pub fn conflicts<'a>(
             .collect();
         if !others.is_empty() {
             out.push(Refused {
-                reason: "FallbackProfileConflict",
+                reason: Reason::FallbackProfileConflict,
                 message: format!(
                     "fallback conflict with VaultProfile(s) {}: no fallback is used",
                     others.join(", ")

@@ -315,7 +315,7 @@ async fn from_store_syncs_every_target_and_follows_source_updates() {
             .await
             .ok()?
             .status?;
-        (p.phase.as_deref() == Some("Ready")).then_some(p)
+        (p.phase.is_some_and(|p| p == "Ready")).then_some(p)
     })
     .await;
     assert!(profile_status.is_some(), "profile never Ready");
@@ -647,7 +647,7 @@ async fn a_failing_store_never_blanks_the_native_secret() {
             .await
             .ok()?
             .status?;
-        (p.phase.as_deref() == Some("NotReady")).then_some(p)
+        (p.phase.is_some_and(|p| p == "NotReady")).then_some(p)
     })
     .await;
     assert!(not_ready.unwrap().message.unwrap().contains("Invalid"));

@@ -70,9 +70,9 @@ async fn moved_out(fx: &Fixture, store: &str) -> usize {
 }
 
 fn synced_at(ms: &ManagedSecret, version: u64) -> bool {
-    ms.status
-        .as_ref()
-        .is_some_and(|s| s.phase.as_deref() == Some("Synced") && s.current_version == Some(version))
+    ms.status.as_ref().is_some_and(|s| {
+        s.phase.is_some_and(|p| p == "Synced") && s.current_version == Some(version)
+    })
 }
 
 fn records(ms: &ManagedSecret) -> Vec<VersionRecord> {
@@ -173,7 +173,7 @@ async fn switching_tier_keeps_old_versions_in_the_store_they_were_written_to() {
         |m| {
             m.status.as_ref().is_some_and(|s| {
                 s.profile.as_deref() == Some(prod.as_str())
-                    && s.phase.as_deref() == Some("Synced")
+                    && s.phase.is_some_and(|p| p == "Synced")
                     && s.targets
                         .iter()
                         .any(|t| t.store == hsm && t.state == "Pending")
@@ -514,7 +514,7 @@ async fn a_migration_of_500_secrets_to_openbao_survives_two_kills_and_loses_noth
         Duration::from_secs(120),
         |m| {
             m.status.as_ref().is_some_and(|s| {
-                s.phase.as_deref() == Some("Synced")
+                s.phase.is_some_and(|p| p == "Synced")
                     && s.targets
                         .iter()
                         .any(|t| t.store == bao && t.state == "Synced")

@@ -45,7 +45,7 @@ async fn wait_profile(fx: &Fixture, name: &str, profile: &str, store: &str) -> M
     fx.wait_managed(name, &format!("Synced through {profile}"), |ms| {
         ms.status
             .as_ref()
-            .is_some_and(|s| s.phase.as_deref() == Some("Synced"))
+            .is_some_and(|s| s.phase.is_some_and(|p| p == "Synced"))
             && status_profile(ms) == Some(profile)
             && source_store(ms) == Some(store)
     })

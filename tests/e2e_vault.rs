@@ -132,7 +132,7 @@ async fn wait_synced_ready(fx: &Fixture, name: &str, version: u64) -> ManagedSec
         &format!("Synced and Ready at version {version}"),
         |ms| {
             ms.status.as_ref().is_some_and(|s| {
-                s.phase.as_deref() == Some("Synced")
+                s.phase.is_some_and(|p| p == "Synced")
                     && s.current_version == Some(version)
                     && s.conditions
                         .iter()
@@ -1242,7 +1242,7 @@ async fn sealing_openbao_turns_the_store_sealed_and_keeps_native_secrets() {
     fx.wait_event("StoreSealed", "").await;
     fx.wait_managed("mirrored", "Degraded: its sync target is sealed", |ms| {
         ms.status.as_ref().is_some_and(|s| {
-            s.phase.as_deref() == Some("Degraded")
+            s.phase.is_some_and(|p| p == "Degraded")
                 && s.targets
                     .iter()
                     .any(|t| t.store == vault && t.state == "Error")
@@ -1445,7 +1445,7 @@ async fn unreachable_and_bad_credentials_are_reported() {
                 .await
                 .ok()?
                 .status?;
-            (p.phase.as_deref() == Some("NotReady")).then_some(p)
+            (p.phase.is_some_and(|p| p == "NotReady")).then_some(p)
         })
         .await;
         assert!(profile_status.is_some(), "profile {profile} never NotReady");

@@ -55,6 +55,74 @@ pub struct SecretKeyRef {
     pub key: String,
 }
 
+/// Declares a fieldless enum whose variants appear in status, conditions and events under
+/// their own names: `as_str`, `Display`, and `ALL` (every variant, for tests that hold the
+/// CRD's text to what the code can write).
+macro_rules! named_enum {
+    ($(#[$meta:meta])* $vis:vis enum $name:ident { $($(#[$vmeta:meta])* $variant:ident),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+        $vis enum $name { $($(#[$vmeta])* $variant),+ }
+
+        impl $name {
+            /// Every variant.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The name written into status.
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => stringify!($variant)),+ }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        /// Compares with the name written into status.
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.as_str() == *other
+            }
+        }
+    };
+}
+pub(crate) use named_enum;
+
+named_enum! {
+    /// The types of the conditions keyhaven writes.
+    pub enum ConditionType {
+        /// The object does what its spec asks.
+        Ready,
+        /// ManagedSecret: every store of the profile holds the current version.
+        Synced,
+        /// ManagedSecret (api-key, certificate, jwt): the value expires soon, or has.
+        Expiring,
+        /// ManagedSecret: its versions were moved out of the profile's `migrateFrom`.
+        Migrated,
+        /// VaultProfile: a default or fallback together with another one.
+        Conflict,
+        /// SecretStore: its deletion waits until nothing uses it.
+        DeletionBlocked,
+    }
+}
+
+/// Whether `conditions` has a condition of `type_` that is True.
+pub fn condition_true(conditions: &[Condition], type_: ConditionType) -> bool {
+    find_condition(conditions, type_).is_some_and(|c| c.status == "True")
+}
+
+/// The condition of `type_` in `conditions`.
+pub fn find_condition(conditions: &[Condition], type_: ConditionType) -> Option<&Condition> {
+    conditions.iter().find(|c| c.type_ == type_.as_str())
+}
+
+/// Removes the condition of `type_`.
+pub fn remove_condition(conditions: &mut Vec<Condition>, type_: ConditionType) {
+    conditions.retain(|c| c.type_ != type_.as_str());
+}
+
 /// Sets `condition` in `conditions`, keeping `lastTransitionTime` when the status did not change.
 pub fn set_condition(conditions: &mut Vec<Condition>, mut condition: Condition) {
     if let Some(existing) = conditions.iter_mut().find(|c| c.type_ == condition.type_) {
@@ -69,16 +137,16 @@ pub fn set_condition(conditions: &mut Vec<Condition>, mut condition: Condition) 
 
 /// A condition of `type_` with the given truth, reason and message, stamped now.
 pub fn condition(
-    type_: &str,
+    type_: ConditionType,
     ok: bool,
-    reason: &str,
+    reason: super::Reason,
     message: impl Into<String>,
     generation: Option<i64>,
 ) -> Condition {
     Condition {
-        type_: type_.into(),
+        type_: type_.as_str().into(),
         status: if ok { "True" } else { "False" }.into(),
-        reason: reason.into(),
+        reason: reason.as_str().into(),
         message: message.into(),
         observed_generation: generation,
         last_transition_time: now(),

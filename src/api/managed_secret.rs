@@ -5,7 +5,7 @@
 // duplicated attribute.
 #![allow(clippy::duplicated_attributes)]
 
-use super::common::{DURATION_PATTERN, conditions_schema};
+use super::common::{DURATION_PATTERN, conditions_schema, named_enum};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -352,9 +352,9 @@ pub enum DeletionPolicy {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ManagedSecretStatus {
-    /// Synced or Error.
+    /// Synced, Degraded or Error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub phase: Option<String>,
+    pub phase: Option<ManagedSecretPhase>,
     /// The version the native Secret holds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_version: Option<u64>,
@@ -429,18 +429,50 @@ pub struct TargetStatus {
     /// The SecretStore.
     pub store: String,
     /// Source or SyncTarget.
-    pub role: String,
+    pub role: TargetRole,
     /// The version it holds, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<u64>,
-    /// Synced or Error.
-    pub state: String,
+    /// Synced, Pending or Error.
+    pub state: TargetState,
     /// When it was last written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub synced_at: Option<Time>,
     /// Why it is not Synced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+}
+
+named_enum! {
+    /// Where a ManagedSecret stands: Synced (every store of the profile and the native
+    /// Secret hold the current version), Degraded (the native Secret holds it, some sync
+    /// target does not) or Error (the last sync failed: condition Ready says why; what
+    /// existed is left as it was).
+    pub enum ManagedSecretPhase {
+        Synced,
+        Degraded,
+        Error,
+    }
+}
+
+named_enum! {
+    /// What a store is to a ManagedSecret: Source (the profile's source: versions are read
+    /// or written there first) or SyncTarget (a copy that receives every version).
+    pub enum TargetRole {
+        Source,
+        SyncTarget,
+    }
+}
+
+named_enum! {
+    /// Where one store stands for a ManagedSecret: Synced (it holds the current version),
+    /// Pending (a source that holds no version yet after a switch: the next version goes
+    /// there) or Error (writing the current version failed; the message says why).
+    pub enum TargetState {
+        Synced,
+        Pending,
+        Error,
+    }
 }
 
 impl ManagedSecret {

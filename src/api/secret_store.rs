@@ -4,7 +4,7 @@
 // duplicated attribute.
 #![allow(clippy::duplicated_attributes)]
 
-use super::common::{DURATION_PATTERN, SecretKeyRef, conditions_schema};
+use super::common::{DURATION_PATTERN, SecretKeyRef, conditions_schema, named_enum};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -247,31 +247,17 @@ pub struct VaultAppRoleAuth {
     pub secret_ref: SecretKeyRef,
 }
 
-/// The store's health, as `juju secret-backends` shows it.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
-pub enum StorePhase {
-    /// Reachable and usable.
-    Active,
-    /// Being emptied by a migration; still readable.
-    Draining,
-    /// Reachable but locked (a sealed Vault, an HSM token that refuses the PIN).
-    Sealed,
-    /// Does not answer.
-    Unreachable,
-    /// Misconfigured: the spec or the credentials are wrong.
-    Invalid,
-}
-
-impl StorePhase {
-    /// The phase's name as it appears in status.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StorePhase::Active => "Active",
-            StorePhase::Draining => "Draining",
-            StorePhase::Sealed => "Sealed",
-            StorePhase::Unreachable => "Unreachable",
-            StorePhase::Invalid => "Invalid",
-        }
+named_enum! {
+    /// The store's health, as `juju secret-backends` shows it: Active (reachable and
+    /// usable), Draining (being emptied by a migration; still readable), Sealed (reachable
+    /// but locked: a sealed Vault, an HSM token that refuses the PIN), Unreachable (does not
+    /// answer) or Invalid (misconfigured: the spec or the credentials are wrong).
+    pub enum StorePhase {
+        Active,
+        Draining,
+        Sealed,
+        Unreachable,
+        Invalid,
     }
 }
 

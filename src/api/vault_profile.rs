@@ -5,7 +5,7 @@
 // duplicated attribute.
 #![allow(clippy::duplicated_attributes)]
 
-use super::common::conditions_schema;
+use super::common::{conditions_schema, named_enum};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -132,7 +132,7 @@ impl VaultProfileSpec {
 pub struct VaultProfileStatus {
     /// Ready when the source and every sync target exist and are Active; NotReady otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub phase: Option<String>,
+    pub phase: Option<ProfilePhase>,
     /// Why the profile is in its phase.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
@@ -153,7 +153,7 @@ pub struct VaultProfileStatus {
 }
 
 /// Progress of a profile's migration out of `spec.migrateFrom`.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MigrationStatus {
     /// The store versions move out of.
@@ -161,7 +161,7 @@ pub struct MigrationStatus {
     /// The store they move to (the source).
     pub to: String,
     /// Migrating, Complete, or Failed (some secrets could not be moved; they are retried).
-    pub phase: String,
+    pub phase: MigrationPhase,
     /// ManagedSecrets of the profile.
     pub total: u64,
     /// ManagedSecrets whose every version is in `to` and none is left in `from`.
@@ -171,4 +171,26 @@ pub struct MigrationStatus {
     /// Versions moved so far.
     #[serde(default)]
     pub versions_moved: u64,
+}
+
+named_enum! {
+    /// Whether a VaultProfile can be used: Ready (the source and every sync target exist
+    /// and are Active or Draining) or NotReady (a store is missing or not Active: the
+    /// message says which).
+    pub enum ProfilePhase {
+        Ready,
+        NotReady,
+    }
+}
+
+named_enum! {
+    /// Where a profile's migration out of `spec.migrateFrom` stands: Migrating (secrets
+    /// are being moved), Complete (every secret's versions are in the source; the old store
+    /// holds none of them) or Failed (the secrets left could not be moved: their condition
+    /// Migrated says why; they are retried).
+    pub enum MigrationPhase {
+        Migrating,
+        Complete,
+        Failed,
+    }
 }

@@ -1336,7 +1336,7 @@ impl Run {
                         .unwrap_or(usize::MAX);
                     let want = if updated.contains(&i) { 2 } else { 1 };
                     m.status.as_ref().is_some_and(|s| {
-                        s.current_version == Some(want) && s.phase.as_deref() == Some("Synced")
+                        s.current_version == Some(want) && s.phase.is_some_and(|p| p == "Synced")
                     })
                 })
                 .count();

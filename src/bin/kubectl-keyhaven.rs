@@ -201,7 +201,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     vec![
                         namespace.clone(),
                         "<none>".into(),
-                        e.reason.to_owned(),
+                        e.reason.to_string(),
                         e.message.clone(),
                     ],
                     false,
@@ -256,7 +256,7 @@ async fn migrate(
     }
     if let Some(m) = profile.status.as_ref().and_then(|s| s.migration.as_ref())
         && profile.spec.migrate_from.is_some()
-        && m.phase != "Complete"
+        && m.phase != keyhaven::api::MigrationPhase::Complete
     {
         anyhow::bail!(
             "vaultprofile/{name} is still migrating from {} to {} ({}); wait for Complete",

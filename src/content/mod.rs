@@ -386,11 +386,7 @@ pub fn native_secret_labels(managed_secret: &str) -> BTreeMap<String, String> {
     ])
 }
 
-/// The label selecting native Secrets keyhaven manages.
-pub const MANAGED_LABEL: &str = "keyhaven.io/managed";
-pub const MANAGED_LABEL_VALUE: &str = "true";
-/// The label naming the ManagedSecret behind a native Secret.
-pub const MANAGED_SECRET_LABEL: &str = "keyhaven.io/managed-secret";
+pub use crate::labels::{MANAGED_LABEL, MANAGED_LABEL_VALUE, MANAGED_SECRET_LABEL};
 
 #[cfg(test)]
 mod type_tests;

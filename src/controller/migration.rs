@@ -5,19 +5,21 @@
 //! Each step is idempotent, so a restart anywhere resumes: a version the source already
 //! holds with the right fingerprint is not written again, and a secret whose status already
 //! points at the source only has its old copy deleted.
+//!
+//! Three stages, like the sync: [`observe`] reads both stores, [`plan`] decides each
+//! version's move (pure), [`apply`] writes, verifies, records and deletes.
 
-use super::Context;
+use super::context::Context;
 use crate::api::{
-    ManagedSecret, ManagedSecretStatus, VaultProfile, VersionRecord, condition, set_condition,
+    ConditionType, ManagedSecret, ManagedSecretStatus, Reason, VersionRecord, condition,
+    remove_condition, set_condition,
 };
 use crate::backend::{Backend, VersionStamp};
 use crate::crypto::Fingerprint;
 use crate::error::{Error, Result};
+use crate::secret_data::SecretData;
 use std::collections::{BTreeMap, BTreeSet};
 use tracing::info;
-
-/// The condition a migrating ManagedSecret carries.
-pub const CONDITION: &str = "Migrated";
 
 /// What to do with one version, from what each store holds (fingerprints) and what the
 /// status recorded.
@@ -28,10 +30,7 @@ pub enum VersionMove {
     /// The new store already holds it (a resumed migration).
     AlreadyThere,
     /// Stop: moving would lose or corrupt something.
-    Refuse {
-        reason: &'static str,
-        message: String,
-    },
+    Refuse { reason: Reason, message: String },
 }
 
 /// Decides the move of version `n`.
@@ -47,7 +46,7 @@ pub fn plan_version(
         && r != o
     {
         return VersionMove::Refuse {
-            reason: "MigrationMismatch",
+            reason: Reason::MigrationMismatch,
             message: format!(
                 "store {from} holds content for version {n} other than its recorded fingerprint"
             ),
@@ -57,12 +56,12 @@ pub fn plan_version(
     match (in_new, expected) {
         (Some(new), Some(want)) if new == want => VersionMove::AlreadyThere,
         (Some(_), _) => VersionMove::Refuse {
-            reason: "MigrationConflict",
+            reason: Reason::MigrationConflict,
             message: format!("store {to} already holds other content as version {n}"),
         },
         (None, _) if in_old.is_some() => VersionMove::Write,
         (None, _) => VersionMove::Refuse {
-            reason: "MigrationVersionMissing",
+            reason: Reason::MigrationVersionMissing,
             message: format!(
                 "version {n}, recorded in store {from}, is in neither {from} nor {to}"
             ),
@@ -94,190 +93,272 @@ pub fn pending(status: Option<&ManagedSecretStatus>, from: &str) -> bool {
     })
 }
 
-/// One migration step for `ms` under `profile`: None when there is nothing to do, else
-/// the ManagedSecret with the status now stored (persisted before anything is deleted),
-/// and whether it failed (to be retried soon).
-pub async fn step(
-    ms: &ManagedSecret,
-    ctx: &Context,
-    profile: &VaultProfile,
-) -> Result<Option<(ManagedSecret, bool)>> {
-    let Some(from) = profile.spec.migrate_from.as_deref() else {
-        return clear(ms, ctx).await;
-    };
-    if !pending(ms.status.as_ref(), from) {
-        return Ok(None);
-    }
-    // Decide on the stored status: the cache may predate our own last write.
-    let mut status = super::managed_secret::stored_status(ms, ctx).await?;
-    if !pending(Some(&status), from) {
-        return Ok(Some((with_status(ms, status), false)));
-    }
-    let to = profile.spec.source.as_str();
-    let generation = ms.metadata.generation;
-    let mut base = ms.clone();
-    let failed = match move_versions(ms, ctx, &status, from, to).await {
-        Ok((moved, old)) => {
-            record_moves(&mut status.versions, &moved, from, to);
-            set_condition(
-                &mut status.conditions,
-                condition(
-                    CONDITION,
-                    false,
-                    "Moving",
-                    format!(
-                        "{} version(s) written to store {to} and verified by fingerprint; deleting them from store {from}",
-                        moved.len()
-                    ),
-                    generation,
-                ),
-            );
-            // Recorded before anything is deleted: a restart from here on finds every
-            // version in the new store.
-            super::managed_secret::patch_status(&base, ctx, status.clone()).await?;
-            base = with_status(ms, status.clone());
-            match old.delete(&ms.store_path()).await {
-                Ok(()) => {
-                    info!(from, to, versions = moved.len(), "migrated");
-                    status.migrated_from = Some(from.to_owned());
-                    set_condition(
-                        &mut status.conditions,
-                        condition(
-                            CONDITION,
-                            true,
-                            "Moved",
-                            format!(
-                                "{} version(s) moved from store {from} to store {to}, verified by fingerprint",
-                                moved.len()
-                            ),
-                            generation,
-                        ),
-                    );
-                    false
-                }
-                Err(e) => {
-                    set_condition(
-                        &mut status.conditions,
-                        condition(
-                            CONDITION,
-                            false,
-                            "MigrationDeleteFailed",
-                            format!(
-                                "every version is in store {to}, but deleting them from store {from} failed: {e}"
-                            ),
-                            generation,
-                        ),
-                    );
-                    true
-                }
-            }
-        }
-        Err(e) => {
-            set_condition(
-                &mut status.conditions,
-                condition(CONDITION, false, e.reason(), e.to_string(), generation),
-            );
-            true
-        }
-    };
-    super::managed_secret::patch_status(&base, ctx, status.clone()).await?;
-    if failed {
-        ctx.recheck_stores();
-    }
-    Ok(Some((with_status(ms, status), failed)))
+/// Without `migrateFrom`, a leftover marker and condition go.
+pub fn clear(status: &mut ManagedSecretStatus) {
+    status.migrated_from = None;
+    remove_condition(&mut status.conditions, ConditionType::Migrated);
 }
 
-/// Copies and verifies every version at the path into `to`; returns the versions moved
-/// (with the new store's version numbers) and the old backend.
-async fn move_versions(
-    ms: &ManagedSecret,
-    ctx: &Context,
+/// One version as both stores hold it.
+#[derive(Debug)]
+pub struct VersionSeen {
+    pub version: u64,
+    /// The fingerprint the status recorded for it in the old store.
+    pub recorded: Option<String>,
+    /// Its content in the old store, and that content's fingerprint.
+    pub in_old: Option<(SecretData, Fingerprint)>,
+    /// The fingerprint of what the new store holds as this version, and its own number.
+    pub in_new: Option<(Fingerprint, Option<u64>)>,
+}
+
+/// What a migration step decides on.
+#[derive(Debug)]
+pub struct Observed {
+    pub from: String,
+    pub to: String,
+    pub versions: Vec<VersionSeen>,
+}
+
+/// Reads every version at `path` that the old store holds or the status records there,
+/// from both stores.
+pub async fn observe(
+    old: &dyn Backend,
+    new: &dyn Backend,
+    path: &str,
     status: &ManagedSecretStatus,
-    from: &str,
-    to: &str,
-) -> Result<(BTreeMap<u64, Option<u64>>, std::sync::Arc<dyn Backend>)> {
-    let old = ctx.backend(from).await?;
-    let new = ctx.backend(to).await?;
-    let path = ms.store_path();
-    let fingerprint = |data: &crate::secret_data::SecretData| -> Fingerprint {
-        ctx.keys
-            .fingerprinter
-            .fingerprint(ms.spec.type_.as_str(), data)
-    };
+    fingerprint: impl Fn(&SecretData) -> Fingerprint,
+) -> Result<Observed> {
+    let (from, to) = (old.store().to_owned(), new.store().to_owned());
     let recorded: BTreeMap<u64, &str> = status
         .versions
         .iter()
         .filter(|r| r.store == from)
         .map(|r| (r.version, r.fingerprint.as_str()))
         .collect();
-    let listed = old.list_versions(&path).await?;
+    let listed = old.list_versions(path).await?;
     let all: BTreeSet<u64> = listed
         .iter()
         .copied()
         .chain(recorded.keys().copied())
         .collect();
-    let mut moved = BTreeMap::new();
+    let mut versions = Vec::with_capacity(all.len());
     for n in all {
         let in_old = match listed.contains(&n) {
-            true => old.read(&path, Some(n)).await?,
+            true => old.read(path, Some(n)).await?.map(|v| {
+                let fp = fingerprint(&v.data);
+                (v.data, fp)
+            }),
             false => None,
         };
-        let old_fp = in_old.as_ref().map(|v| fingerprint(&v.data));
-        let in_new = new.read(&path, Some(n)).await?;
-        let new_fp = in_new.as_ref().map(|v| fingerprint(&v.data));
+        let in_new = new
+            .read(path, Some(n))
+            .await?
+            .map(|v| (fingerprint(&v.data), v.store_version));
+        versions.push(VersionSeen {
+            version: n,
+            recorded: recorded.get(&n).map(|r| r.to_string()),
+            in_old,
+            in_new,
+        });
+    }
+    Ok(Observed { from, to, versions })
+}
+
+/// The moves of one migration step.
+#[derive(Debug, PartialEq)]
+pub struct Moves {
+    pub from: String,
+    pub to: String,
+    /// Versions the new store already holds (a resumed migration), with its own numbers.
+    pub already: BTreeMap<u64, Option<u64>>,
+    /// Versions to write (then read back and verify).
+    pub writes: Vec<(VersionStamp, SecretData)>,
+}
+
+/// Decides every version's move; the first refusal stops the step (nothing is written).
+pub fn plan(observed: Observed) -> Result<Moves> {
+    let Observed { from, to, versions } = observed;
+    let mut moves = Moves {
+        already: BTreeMap::new(),
+        writes: Vec::new(),
+        from,
+        to,
+    };
+    for seen in versions {
+        let old_fp = seen.in_old.as_ref().map(|(_, fp)| fp.as_str());
+        let new_fp = seen.in_new.as_ref().map(|(fp, _)| fp.as_str());
         match plan_version(
-            n,
-            from,
-            to,
-            recorded.get(&n).copied(),
-            old_fp.as_ref().map(Fingerprint::as_str),
-            new_fp.as_ref().map(Fingerprint::as_str),
+            seen.version,
+            &moves.from,
+            &moves.to,
+            seen.recorded.as_deref(),
+            old_fp,
+            new_fp,
         ) {
             VersionMove::AlreadyThere => {
-                moved.insert(n, in_new.and_then(|v| v.store_version));
+                let store_version = seen.in_new.and_then(|(_, v)| v);
+                moves.already.insert(seen.version, store_version);
             }
-            VersionMove::Refuse { reason, message } => {
-                return Err(Error::config(reason, message));
-            }
+            VersionMove::Refuse { reason, message } => return Err(Error::config(reason, message)),
             VersionMove::Write => {
-                let (value, fp) = (
-                    in_old.expect("Write means the old store holds it"),
-                    old_fp.expect("read"),
-                );
+                let (data, fingerprint) = seen.in_old.expect("Write means the old store holds it");
                 let stamp = VersionStamp {
-                    version: n,
-                    fingerprint: fp.clone(),
+                    version: seen.version,
+                    fingerprint,
                 };
-                new.write(&path, &stamp, &value.data).await?;
-                let back = new.read(&path, Some(n)).await?;
-                let verified = back.filter(|v| fingerprint(&v.data) == fp).ok_or_else(|| {
-                    Error::config(
-                        "MigrationVerifyFailed",
-                        format!(
-                            "version {n} read back from store {to} does not match its fingerprint"
-                        ),
-                    )
-                })?;
-                moved.insert(n, verified.store_version);
+                moves.writes.push((stamp, data));
             }
         }
     }
-    Ok((moved, old))
+    Ok(moves)
 }
 
-/// Without `migrateFrom`, a leftover marker and condition go.
-async fn clear(ms: &ManagedSecret, ctx: &Context) -> Result<Option<(ManagedSecret, bool)>> {
-    let Some(status) = ms.status.as_ref() else {
-        return Ok(None);
+/// The condition of a step that failed before anything was recorded.
+pub fn failed(status: &mut ManagedSecretStatus, error: &Error, generation: Option<i64>) {
+    set_condition(
+        &mut status.conditions,
+        condition(
+            ConditionType::Migrated,
+            false,
+            error.reason(),
+            error.to_string(),
+            generation,
+        ),
+    );
+}
+
+/// Carries out `moves` for `ms` and records them: the status (returned) says where every
+/// version is, persisted before the old copy is deleted; `true` when the step failed (to be
+/// retried soon).
+pub async fn apply(
+    ctx: &Context,
+    ms: &ManagedSecret,
+    mut status: ManagedSecretStatus,
+    moves: Moves,
+) -> Result<(ManagedSecretStatus, bool)> {
+    let generation = ms.metadata.generation;
+    let path = ms.store_path();
+    let (from, to) = (moves.from.clone(), moves.to.clone());
+    let written = match write_and_verify(ctx, ms, &path, moves).await {
+        Ok(written) => written,
+        Err(e) => {
+            failed(&mut status, &e, generation);
+            let stored = write_status(ctx, ms, &status).await?;
+            ctx.health_checks.request();
+            let status = stored.and_then(|s| s.status).unwrap_or(status);
+            return Ok((status, true));
+        }
     };
-    if status.migrated_from.is_none() && !status.conditions.iter().any(|c| c.type_ == CONDITION) {
-        return Ok(None);
+    record_moves(&mut status.versions, &written, &from, &to);
+    let n = written.len();
+    set_condition(
+        &mut status.conditions,
+        condition(
+            ConditionType::Migrated,
+            false,
+            Reason::Moving,
+            format!(
+                "{n} version(s) written to store {to} and verified by fingerprint; deleting them from store {from}"
+            ),
+            generation,
+        ),
+    );
+    // Recorded before anything is deleted: a restart from here on finds every version in
+    // the new store.
+    let recorded = write_status(ctx, ms, &status).await?;
+    let base = recorded.unwrap_or_else(|| with_status(ms, status.clone()));
+    let deleted = match ctx.backend(&from).await {
+        Ok(old) => old.delete(&path).await.map_err(Error::from),
+        Err(e) => Err(e),
+    };
+    let failed = match deleted {
+        Ok(()) => {
+            info!(from, to, versions = n, "migrated");
+            status.migrated_from = Some(from.clone());
+            set_condition(
+                &mut status.conditions,
+                condition(
+                    ConditionType::Migrated,
+                    true,
+                    Reason::Moved,
+                    format!(
+                        "{n} version(s) moved from store {from} to store {to}, verified by fingerprint"
+                    ),
+                    generation,
+                ),
+            );
+            false
+        }
+        Err(e) => {
+            set_condition(
+                &mut status.conditions,
+                condition(
+                    ConditionType::Migrated,
+                    false,
+                    Reason::MigrationDeleteFailed,
+                    format!(
+                        "every version is in store {to}, but deleting them from store {from} failed: {e}"
+                    ),
+                    generation,
+                ),
+            );
+            true
+        }
+    };
+    write_status(ctx, &base, &status).await?;
+    if failed {
+        ctx.health_checks.request();
     }
-    let mut status = super::managed_secret::stored_status(ms, ctx).await?;
-    status.migrated_from = None;
-    status.conditions.retain(|c| c.type_ != CONDITION);
-    super::managed_secret::patch_status(ms, ctx, status.clone()).await?;
-    Ok(Some((with_status(ms, status), false)))
+    Ok((status, failed))
+}
+
+/// Writes each planned version to the new store, reads it back and compares fingerprints;
+/// returns every version now in the new store, with its own version numbers.
+async fn write_and_verify(
+    ctx: &Context,
+    ms: &ManagedSecret,
+    path: &str,
+    moves: Moves,
+) -> Result<BTreeMap<u64, Option<u64>>> {
+    let mut moved = moves.already;
+    if moves.writes.is_empty() {
+        return Ok(moved);
+    }
+    let new = ctx.backend(&moves.to).await?;
+    for (stamp, data) in moves.writes {
+        new.write(path, &stamp, &data).await?;
+        let back = new.read(path, Some(stamp.version)).await?;
+        let fingerprint = |d: &SecretData| {
+            ctx.keys
+                .fingerprinter
+                .fingerprint(ms.spec.type_.as_str(), d)
+        };
+        let verified = back
+            .filter(|v| fingerprint(&v.data) == stamp.fingerprint)
+            .ok_or_else(|| {
+                Error::config(
+                    Reason::MigrationVerifyFailed,
+                    format!(
+                        "version {} read back from store {} does not match its fingerprint",
+                        stamp.version, moves.to
+                    ),
+                )
+            })?;
+        moved.insert(stamp.version, verified.store_version);
+    }
+    Ok(moved)
+}
+
+async fn write_status(
+    ctx: &Context,
+    ms: &ManagedSecret,
+    status: &ManagedSecretStatus,
+) -> Result<Option<ManagedSecret>> {
+    let stored = super::status::apply(&ctx.client, &ctx.config.field_manager, ms, status).await?;
+    if let Some(stored) = &stored {
+        ctx.status_written(stored);
+    }
+    Ok(stored)
 }
 
 fn with_status(ms: &ManagedSecret, status: ManagedSecretStatus) -> ManagedSecret {
@@ -304,24 +385,89 @@ mod tests {
         assert!(matches!(
             plan(Some("x"), Some("y"), None),
             VersionMove::Refuse {
-                reason: "MigrationMismatch",
+                reason: Reason::MigrationMismatch,
                 ..
             }
         ));
         assert!(matches!(
             plan(Some("x"), Some("x"), Some("y")),
             VersionMove::Refuse {
-                reason: "MigrationConflict",
+                reason: Reason::MigrationConflict,
                 ..
             }
         ));
         assert!(matches!(
             plan(Some("x"), None, None),
             VersionMove::Refuse {
-                reason: "MigrationVersionMissing",
+                reason: Reason::MigrationVersionMissing,
                 ..
             }
         ));
+    }
+
+    fn fp(n: u8) -> Fingerprint {
+        Fingerprint::parse(&format!("hmac-sha256:{}", hex::encode([n; 32]))).unwrap()
+    }
+
+    fn data(v: &str) -> SecretData {
+        let mut d = SecretData::new();
+        d.insert("password", v.as_bytes());
+        d
+    }
+
+    #[test]
+    fn a_step_writes_what_is_missing_and_keeps_what_is_there() {
+        let observed = Observed {
+            from: "a".into(),
+            to: "b".into(),
+            versions: vec![
+                VersionSeen {
+                    version: 1,
+                    recorded: Some(fp(1).to_string()),
+                    in_old: Some((data("one"), fp(1))),
+                    in_new: Some((fp(1), Some(7))),
+                },
+                VersionSeen {
+                    version: 2,
+                    recorded: Some(fp(2).to_string()),
+                    in_old: Some((data("two"), fp(2))),
+                    in_new: None,
+                },
+            ],
+        };
+        let moves = plan(observed).unwrap();
+        assert_eq!(moves.already, BTreeMap::from([(1, Some(7))]));
+        assert_eq!(moves.writes.len(), 1);
+        assert_eq!(moves.writes[0].0.version, 2);
+        assert_eq!(moves.writes[0].0.fingerprint, fp(2));
+    }
+
+    #[test]
+    fn one_refused_version_stops_the_whole_step() {
+        let observed = Observed {
+            from: "a".into(),
+            to: "b".into(),
+            versions: vec![
+                VersionSeen {
+                    version: 1,
+                    recorded: None,
+                    in_old: Some((data("one"), fp(1))),
+                    in_new: None,
+                },
+                VersionSeen {
+                    version: 2,
+                    recorded: Some(fp(2).to_string()),
+                    in_old: Some((data("changed"), fp(9))),
+                    in_new: None,
+                },
+            ],
+        };
+        let e = plan(observed).unwrap_err();
+        assert_eq!(e.reason(), Reason::MigrationMismatch);
+        assert!(
+            !e.to_string().contains("changed"),
+            "no value in the message"
+        );
     }
 
     #[test]
@@ -355,5 +501,22 @@ mod tests {
             "a"
         ));
         assert!(pending(None, "a"));
+    }
+
+    #[test]
+    fn clearing_drops_the_marker_and_the_condition() {
+        let mut status = ManagedSecretStatus {
+            migrated_from: Some("a".into()),
+            ..Default::default()
+        };
+        failed(
+            &mut status,
+            &Error::config(Reason::MigrationConflict, "x"),
+            Some(1),
+        );
+        assert_eq!(status.conditions.len(), 1);
+        clear(&mut status);
+        assert_eq!(status.migrated_from, None);
+        assert!(status.conditions.is_empty());
     }
 }

@@ -1,16 +1,15 @@
 //! The SecretStore reconciler: health and secret count into status; for pkcs11 stores,
 //! one step of a KEK rotation per reconcile while one is under way.
 
-use super::Context;
+use super::context::Context;
 use crate::api::{
-    KekRotationPhase, KekRotationStatus, SecretStore, SecretStoreStatus, StorePhase, condition,
-    now, set_condition,
+    ConditionType, KekRotationPhase, KekRotationStatus, MigrationPhase, Reason, SecretStore,
+    SecretStoreStatus, StorePhase, condition, now, set_condition,
 };
 use crate::error::{Error, Result};
-use kube::api::{Patch, PatchParams};
+use kube::ResourceExt;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::{Api, Resource, ResourceExt};
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::{Instrument, warn};
@@ -23,34 +22,10 @@ const ROTATION_STEP: Duration = Duration::from_millis(200);
 pub async fn reconcile(store: Arc<SecretStore>, ctx: Arc<Context>) -> Result<Action> {
     let span = tracing::info_span!("reconcile", kind = "SecretStore", name = %store.name_any());
     async move {
-        if let Some(action) = super::store_guard::guard(&store, &ctx).await? { return Ok(action); }
-        let (mut phase, mut message, secrets) = match ctx.stores_registry.backend(&store) {
-            Ok(backend) => {
-                let health = backend.health().await;
-                let count = if health.phase == StorePhase::Active {
-                    backend.count().await.ok()
-                } else {
-                    None
-                };
-                (
-                    health.phase,
-                    health.message,
-                    count.or(store.status.as_ref().and_then(|s| s.secrets)),
-                )
-            }
-            Err(e) => (StorePhase::Invalid, e.to_string(), None),
-        };
-        if phase == StorePhase::Active
-            && let Some(drain) = draining(&store.name_any(), &ctx.profiles.state())
-        {
-            phase = StorePhase::Draining;
-            message = format!(
-                "{message}; being emptied into store {} by VaultProfile {} (migrateFrom): {} secret object(s) left",
-                drain.to,
-                drain.profile,
-                secrets.unwrap_or_default()
-            );
+        if let Some(action) = super::store_guard::guard(&store, &ctx).await? {
+            return Ok(action);
         }
+        let (phase, mut message, secrets) = health(&store, &ctx).await;
         let previous = store.status.clone().unwrap_or_default();
         let rotation = if phase == StorePhase::Active {
             rotate_kek(&store, &ctx, &previous).await
@@ -81,17 +56,12 @@ pub async fn reconcile(store: Arc<SecretStore>, ctx: Arc<Context>) -> Result<Act
             active_kek,
             kek_rotation,
         };
-        let reason = if phase == StorePhase::Active {
-            "Active".to_owned()
-        } else {
-            phase.as_str().to_owned()
-        };
         set_condition(
             &mut status.conditions,
             condition(
-                "Ready",
+                ConditionType::Ready,
                 phase == StorePhase::Active,
-                &reason,
+                Reason::from(phase),
                 message.clone(),
                 store.metadata.generation,
             ),
@@ -105,18 +75,18 @@ pub async fn reconcile(store: Arc<SecretStore>, ctx: Arc<Context>) -> Result<Act
             } else {
                 EventType::Warning
             };
-            ctx.event(store.as_ref(), type_, phase.as_str(), &message)
+            ctx.events
+                .publish(store.as_ref(), type_, Reason::from(phase), &message)
                 .await;
         }
         rotation_events(&store, &ctx, previous.kek_rotation.as_ref(), &status).await;
         if status != previous || stale {
             status.last_checked = Some(now());
-            let body = serde_json::json!({"apiVersion": SecretStore::api_version(&()), "kind": SecretStore::kind(&()), "status": status});
-            let api: Api<SecretStore> = Api::all(ctx.client.clone());
-            api.patch_status(
-                &store.name_any(),
-                &PatchParams::apply(&ctx.config.field_manager).force(),
-                &Patch::Apply(&body),
+            super::status::apply(
+                &ctx.client,
+                &ctx.config.field_manager,
+                store.as_ref(),
+                &status,
             )
             .await?;
         }
@@ -134,6 +104,40 @@ pub async fn reconcile(store: Arc<SecretStore>, ctx: Arc<Context>) -> Result<Act
     .await
 }
 
+/// The store's phase, why, and how many secret objects it holds: its backend's health,
+/// Draining while a profile's migration empties it.
+async fn health(store: &SecretStore, ctx: &Context) -> (StorePhase, String, Option<u64>) {
+    let (phase, message, secrets) = match ctx.registry.backend(store) {
+        Ok(backend) => {
+            let health = backend.health().await;
+            let count = if health.phase == StorePhase::Active {
+                backend.count().await.ok()
+            } else {
+                None
+            };
+            (
+                health.phase,
+                health.message,
+                count.or(store.status.as_ref().and_then(|s| s.secrets)),
+            )
+        }
+        Err(e) => (StorePhase::Invalid, e.to_string(), None),
+    };
+    match draining(&store.name_any(), &ctx.caches.profiles.state()) {
+        Some(drain) if phase == StorePhase::Active => (
+            StorePhase::Draining,
+            format!(
+                "{message}; being emptied into store {} by VaultProfile {} (migrateFrom): {} secret object(s) left",
+                drain.to,
+                drain.profile,
+                secrets.unwrap_or_default()
+            ),
+            secrets,
+        ),
+        _ => (phase, message, secrets),
+    }
+}
+
 /// A migration emptying a store.
 struct Drain {
     profile: String,
@@ -148,7 +152,9 @@ fn draining(name: &str, profiles: &[Arc<crate::api::VaultProfile>]) -> Option<Dr
             .status
             .as_ref()
             .and_then(|s| s.migration.as_ref())
-            .is_some_and(|m| m.from == name && m.to == p.spec.source && m.phase == "Complete");
+            .is_some_and(|m| {
+                m.from == name && m.to == p.spec.source && m.phase == MigrationPhase::Complete
+            });
         (p.spec.migrate_from.as_deref() == Some(name) && !complete).then(|| Drain {
             profile: p.name_any(),
             to: p.spec.source.clone(),
@@ -171,7 +177,7 @@ async fn rotate_kek(
     ctx: &Context,
     previous: &SecretStoreStatus,
 ) -> Option<Rotation> {
-    let backend = match ctx.stores_registry.pkcs11(store) {
+    let backend = match ctx.registry.pkcs11(store) {
         Ok(b) => b?,
         Err(e) => {
             warn!(error = %e, "KEK rotation: no backend");
@@ -222,7 +228,8 @@ async fn rotation_events(
             now.from.join(", "),
             now.to
         );
-        ctx.event(store, EventType::Normal, "KekRotationStarted", &note)
+        ctx.events
+            .publish(store, EventType::Normal, Reason::KekRotationStarted, &note)
             .await;
     }
     if now.phase == KekRotationPhase::Complete && was != Some(KekRotationPhase::Complete) {
@@ -231,7 +238,8 @@ async fn rotation_events(
             now.to,
             now.unused_keys.join(", ")
         );
-        ctx.event(store, EventType::Normal, "KekRotationComplete", &note)
+        ctx.events
+            .publish(store, EventType::Normal, Reason::KekRotationComplete, &note)
             .await;
     }
 }

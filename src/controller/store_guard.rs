@@ -4,19 +4,15 @@
 //! held, and its status says which profiles and how many secret objects it holds. The annotation
 //! `keyhaven.io/force-delete: "true"` lets it go anyway (the store's data is left where it is).
 
-use super::Context;
-use crate::api::{SecretStore, condition, set_condition};
-use crate::error::Result;
+use super::context::Context;
+use crate::api::{ConditionType, Reason, SecretStore, condition, set_condition};
+use crate::error::{Error, Result, Verb};
+use crate::labels::{FORCE_DELETE_ANNOTATION, STORE_FINALIZER};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 use std::time::Duration;
-
-/// Holds a SecretStore's deletion while profiles reference it.
-pub const STORE_FINALIZER: &str = "keyhaven.io/store-in-use";
-/// `"true"` on a SecretStore being deleted: remove it although profiles still reference it.
-pub const FORCE_DELETE_ANNOTATION: &str = "keyhaven.io/force-delete";
 
 /// What the guard decides for a store (pure).
 #[derive(Debug, PartialEq, Eq)]
@@ -56,6 +52,33 @@ pub fn decide(
     }
 }
 
+/// The profiles naming the store `name` (as source, sync target or migrateFrom), read from
+/// the API server, and how many ManagedSecrets keep versions in it.
+async fn users(name: &str, ctx: &Context) -> Result<(Vec<String>, usize)> {
+    let referencing = ctx
+        .caches
+        .list_profiles(&ctx.client)
+        .await?
+        .into_iter()
+        .filter(|p| {
+            p.spec.stores().any(|s| s == name) || p.spec.migrate_from.as_deref() == Some(name)
+        })
+        .map(|p| p.name_any())
+        .collect();
+    let holders = ctx
+        .caches
+        .managed
+        .state()
+        .iter()
+        .filter(|ms| {
+            ms.status
+                .as_ref()
+                .is_some_and(|s| s.versions.iter().any(|r| r.store == name))
+        })
+        .count();
+    Ok((referencing, holders))
+}
+
 /// Runs the guard; `Some(action)` ends the reconcile there (the store is being deleted).
 pub async fn guard(store: &SecretStore, ctx: &Context) -> Result<Option<Action>> {
     let name = store.name_any();
@@ -64,30 +87,10 @@ pub async fn guard(store: &SecretStore, ctx: &Context) -> Result<Option<Action>>
         .annotations()
         .get(FORCE_DELETE_ANNOTATION)
         .is_some_and(|v| v == "true");
-    let referencing = if deleting {
-        ctx.list_profiles()
-            .await?
-            .into_iter()
-            .filter(|p| {
-                p.spec.stores().any(|s| s == name) || p.spec.migrate_from.as_deref() == Some(&name)
-            })
-            .map(|p| p.name_any())
-            .collect()
+    let (referencing, holders) = if deleting {
+        users(&name, ctx).await?
     } else {
-        vec![]
-    };
-    let holders = if deleting {
-        ctx.managed
-            .state()
-            .iter()
-            .filter(|ms| {
-                ms.status
-                    .as_ref()
-                    .is_some_and(|s| s.versions.iter().any(|r| r.store == name))
-            })
-            .count()
-    } else {
-        0
+        (vec![], 0)
     };
     let api: Api<SecretStore> = Api::all(ctx.client.clone());
     let finalizers = store.finalizers().to_vec();
@@ -106,15 +109,16 @@ pub async fn guard(store: &SecretStore, ctx: &Context) -> Result<Option<Action>>
                 .filter(|f| f != STORE_FINALIZER)
                 .collect();
             set_finalizers(&api, store, list).await?;
-            ctx.stores_registry.forget(&name);
+            ctx.registry.forget(&name);
             if forced {
-                ctx.event(
-                    store,
-                    EventType::Warning,
-                    "ForceDeleted",
-                    &format!("SecretStore {name} released by {FORCE_DELETE_ANNOTATION}"),
-                )
-                .await;
+                ctx.events
+                    .publish(
+                        store,
+                        EventType::Warning,
+                        Reason::ForceDeleted,
+                        &format!("SecretStore {name} released by {FORCE_DELETE_ANNOTATION}"),
+                    )
+                    .await;
             }
             Ok(Some(Action::await_change()))
         }
@@ -144,22 +148,18 @@ pub async fn guard(store: &SecretStore, ctx: &Context) -> Result<Option<Action>>
             set_condition(
                 &mut status.conditions,
                 condition(
-                    "DeletionBlocked",
+                    ConditionType::DeletionBlocked,
                     true,
-                    "InUseByProfiles",
+                    Reason::InUseByProfiles,
                     message.clone(),
                     store.metadata.generation,
                 ),
             );
             if before.as_deref() != Some(message.as_str()) {
-                let body = serde_json::json!({"apiVersion": SecretStore::api_version(&()), "kind": SecretStore::kind(&()), "status": status});
-                api.patch_status(
-                    &name,
-                    &PatchParams::apply(&ctx.config.field_manager).force(),
-                    &Patch::Apply(&body),
-                )
-                .await?;
-                ctx.event(store, EventType::Warning, "DeletionBlocked", &message)
+                super::status::apply(&ctx.client, &ctx.config.field_manager, store, &status)
+                    .await?;
+                ctx.events
+                    .publish(store, EventType::Warning, Reason::DeletionBlocked, &message)
                     .await;
             }
             Ok(Some(Action::requeue(Duration::from_secs(10))))
@@ -179,7 +179,11 @@ async fn set_finalizers(
         &PatchParams::default(),
         &Patch::Merge(&patch),
     )
-    .await?;
+    .await
+    .map_err(Error::kube(
+        Verb::Patch,
+        format!("the finalizers of SecretStore {}", store.name_any()),
+    ))?;
     Ok(())
 }
 

@@ -115,7 +115,7 @@ impl StoreRegistry {
             return Ok(Arc::new(VaultStore::new(name, v, source)?));
         }
         Err(Error::config(
-            "InvalidProvider",
+            crate::api::Reason::InvalidProvider,
             format!("SecretStore {name} sets no provider"),
         ))
     }

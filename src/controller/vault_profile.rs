@@ -1,17 +1,17 @@
 //! The VaultProfile reconciler: Ready when its source and sync targets exist and are Active;
 //! condition `Conflict` when it is a default (or the fallback) together with another profile.
 
-use super::Context;
+use super::context::Context;
 use crate::api::{
-    ManagedSecret, MigrationStatus, StorePhase, VaultProfile, VaultProfileSpec, VaultProfileStatus,
-    condition, set_condition,
+    ConditionType, ManagedSecret, MigrationPhase, MigrationStatus, ProfilePhase, Reason,
+    StorePhase, VaultProfile, VaultProfileSpec, VaultProfileStatus, condition, find_condition,
+    set_condition,
 };
 use crate::error::{Error, Result};
 use crate::profiles::{NamespaceInfo, conflicts};
-use kube::api::{Patch, PatchParams};
+use kube::ResourceExt;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::{Api, Resource, ResourceExt};
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::Instrument;
@@ -19,75 +19,154 @@ use tracing::Instrument;
 pub async fn reconcile(profile: Arc<VaultProfile>, ctx: Arc<Context>) -> Result<Action> {
     let span = tracing::info_span!("reconcile", kind = "VaultProfile", name = %profile.name_any());
     async move {
-        if !ctx.managed_synced.load(std::sync::atomic::Ordering::SeqCst) {
+        if !ctx.caches.managed_listed() {
             // The counts and the migration's progress come from the ManagedSecret cache.
             return Ok(Action::requeue(Duration::from_secs(1)));
         }
-        let mut problems = Vec::new();
-        for name in profile.spec.stores().chain(profile.spec.migrate_from.as_deref()) {
-            let problem = match ctx.secret_store(name).await? {
-                None => Some(format!("SecretStore {name} does not exist")),
-                Some(s) => match s.status.as_ref().and_then(|st| st.phase) {
-                    Some(StorePhase::Active | StorePhase::Draining) => None,
-                    Some(phase) => Some(format!("SecretStore {name} is {}", phase.as_str())),
-                    None => Some(format!("SecretStore {name} has not been checked yet")),
-                },
-            };
-            problems.extend(problem);
-        }
+        let problems = store_problems(&profile, &ctx).await?;
         let name = profile.name_any();
-        let managed = ctx.managed.state();
-        let mine: Vec<&ManagedSecret> = managed.iter().map(|ms| ms.as_ref()).filter(|ms| uses(ms, &name)).collect();
-        let secrets = mine.len() as u64;
-        let migration = migration_progress(&profile.spec, &mine);
-        let ready = problems.is_empty();
-        let mut message = if ready { "source and sync targets are Active".to_owned() } else { problems.join("; ") };
-        let namespaces: Vec<NamespaceInfo> = ctx.namespaces.state().iter().map(|ns| NamespaceInfo::from_meta(&ns.metadata)).collect();
-        let all = ctx.profiles.state();
+        let managed = ctx.caches.managed.state();
+        let mine: Vec<&ManagedSecret> = managed
+            .iter()
+            .map(|ms| ms.as_ref())
+            .filter(|ms| uses(ms, &name))
+            .collect();
+        let namespaces: Vec<NamespaceInfo> = ctx
+            .caches
+            .namespaces
+            .state()
+            .iter()
+            .map(|ns| NamespaceInfo::from_meta(&ns.metadata))
+            .collect();
+        let all = ctx.caches.profiles.state();
         let conflicts = conflicts(&profile, &namespaces, all.iter().map(|p| p.as_ref()));
-        for c in &conflicts {
-            message = format!("{message}; {}", c.message);
-        }
         let previous = profile.status.clone().unwrap_or_default();
-        let mut status = VaultProfileStatus {
-            phase: Some(if ready { "Ready" } else { "NotReady" }.into()),
-            message: Some(message.clone()),
-            secrets: Some(secrets),
-            observed_generation: profile.metadata.generation,
-            migration: migration.clone(),
-            conditions: previous.conditions.clone(),
-        };
-        migration_events(&profile, &ctx, previous.migration.as_ref(), migration.as_ref()).await;
-        let reason = if ready { "StoresActive" } else { "StoresNotActive" };
-        set_condition(&mut status.conditions, condition("Ready", ready, reason, message, profile.metadata.generation));
-        let conflict = match conflicts.as_slice() {
-            [] => condition("Conflict", false, "NoConflict", "no other default or fallback profile overlaps this one", profile.metadata.generation),
-            [one, ..] => {
-                let c = condition("Conflict", true, one.reason, conflicts.iter().map(|c| c.message.as_str()).collect::<Vec<_>>().join("; "), profile.metadata.generation);
-                if previous.conditions.iter().find(|c| c.type_ == "Conflict").is_none_or(|p| p.status != "True" || p.message != c.message) {
-                    ctx.event(profile.as_ref(), EventType::Warning, one.reason, &c.message).await;
-                }
-                c
-            }
-        };
-        set_condition(&mut status.conditions, conflict);
-        if status != previous {
-            let body = serde_json::json!({"apiVersion": VaultProfile::api_version(&()), "kind": VaultProfile::kind(&()), "status": status});
-            let api: Api<VaultProfile> = Api::all(ctx.client.clone());
-            api.patch_status(&name, &PatchParams::apply(&ctx.config.field_manager).force(), &Patch::Apply(&body)).await?;
+        let status = profile_status(&profile, &problems, &mine, &conflicts);
+        migration_events(
+            &profile,
+            &ctx,
+            previous.migration.as_ref(),
+            status.migration.as_ref(),
+        )
+        .await;
+        let conflict = find_condition(&status.conditions, ConditionType::Conflict);
+        if let (Some(c), [one, ..]) = (conflict, conflicts.as_slice())
+            && find_condition(&previous.conditions, ConditionType::Conflict)
+                .is_none_or(|p| p.status != "True" || p.message != c.message)
+        {
+            ctx.events
+                .publish(profile.as_ref(), EventType::Warning, one.reason, &c.message)
+                .await;
         }
-        let migrating = migration.is_some_and(|m| m.phase != COMPLETE);
-        Ok(Action::requeue(Duration::from_secs(match (migrating, ready) {
-            (true, _) => 3,
-            (false, true) => 60,
-            (false, false) => 10,
-        })))
+        if status != previous {
+            super::status::apply(
+                &ctx.client,
+                &ctx.config.field_manager,
+                profile.as_ref(),
+                &status,
+            )
+            .await?;
+        }
+        let migrating = status
+            .migration
+            .is_some_and(|m| m.phase != MigrationPhase::Complete);
+        let ready = problems.is_empty();
+        Ok(Action::requeue(Duration::from_secs(
+            match (migrating, ready) {
+                (true, _) => 3,
+                (false, true) => 60,
+                (false, false) => 10,
+            },
+        )))
     }
     .instrument(span)
     .await
 }
 
-const COMPLETE: &str = "Complete";
+/// What keeps the profile's stores (source, sync targets, migrateFrom) from being used.
+async fn store_problems(profile: &VaultProfile, ctx: &Context) -> Result<Vec<String>> {
+    let mut problems = Vec::new();
+    for name in profile
+        .spec
+        .stores()
+        .chain(profile.spec.migrate_from.as_deref())
+    {
+        let problem = match ctx.caches.secret_store(&ctx.client, name).await? {
+            None => Some(format!("SecretStore {name} does not exist")),
+            Some(s) => match s.status.as_ref().and_then(|st| st.phase) {
+                Some(StorePhase::Active | StorePhase::Draining) => None,
+                Some(phase) => Some(format!("SecretStore {name} is {}", phase.as_str())),
+                None => Some(format!("SecretStore {name} has not been checked yet")),
+            },
+        };
+        problems.extend(problem);
+    }
+    Ok(problems)
+}
+
+/// The status of `profile`: Ready unless a store has a problem, the secrets using it, the
+/// migration's progress, and whether it conflicts with another default or fallback.
+pub fn profile_status(
+    profile: &VaultProfile,
+    problems: &[String],
+    mine: &[&ManagedSecret],
+    conflicts: &[crate::profiles::Refused],
+) -> VaultProfileStatus {
+    let ready = problems.is_empty();
+    let mut message = if ready {
+        "source and sync targets are Active".to_owned()
+    } else {
+        problems.join("; ")
+    };
+    for c in conflicts {
+        message = format!("{message}; {}", c.message);
+    }
+    let generation = profile.metadata.generation;
+    let previous = profile.status.clone().unwrap_or_default();
+    let mut status = VaultProfileStatus {
+        phase: Some(if ready {
+            ProfilePhase::Ready
+        } else {
+            ProfilePhase::NotReady
+        }),
+        message: Some(message.clone()),
+        secrets: Some(mine.len() as u64),
+        observed_generation: generation,
+        migration: migration_progress(&profile.spec, mine),
+        conditions: previous.conditions,
+    };
+    let reason = if ready {
+        Reason::StoresActive
+    } else {
+        Reason::StoresNotActive
+    };
+    set_condition(
+        &mut status.conditions,
+        condition(ConditionType::Ready, ready, reason, message, generation),
+    );
+    let conflict = match conflicts {
+        [] => condition(
+            ConditionType::Conflict,
+            false,
+            Reason::NoConflict,
+            "no other default or fallback profile overlaps this one",
+            generation,
+        ),
+        [one, ..] => condition(
+            ConditionType::Conflict,
+            true,
+            one.reason,
+            conflicts
+                .iter()
+                .map(|c| c.message.as_str())
+                .collect::<Vec<_>>()
+                .join("; "),
+            generation,
+        ),
+    };
+    set_condition(&mut status.conditions, conflict);
+    status
+}
 
 /// Where the migration `spec.migrateFrom` asks for stands, from the status of the
 /// profile's ManagedSecrets.
@@ -108,24 +187,24 @@ pub fn migration_progress(
             .count() as u64;
         if !super::migration::pending(Some(status), &from) {
             moved += 1;
-        } else if status.conditions.iter().any(|c| {
-            c.type_ == super::migration::CONDITION && c.status == "False" && c.reason != "Moving"
-        }) {
+        } else if find_condition(&status.conditions, ConditionType::Migrated)
+            .is_some_and(|c| c.status == "False" && c.reason != Reason::Moving.as_str())
+        {
             failed += 1;
         }
     }
     let total = secrets.len() as u64;
     let phase = if moved == total {
-        COMPLETE
+        MigrationPhase::Complete
     } else if moved + failed == total {
-        "Failed"
+        MigrationPhase::Failed
     } else {
-        "Migrating"
+        MigrationPhase::Migrating
     };
     Some(MigrationStatus {
         to: spec.source.clone(),
         from,
-        phase: phase.into(),
+        phase,
         total,
         moved,
         failed,
@@ -147,28 +226,31 @@ async fn migration_events(
             "moving the versions of {} secret(s) from store {} to store {}",
             now.total, now.from, now.to
         );
-        ctx.event(profile, EventType::Normal, "MigrationStarted", &note)
+        ctx.events
+            .publish(profile, EventType::Normal, Reason::MigrationStarted, &note)
             .await;
     }
     if same.is_none_or(|b| b.phase != now.phase) {
-        match now.phase.as_str() {
-            COMPLETE => {
+        match now.phase {
+            MigrationPhase::Complete => {
                 let note = format!(
                     "{} secret(s), {} version(s) moved from store {} to store {}, each verified by fingerprint; {} holds none of them now",
                     now.moved, now.versions_moved, now.from, now.to, now.from
                 );
-                ctx.event(profile, EventType::Normal, "MigrationComplete", &note)
+                ctx.events
+                    .publish(profile, EventType::Normal, Reason::MigrationComplete, &note)
                     .await;
             }
-            "Failed" => {
+            MigrationPhase::Failed => {
                 let note = format!(
                     "{} of {} secret(s) could not be moved from store {} (their condition Migrated says why); retrying",
                     now.failed, now.total, now.from
                 );
-                ctx.event(profile, EventType::Warning, "MigrationFailed", &note)
+                ctx.events
+                    .publish(profile, EventType::Warning, Reason::MigrationFailed, &note)
                     .await;
             }
-            _ => {}
+            MigrationPhase::Migrating => {}
         }
     }
 }
@@ -183,4 +265,77 @@ fn uses(ms: &ManagedSecret, name: &str) -> bool {
 
 pub fn error_policy(_profile: Arc<VaultProfile>, _error: &Error, _ctx: Arc<Context>) -> Action {
     Action::requeue(Duration::from_secs(10))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::ManagedSecretStatus;
+
+    fn profile() -> VaultProfile {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "keyhaven.io/v1alpha1", "kind": "VaultProfile",
+            "metadata": {"name": "p", "generation": 3},
+            "spec": {"source": "new", "migrateFrom": "old"},
+        }))
+        .unwrap()
+    }
+
+    fn ms(name: &str, migrated: bool) -> ManagedSecret {
+        let mut ms: ManagedSecret = serde_json::from_value(serde_json::json!({
+            "apiVersion": "keyhaven.io/v1alpha1", "kind": "ManagedSecret",
+            "metadata": {"name": name, "namespace": "n"},
+            "spec": {"type": "generic", "content": {"fromStore": {}}, "profile": "p"},
+        }))
+        .unwrap();
+        ms.status = Some(ManagedSecretStatus {
+            migrated_from: migrated.then(|| "old".to_owned()),
+            ..Default::default()
+        });
+        ms
+    }
+
+    #[test]
+    fn ready_counts_and_migration_progress() {
+        let (a, b) = (ms("a", true), ms("b", false));
+        let status = profile_status(&profile(), &[], &[&a, &b], &[]);
+        assert_eq!(status.phase, Some(ProfilePhase::Ready));
+        assert_eq!(status.secrets, Some(2));
+        let m = status.migration.unwrap();
+        assert_eq!(
+            (m.phase, m.moved, m.total),
+            (MigrationPhase::Migrating, 1, 2)
+        );
+        assert!(!crate::api::condition_true(
+            &status.conditions,
+            ConditionType::Conflict
+        ));
+        let status = profile_status(&profile(), &[], &[&a], &[]);
+        assert_eq!(status.migration.unwrap().phase, MigrationPhase::Complete);
+    }
+
+    #[test]
+    fn a_store_problem_or_a_conflict_is_said() {
+        let conflict = crate::profiles::Refused {
+            reason: Reason::DefaultProfileConflict,
+            message: "default conflict with VaultProfile q".into(),
+        };
+        let status = profile_status(
+            &profile(),
+            &["SecretStore old is Sealed".into()],
+            &[],
+            std::slice::from_ref(&conflict),
+        );
+        assert_eq!(status.phase, Some(ProfilePhase::NotReady));
+        let message = status.message.unwrap();
+        assert!(
+            message.contains("Sealed") && message.contains("VaultProfile q"),
+            "{message}"
+        );
+        let c = find_condition(&status.conditions, ConditionType::Conflict).unwrap();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "DefaultProfileConflict")
+        );
+    }
 }

@@ -61,9 +61,9 @@ fn new_keys_secret() -> Secret {
     Secret {
         metadata: ObjectMeta {
             name: Some(KEYS_SECRET.into()),
-            labels: Some(BTreeMap::from([("app.kubernetes.io/managed-by".into(), "keyhaven".into())])),
+            labels: Some(BTreeMap::from([(crate::labels::MANAGED_BY.into(), crate::labels::MANAGED_BY_VALUE.into())])),
             annotations: Some(BTreeMap::from([(
-                "keyhaven.io/description".into(),
+                crate::labels::DESCRIPTION_ANNOTATION.into(),
                 "keyhaven's master key (wraps the internal store's data keys) and fingerprint key. Losing it makes the internal store unreadable: back it up.".into(),
             )])),
             ..Default::default()

@@ -227,7 +227,7 @@ impl Fixture {
     pub async fn wait_synced(&self, name: &str, version: u64) -> ManagedSecret {
         self.wait_managed(name, &format!("Synced at version {version}"), |ms| {
             ms.status.as_ref().is_some_and(|s| {
-                s.phase.as_deref() == Some("Synced") && s.current_version == Some(version)
+                s.phase.is_some_and(|p| p == "Synced") && s.current_version == Some(version)
             })
         })
         .await

@@ -1,8 +1,9 @@
-//! Pure decisions of the ManagedSecret reconciler: which version a value is, which stores
-//! must be written, whether the native Secret must change. No I/O, so every case is a
-//! plain unit test.
+//! The ManagedSecret reconciler's single decisions: which version a value is, which stores
+//! must be written, whether the native Secret must change, whether to generate, roll back
+//! or restart. No I/O, so every case is a plain unit test; [`super::plan`] puts them
+//! together.
 
-use crate::api::{CreationPolicy, VersionRecord};
+use crate::api::{CreationPolicy, Reason, VersionRecord};
 use crate::backend::VersionStamp;
 use crate::crypto::Fingerprint;
 
@@ -122,7 +123,7 @@ pub enum NativeAction {
     Apply,
     /// It cannot be written; the message says why (nothing is changed).
     Refuse {
-        reason: &'static str,
+        reason: Reason,
         message: String,
     },
 }
@@ -138,7 +139,7 @@ pub fn native_action(
     if !observed.exists {
         return match policy {
             CreationPolicy::Merge => NativeAction::Refuse {
-                reason: "TargetSecretMissing",
+                reason: Reason::TargetSecretMissing,
                 message: format!(
                     "creationPolicy Merge needs an existing Secret {name}, and there is none"
                 ),
@@ -148,7 +149,7 @@ pub fn native_action(
     }
     if policy != CreationPolicy::Merge && !observed.managed_by_us {
         return NativeAction::Refuse {
-            reason: "TargetSecretExists",
+            reason: Reason::TargetSecretExists,
             message: format!(
                 "Secret {name} exists and is not managed by this ManagedSecret; use creationPolicy Merge to add keys to it"
             ),
@@ -158,7 +159,7 @@ pub fn native_action(
         && observed.type_.as_deref().unwrap_or("Opaque") != desired_type
     {
         return NativeAction::Refuse {
-            reason: "TargetTypeConflict",
+            reason: Reason::TargetTypeConflict,
             message: format!(
                 "Secret {name} has type {}, but this secret renders as {desired_type}; a Secret's type cannot change: delete it to let keyhaven recreate it",
                 observed.type_.as_deref().unwrap_or("Opaque")
@@ -602,7 +603,7 @@ mod tests {
         assert!(matches!(
             act(&foreign, CreationPolicy::Owner),
             NativeAction::Refuse {
-                reason: "TargetSecretExists",
+                reason: Reason::TargetSecretExists,
                 ..
             }
         ));
@@ -614,7 +615,7 @@ mod tests {
         assert!(matches!(
             act(&tls, CreationPolicy::Owner),
             NativeAction::Refuse {
-                reason: "TargetTypeConflict",
+                reason: Reason::TargetTypeConflict,
                 ..
             }
         ));

@@ -1,0 +1,99 @@
+//! The reasons keyhaven writes into conditions and Events: one enum, so that every reason
+//! the code can write is listed here and nowhere is a reason a free-form string.
+
+use super::common::named_enum;
+
+named_enum! {
+    /// A condition's or an Event's reason.
+    pub enum Reason {
+        // A SecretStore's phase is the reason of its Ready condition and of its Events.
+        Active,
+        Draining,
+        Sealed,
+        Unreachable,
+        Invalid,
+        /// A SecretStore whose deletion is held by the profiles or secrets using it.
+        DeletionBlocked,
+        InUseByProfiles,
+        ForceDeleted,
+        KekRotationStarted,
+        KekRotationComplete,
+        InvalidProvider,
+        // VaultProfile.
+        StoresActive,
+        StoresNotActive,
+        NoConflict,
+        MigrationStarted,
+        MigrationComplete,
+        MigrationFailed,
+        // Profile resolution (ManagedSecret) and profile conflicts (VaultProfile).
+        ProfileNotFound,
+        ProfileNotAllowed,
+        DefaultProfileConflict,
+        FallbackProfileConflict,
+        NoProfile,
+        NamespaceNotFound,
+        // ManagedSecret: a sync that worked.
+        SecretSynced,
+        AllStoresSynced,
+        TargetSyncFailed,
+        VersionCreated,
+        VersionRecorded,
+        DriftRepaired,
+        RolloutRestarted,
+        RolloutTargetNotFound,
+        // ManagedSecret: the value's expiry.
+        NoExpiry,
+        NotExpiring,
+        ExpiresSoon,
+        Expired,
+        // ManagedSecret: a sync that failed.
+        KubernetesError,
+        StoreUnreachable,
+        StoreSealed,
+        StoreInvalid,
+        StoreError,
+        StoreNotFound,
+        InvalidContent,
+        FinalizerError,
+        NoContentSource,
+        NotFoundInStore,
+        SourceSecretNotFound,
+        VersionMismatch,
+        RollbackVersionNotFound,
+        RollbackVersionMismatch,
+        IssuerNotFound,
+        IssuerNotCertificate,
+        IssuerNotReady,
+        TargetSecretMissing,
+        TargetSecretExists,
+        TargetTypeConflict,
+        // ManagedSecret: deletion.
+        SecretDeleted,
+        SecretKeysRemoved,
+        SecretRetained,
+        // ManagedSecret: migration out of the profile's migrateFrom.
+        Moving,
+        Moved,
+        MigrationDeleteFailed,
+        MigrationMismatch,
+        MigrationConflict,
+        MigrationVersionMissing,
+        MigrationVerifyFailed,
+        // The process.
+        LeaderElectionFailed,
+    }
+}
+
+impl From<super::StorePhase> for Reason {
+    fn from(phase: super::StorePhase) -> Reason {
+        use super::StorePhase as P;
+        match phase {
+            P::Active => Reason::Active,
+            P::Draining => Reason::Draining,
+            P::Sealed => Reason::Sealed,
+            P::Unreachable => Reason::Unreachable,
+            P::Invalid => Reason::Invalid,
+        }
+    }
+}

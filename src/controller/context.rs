@@ -1,0 +1,257 @@
+//! What every reconcile shares, in named parts: the caches of the watched kinds and the
+//! lookups over them, the live backends, what this process wrote, the backlog, the Event
+//! publisher, and the request for a prompt store health check.
+
+use super::backlog::Backlog;
+use super::events::Events;
+use super::own_writes::{SecretWrites, StatusWrites};
+use super::stores::StoreRegistry;
+use crate::api::{ManagedSecret, Reason, SecretStore, StorePhase, VaultProfile};
+use crate::backend::Backend;
+use crate::crypto::OperatorKeys;
+use crate::error::{Error, Result, Verb};
+use crate::metrics::Metrics;
+use crate::profiles::NamespaceInfo;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{ListParams, PartialObjectMeta};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Api, Client, Resource, ResourceExt};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// How the operator runs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where the operator keeps its keys and the internal store's records.
+    pub operator_namespace: String,
+    /// Reconcile ManagedSecrets of this namespace only (all namespaces when `None`).
+    pub watch_namespace: Option<String>,
+    /// Manage only SecretStores and VaultProfiles matching this label selector.
+    pub store_selector: Option<String>,
+    /// Reconcile (and cache) only ManagedSecrets matching this label selector.
+    pub managed_selector: Option<String>,
+    /// The field manager of every server-side apply.
+    pub field_manager: String,
+    /// Reconciles of one kind running at once.
+    pub concurrency: u16,
+    /// The operator's own ServiceAccount (in `operator_namespace`): the identity Vault's
+    /// kubernetes auth method sees unless a store names another.
+    pub service_account: String,
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    pub config: Config,
+    pub keys: OperatorKeys,
+    pub caches: Caches,
+    /// Live backends, one per SecretStore.
+    pub registry: StoreRegistry,
+    /// Native Secrets this process wrote, until their watch events come back.
+    pub secret_writes: SecretWrites,
+    /// The ManagedSecret statuses this process wrote last.
+    pub status_writes: StatusWrites,
+    pub backlog: Backlog,
+    pub events: Events,
+    /// Counters and latencies (`/metrics`).
+    pub metrics: Arc<Metrics>,
+    pub health_checks: HealthChecks,
+}
+
+impl Context {
+    /// How many ManagedSecrets wait for their first sync at their current generation.
+    pub fn backlog(&self) -> usize {
+        self.backlog.size(|| self.caches.managed.state())
+    }
+
+    /// Records the status the API server stored for `ms` after our write.
+    pub fn status_written(&self, ms: &ManagedSecret) {
+        self.status_writes.wrote(ms, || {
+            self.caches
+                .managed
+                .state()
+                .iter()
+                .filter_map(|m| m.uid())
+                .collect()
+        });
+    }
+
+    /// The live backend of the SecretStore named `name`.
+    pub async fn backend(&self, name: &str) -> Result<Arc<dyn Backend>> {
+        let store = self
+            .caches
+            .secret_store(&self.client, name)
+            .await?
+            .ok_or_else(|| {
+                Error::config(
+                    Reason::StoreNotFound,
+                    format!("SecretStore {name} does not exist"),
+                )
+            })?;
+        self.registry.backend(&store)
+    }
+}
+
+/// Asks the SecretStore controller for a health check now (a reconcile of another kind saw
+/// a store fail), instead of at its next periodic check.
+pub struct HealthChecks {
+    request: std::sync::Mutex<futures::channel::mpsc::Sender<()>>,
+}
+
+impl HealthChecks {
+    /// `request` is the SecretStore controller's reconcile-all trigger (a channel of size 0:
+    /// one pending request is enough).
+    pub fn new(request: futures::channel::mpsc::Sender<()>) -> Self {
+        HealthChecks {
+            request: std::sync::Mutex::new(request),
+        }
+    }
+
+    /// Re-checks every store's health soon. A full queue means one is already pending.
+    pub fn request(&self) {
+        let _ = self.request.lock().expect("recheck lock").try_send(());
+    }
+
+    /// Re-checks the stores' health soon, if `error` says a store is unusable.
+    pub fn after(&self, error: &Error) {
+        if let Error::Backend(e) = error
+            && e.phase() != StorePhase::Active
+        {
+            self.request();
+        }
+    }
+}
+
+/// The caches of the watched kinds, and lookups that fall back to the API server.
+pub struct Caches {
+    /// Selects the SecretStores and VaultProfiles this operator manages.
+    pub store_selector: Option<String>,
+    pub stores: Store<SecretStore>,
+    pub profiles: Store<VaultProfile>,
+    pub managed: Store<ManagedSecret>,
+    /// Whether `managed` holds the first full list (counts made before would be short).
+    pub managed_synced: Arc<AtomicBool>,
+    /// Namespaces' metadata (labels, annotations): the watched namespace only, with
+    /// `--watch-namespace`.
+    pub namespaces: Store<PartialObjectMeta<Namespace>>,
+}
+
+impl Caches {
+    pub fn managed_listed(&self) -> bool {
+        self.managed_synced.load(Ordering::SeqCst)
+    }
+
+    /// The SecretStore `name` from the cache, or from the API server when the cache does
+    /// not hold it (yet): a reconcile never mistakes "not listed yet" for "does not exist".
+    pub async fn secret_store(
+        &self,
+        client: &Client,
+        name: &str,
+    ) -> Result<Option<Arc<SecretStore>>> {
+        self.cached_or_fetched(client, &self.stores, name).await
+    }
+
+    /// The VaultProfile `name`, like [`Caches::secret_store`].
+    pub async fn vault_profile(
+        &self,
+        client: &Client,
+        name: &str,
+    ) -> Result<Option<Arc<VaultProfile>>> {
+        self.cached_or_fetched(client, &self.profiles, name).await
+    }
+
+    /// A cluster-scoped object from `cache`, else read from the API server within the
+    /// operator's store selector (an object outside it does not exist for this operator).
+    /// Not `Store::wait_until_ready`: that future keeps a single waker, which the
+    /// controller's own applier already holds, so a second waiter would never wake.
+    async fn cached_or_fetched<K>(
+        &self,
+        client: &Client,
+        cache: &Store<K>,
+        name: &str,
+    ) -> Result<Option<Arc<K>>>
+    where
+        K: Resource<DynamicType = (), Scope = kube::core::ClusterResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        if let Some(obj) = cache.get(&ObjectRef::new(name)) {
+            return Ok(Some(obj));
+        }
+        let api: Api<K> = Api::all(client.clone());
+        let mut lp = ListParams::default().fields(&format!("metadata.name={name}"));
+        if let Some(selector) = &self.store_selector {
+            lp = lp.labels(selector);
+        }
+        let listed = api
+            .list(&lp)
+            .await
+            .map_err(Error::kube(Verb::List, format!("{} {name}", K::kind(&()))))?;
+        Ok(listed.items.into_iter().next().map(Arc::new))
+    }
+
+    /// The labels and annotations of namespace `name`, from the cache or the API server.
+    pub async fn namespace_info(&self, client: &Client, name: &str) -> Result<NamespaceInfo> {
+        if let Some(ns) = self.namespaces.get(&ObjectRef::new(name)) {
+            return Ok(NamespaceInfo::from_meta(&ns.metadata));
+        }
+        let api: Api<Namespace> = Api::all(client.clone());
+        let ns = api
+            .get_metadata_opt(name)
+            .await
+            .map_err(Error::kube(Verb::Read, format!("Namespace {name}")))?
+            .ok_or_else(|| {
+                Error::config(
+                    Reason::NamespaceNotFound,
+                    format!("namespace {name} does not exist"),
+                )
+            })?;
+        Ok(NamespaceInfo::from_meta(&ns.metadata))
+    }
+
+    /// Every VaultProfile within the store selector, read from the API server (not the
+    /// cache): to confirm a refusal the cache may be too young to decide.
+    pub async fn list_profiles(&self, client: &Client) -> Result<Vec<VaultProfile>> {
+        let api: Api<VaultProfile> = Api::all(client.clone());
+        let mut lp = ListParams::default();
+        if let Some(selector) = &self.store_selector {
+            lp = lp.labels(selector);
+        }
+        let listed = api
+            .list(&lp)
+            .await
+            .map_err(Error::kube(Verb::List, "VaultProfiles"))?;
+        Ok(listed.items)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::BackendError;
+
+    #[test]
+    fn only_an_unusable_store_asks_for_a_health_check() {
+        let (tx, mut rx) = futures::channel::mpsc::channel(0);
+        let checks = HealthChecks::new(tx);
+        let conflict = Error::Backend(BackendError::Conflict {
+            store: "s".into(),
+            path: "p".into(),
+            message: "m".into(),
+        });
+        checks.after(&conflict);
+        assert!(
+            rx.try_recv().is_err(),
+            "a conflict says nothing of the store's health"
+        );
+        let sealed = Error::Backend(BackendError::Sealed {
+            store: "s".into(),
+            message: "m".into(),
+        });
+        checks.after(&sealed);
+        checks.after(&sealed);
+        assert_eq!(rx.try_recv().unwrap(), ());
+        assert!(rx.try_recv().is_err(), "one pending request is enough");
+    }
+}

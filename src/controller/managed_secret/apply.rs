@@ -1,0 +1,121 @@
+//! The apply stage: carries a [`SyncPlan`] out in order — the source first (a version
+//! exists once the source holds it), then each sync target (a failure there is reported,
+//! not raised, so one store that is down does not hold back the others), the native
+//! Secret, the restarts. The first failure of the others stops the sync.
+
+use super::plan::{SyncPlan, TargetStep};
+use super::report::Outcome;
+use crate::api::{ManagedSecret, RolloutRestartTarget, WorkloadKind};
+use crate::controller::context::Context;
+use crate::error::{Error, Result, Verb};
+use crate::labels::RESTARTED_AT_ANNOTATION;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, ResourceExt};
+use tracing::info;
+
+/// Carries out `plan` for `ms`.
+pub async fn apply(ms: &ManagedSecret, ctx: &Context, plan: &SyncPlan) -> Result<Outcome> {
+    let mut outcome = Outcome {
+        source_version: plan.source.store_version,
+        ..Default::default()
+    };
+    if plan.source.write {
+        let source = ctx.backend(&plan.source.store).await?;
+        outcome.source_version = source.write(&plan.path, &plan.stamp, &plan.data).await?;
+    }
+    for step in &plan.targets {
+        let written = match step {
+            TargetStep::InSync { .. } | TargetStep::Unreadable { .. } => Ok(()),
+            TargetStep::Write { store, .. } => match ctx.backend(store).await {
+                Ok(target) => target
+                    .write(&plan.path, &plan.stamp, &plan.data)
+                    .await
+                    .map(drop)
+                    .map_err(Error::from),
+                Err(e) => Err(e),
+            },
+        };
+        outcome.targets.push(written);
+    }
+    if let Some(desired) = &plan.native.apply {
+        apply_secret(ms, ctx, desired).await?;
+        info!(secret = %plan.native.name, version = plan.stamp.version, "native Secret applied");
+        outcome.native_written = true;
+    }
+    if plan.restart == super::decide::RestartDecision::Restart {
+        let at = plan.now.to_string();
+        let namespace = ms.namespace().unwrap_or_default();
+        for target in &ms.spec.rollout_restart_targets {
+            let name = format!("{:?}/{}", target.kind, target.name);
+            if restart_workload(ctx, &namespace, target, &at).await? {
+                info!(workload = %name, version = plan.stamp.version, "rollout restarted");
+                outcome.restarted.push(name);
+            } else {
+                outcome.missing_workloads.push(name);
+            }
+        }
+    }
+    Ok(outcome)
+}
+
+/// Server-side applies the native Secret and notes the write, so that its watch event
+/// triggers nothing.
+async fn apply_secret(ms: &ManagedSecret, ctx: &Context, desired: &Secret) -> Result<()> {
+    let namespace = ms.namespace().unwrap_or_default();
+    let name = desired.name_any();
+    let written = Api::<Secret>::namespaced(ctx.client.clone(), &namespace)
+        .patch(
+            &name,
+            &PatchParams::apply(&ctx.config.field_manager).force(),
+            &Patch::Apply(desired),
+        )
+        .await
+        .map_err(Error::kube(
+            Verb::Apply,
+            format!("Secret {namespace}/{name}"),
+        ))?;
+    ctx.secret_writes.wrote(&written);
+    Ok(())
+}
+
+/// Sets the restart annotation on a workload's pod template (as `kubectl rollout restart`
+/// does). False when the workload does not exist.
+async fn restart_workload(
+    ctx: &Context,
+    namespace: &str,
+    target: &RolloutRestartTarget,
+    at: &str,
+) -> Result<bool> {
+    let patch = Patch::Merge(serde_json::json!({
+        "spec": {"template": {"metadata": {"annotations": {RESTARTED_AT_ANNOTATION: at}}}}
+    }));
+    let pp = PatchParams {
+        field_manager: Some(ctx.config.field_manager.clone()),
+        ..Default::default()
+    };
+    let client = ctx.client.clone();
+    let result = match target.kind {
+        WorkloadKind::Deployment => Api::<Deployment>::namespaced(client, namespace)
+            .patch(&target.name, &pp, &patch)
+            .await
+            .map(drop),
+        WorkloadKind::StatefulSet => Api::<StatefulSet>::namespaced(client, namespace)
+            .patch(&target.name, &pp, &patch)
+            .await
+            .map(drop),
+        WorkloadKind::DaemonSet => Api::<DaemonSet>::namespaced(client, namespace)
+            .patch(&target.name, &pp, &patch)
+            .await
+            .map(drop),
+    };
+    match result {
+        Ok(()) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
+        Err(e) => Err(Error::kube(
+            Verb::Patch,
+            format!("{:?} {namespace}/{}", target.kind, target.name),
+        )(e)),
+    }
+}

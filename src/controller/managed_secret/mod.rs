@@ -1,0 +1,237 @@
+//! The ManagedSecret reconciler: read the value (source store or a Secret), decide its
+//! version, bring the source and every sync target to that version, materialize the native
+//! Secret, record status. Three stages: [`observe`] reads everything once, [`plan`]
+//! decides (pure), [`apply`] carries the plan out; [`report`] turns what it did into status
+//! and Events. A failure changes no native Secret: it makes a condition, an Event and a
+//! retry.
+
+mod apply;
+pub mod decide;
+mod native;
+mod observe;
+mod plan;
+#[cfg(test)]
+mod plan_tests;
+mod report;
+
+pub use crate::labels::CLEANUP_FINALIZER as FINALIZER;
+
+use super::context::Context;
+use crate::api::{ManagedSecret, ManagedSecretStatus, Reason};
+use crate::error::{Error, Result, Verb};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
+use kube::{Api, ResourceExt};
+use native::Cleanup;
+use plan::Plan;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{Instrument, warn};
+
+/// How long a refresh steps aside while new or changed ManagedSecrets wait.
+const YIELD: Duration = Duration::from_secs(5);
+
+/// Reconciles one ManagedSecret, in a span naming it.
+pub async fn reconcile(ms: Arc<ManagedSecret>, ctx: Arc<Context>) -> Result<Action> {
+    let span = tracing::info_span!("reconcile", kind = "ManagedSecret", namespace = %ms.namespace().unwrap_or_default(), name = %ms.name_any());
+    async move {
+        // Without a cleanup to do (the default: the garbage collector deletes the Secret
+        // the ManagedSecret owns), no finalizer: it would cost a write and a reconcile on
+        // every creation and deletion. One already there is honoured.
+        if native::cleanup(&ms).is_none() && !ms.finalizers().iter().any(|f| f == FINALIZER) {
+            if ms.metadata.deletion_timestamp.is_some() {
+                ctx.status_writes.forget(&ms);
+                return Ok(Action::await_change());
+            }
+            return sync(&ms, &ctx).await;
+        }
+        let namespace = ms.namespace().unwrap_or_default();
+        let api: Api<ManagedSecret> = Api::namespaced(ctx.client.clone(), &namespace);
+        finalizer(&api, FINALIZER, ms, |event| async {
+            match event {
+                FinalizerEvent::Apply(ms) => sync(&ms, &ctx).await,
+                FinalizerEvent::Cleanup(ms) => cleanup(&ms, &ctx).await,
+            }
+        })
+        .await
+        .map_err(|e| match e {
+            kube::runtime::finalizer::Error::ApplyFailed(e)
+            | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+            other => Error::Finalizer(other.to_string()),
+        })
+    }
+    .instrument(span)
+    .await
+}
+
+/// One sync: observe, plan, apply. A migration step is applied on its own and the secret
+/// observed once more, so that the sync decides on where its versions are now.
+async fn sync(ms: &ManagedSecret, ctx: &Context) -> Result<Action> {
+    if plan::defers(ms, || ctx.backlog()) {
+        ctx.metrics.refresh_deferred();
+        return Ok(Action::requeue(
+            YIELD.mul_f64(0.9 + rand::random::<f64>() * 0.2),
+        ));
+    }
+    let observed = observe::observe(ms, ctx, None, true).await;
+    let observed = match plan::plan(ms, observed) {
+        Plan::Migrate { moves, status } => {
+            let (status, failed) =
+                super::migration::apply(ctx, &with_status(ms, status.clone()), status, moves)
+                    .await?;
+            let again = observe::observe(ms, ctx, Some(status), false).await;
+            match plan::plan(ms, again) {
+                Plan::Sync(mut p) => {
+                    p.migration_failed |= failed;
+                    Plan::Sync(p)
+                }
+                other => other,
+            }
+        }
+        other => other,
+    };
+    match observed {
+        Plan::Sync(plan) => {
+            let base = with_status(ms, plan.base.clone());
+            match apply::apply(ms, ctx, &plan).await {
+                Ok(outcome) => {
+                    if plan.decision == decide::VersionDecision::New(plan.stamp.version) {
+                        ctx.metrics.version_written(&plan.profile);
+                    }
+                    let report = report::report(ms, &plan, &outcome);
+                    if report.check_stores {
+                        ctx.health_checks.request();
+                    }
+                    for n in &report.notes {
+                        ctx.events.publish(ms, n.type_, n.reason, &n.text).await;
+                    }
+                    write_status(ctx, &base, &report.status).await?;
+                    Ok(Action::requeue(report.requeue))
+                }
+                Err(e) => fail(ctx, &base, plan::failure(ms, plan.base.clone(), e)).await,
+            }
+        }
+        Plan::Fail(failure) => fail(ctx, ms, failure).await,
+        Plan::Migrate { .. } => Err(Error::config(
+            Reason::MigrationConflict,
+            "a second migration step in one reconcile",
+        )),
+    }
+}
+
+/// Records a failed sync: its status, an Event, a health check when a store failed.
+async fn fail(ctx: &Context, base: &ManagedSecret, failure: plan::Failure) -> Result<Action> {
+    let plan::Failure { status, error } = failure;
+    warn!(error = %error, "sync failed");
+    ctx.health_checks.after(&error);
+    ctx.events
+        .publish(base, EventType::Warning, error.reason(), &error.to_string())
+        .await;
+    write_status(ctx, base, &status).await?;
+    Err(error)
+}
+
+/// Writes `status` (when it changed) and remembers it.
+async fn write_status(
+    ctx: &Context,
+    ms: &ManagedSecret,
+    status: &ManagedSecretStatus,
+) -> Result<()> {
+    if let Some(stored) =
+        super::status::apply(&ctx.client, &ctx.config.field_manager, ms, status).await?
+    {
+        ctx.status_written(&stored);
+    }
+    Ok(())
+}
+
+fn with_status(ms: &ManagedSecret, status: ManagedSecretStatus) -> ManagedSecret {
+    let mut ms = ms.clone();
+    ms.status = Some(status);
+    ms
+}
+
+/// Applies the deletionPolicy to the native Secret. The stores keep every version.
+async fn cleanup(ms: &ManagedSecret, ctx: &Context) -> Result<Action> {
+    ctx.status_writes.forget(ms);
+    let Some(todo) = native::cleanup(ms) else {
+        return Ok(Action::await_change());
+    };
+    let namespace = ms.namespace().unwrap_or_default();
+    let name = ms.secret_name();
+    let object = format!("Secret {namespace}/{name}");
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let Some(secret) = secrets
+        .get_opt(&name)
+        .await
+        .map_err(Error::kube(Verb::Read, object.clone()))?
+    else {
+        return Ok(Action::await_change());
+    };
+    if !native::is_managed_by(&secret, ms) {
+        return Ok(Action::await_change()); // not ours (any more)
+    }
+    let (reason, note) = match todo {
+        Cleanup::Delete => {
+            secrets
+                .delete(&name, &DeleteParams::default())
+                .await
+                .map_err(Error::kube(Verb::Delete, object))?;
+            (
+                Reason::SecretDeleted,
+                format!("Secret {name} deleted (deletionPolicy Delete)"),
+            )
+        }
+        Cleanup::RemoveKeys => {
+            // Applying an empty intent drops every field keyhaven owns: its keys, labels, annotations.
+            let empty = serde_json::json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": namespace}});
+            secrets
+                .patch(
+                    &name,
+                    &PatchParams::apply(&ctx.config.field_manager).force(),
+                    &Patch::Apply(&empty),
+                )
+                .await
+                .map_err(Error::kube(Verb::Apply, object))?;
+            (
+                Reason::SecretKeysRemoved,
+                format!("keyhaven's keys removed from Secret {name}"),
+            )
+        }
+        Cleanup::Release => {
+            // Drop our owner reference so the garbage collector leaves the Secret alone.
+            let uid = ms.metadata.uid.clone().unwrap_or_default();
+            let remaining: Vec<_> = secret
+                .owner_references()
+                .iter()
+                .filter(|o| o.uid != uid)
+                .cloned()
+                .collect();
+            let patch = serde_json::json!({"metadata": {"ownerReferences": remaining, "resourceVersion": secret.resource_version()}});
+            secrets
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .map_err(Error::kube(Verb::Patch, object))?;
+            (
+                Reason::SecretRetained,
+                format!("Secret {name} retained (deletionPolicy Retain)"),
+            )
+        }
+    };
+    ctx.events
+        .publish(ms, EventType::Normal, reason, &note)
+        .await;
+    Ok(Action::await_change())
+}
+
+/// How long to wait before retrying after `error`.
+pub fn error_policy(_ms: Arc<ManagedSecret>, error: &Error, _ctx: Arc<Context>) -> Action {
+    Action::requeue(if error.is_transient() {
+        Duration::from_secs(5)
+    } else {
+        Duration::from_secs(30)
+    })
+}

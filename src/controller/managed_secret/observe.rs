@@ -1,0 +1,386 @@
+//! The observe stage: everything one sync of a ManagedSecret decides on, read once — the
+//! status as stored, the resolved profile, what each store holds at the path, the content
+//! (pushed, rolled back to, or freshly generated when the plan's own rule says so), and the
+//! native Secret. A read that fails is the observation's failure; the plan reports it.
+
+use super::decide::GenerateDecision;
+use super::plan;
+use crate::api::{ManagedSecret, ManagedSecretStatus, Reason, SecretType, VaultProfile};
+use crate::backend::{StoredVersion, VersionStamp};
+use crate::controller::context::Context;
+use crate::controller::migration;
+use crate::crypto::Fingerprint;
+use crate::error::{Error, Result, Verb};
+use crate::profiles::{self, Via};
+use crate::secret_data::SecretData;
+use k8s_openapi::api::core::v1::Secret;
+use kube::{Api, ResourceExt};
+use std::sync::Arc;
+
+/// A value read from a store, with its fingerprint.
+#[derive(Debug, Clone)]
+pub struct Read {
+    pub data: SecretData,
+    pub stamp: Option<VersionStamp>,
+    pub store_version: Option<u64>,
+    pub fingerprint: Fingerprint,
+}
+
+/// What one sync decides on.
+#[derive(Debug)]
+pub struct Observation {
+    /// The moment of the observation: every time-based decision uses it.
+    pub now: jiff::Timestamp,
+    /// The factor (0.9–1.1) the refresh interval is multiplied by.
+    pub jitter: f64,
+    /// The status as stored (the cached one when it holds this process's last status
+    /// write, else read from the API server).
+    pub status: ManagedSecretStatus,
+    /// What the sync reads; the first failure.
+    pub gathered: Result<Gathered>,
+}
+
+/// What the sync reads of the profile, the stores and the native Secret.
+#[derive(Debug)]
+pub struct Gathered {
+    pub profile: Arc<VaultProfile>,
+    pub via: Via,
+    /// The profile's `migrateFrom`, while it has versions of this secret to move.
+    pub migration: Option<Result<migration::Observed>>,
+    /// The source's current value at the path.
+    pub source: Option<Read>,
+    /// After a switch, the current version as kept in the store it was recorded in (None
+    /// when not needed: the source holds it or something newer).
+    pub carried: Option<Option<Read>>,
+    pub content: Content,
+    /// Each sync target's current value at the path.
+    pub targets: Vec<(String, Result<Option<Read>>)>,
+    /// The native Secret.
+    pub native: Option<Secret>,
+}
+
+/// The content the spec asks for, beyond what the stores hold.
+#[derive(Debug)]
+pub enum Content {
+    /// `rollbackTo: n`: version n as read from the store it was recorded in.
+    Rollback {
+        version: u64,
+        store: String,
+        found: Option<Read>,
+    },
+    /// `content.fromStore`: the current value is the content.
+    FromStore,
+    /// `content.fromSecret`: the Secret's data, and the Secret's name.
+    Pushed { from: String, value: Read },
+    /// `content.generate`: a fresh value when the plan's generation rule asks for one.
+    Generate { fresh: Option<Read> },
+    /// No content source is set.
+    Unset,
+}
+
+/// Observes `ms`. `written` is the status this reconcile just wrote (a migration step), to
+/// be used as is; `migrate` observes the profile's migration (the first pass only).
+pub async fn observe(
+    ms: &ManagedSecret,
+    ctx: &Context,
+    written: Option<ManagedSecretStatus>,
+    migrate: bool,
+) -> Observation {
+    let now = jiff::Timestamp::now();
+    let jitter = 0.9 + rand::random::<f64>() * 0.2;
+    let status = match written {
+        Some(status) => Ok(status),
+        None => stored_status(ms, ctx).await,
+    };
+    let (status, gathered) = match status {
+        Ok(status) => {
+            let gathered = gather(ms, ctx, &status, migrate, now).await;
+            (status, gathered)
+        }
+        Err(e) => (ms.status.clone().unwrap_or_default(), Err(e)),
+    };
+    Observation {
+        now,
+        jitter,
+        status,
+        gathered,
+    }
+}
+
+/// The status as stored, not as cached: the cached one when it holds this process's last
+/// status write, else read from the API server.
+async fn stored_status(ms: &ManagedSecret, ctx: &Context) -> Result<ManagedSecretStatus> {
+    if ctx.status_writes.holds_last(ms) {
+        return Ok(ms.status.clone().unwrap_or_default());
+    }
+    crate::controller::status::read(&ctx.client, ms).await
+}
+
+async fn gather(
+    ms: &ManagedSecret,
+    ctx: &Context,
+    status: &ManagedSecretStatus,
+    migrate: bool,
+    now: jiff::Timestamp,
+) -> Result<Gathered> {
+    let (profile, via) = resolve_profile(ms, ctx).await?;
+    let path = ms.store_path();
+    let fingerprint = |data: &SecretData| {
+        ctx.keys
+            .fingerprinter
+            .fingerprint(ms.spec.type_.as_str(), data)
+    };
+    let read = |v: StoredVersion| Read {
+        fingerprint: fingerprint(&v.data),
+        data: v.data,
+        stamp: v.stamp,
+        store_version: v.store_version,
+    };
+    let migration = match profile.spec.migrate_from.as_deref() {
+        Some(from) if migrate && migration::pending(Some(status), from) => Some(
+            observe_migration(ctx, &path, status, from, &profile.spec.source, &fingerprint).await,
+        ),
+        _ => None,
+    };
+    let source_name = profile.spec.source.as_str();
+    let source = ctx.backend(source_name).await?;
+    let current = source.read(&path, None).await?.map(read);
+    let carried = match status.versions.last() {
+        Some(last) if plan::reads_carried(source_name, current.as_ref(), last) => {
+            let kept = ctx.backend(&last.store).await?;
+            Some(kept.read(&path, Some(last.version)).await?.map(read))
+        }
+        _ => None,
+    };
+    let fresh_base = carried.as_ref().map_or(current.as_ref(), Option::as_ref);
+    let content = observe_content(ms, ctx, &profile, status, fresh_base, now, &fingerprint).await?;
+    let mut targets = Vec::with_capacity(profile.spec.sync_targets.len());
+    for target in &profile.spec.sync_targets {
+        let seen = match ctx.backend(target).await {
+            Ok(backend) => backend.read(&path, None).await.map_err(Error::from),
+            Err(e) => Err(e),
+        };
+        targets.push((target.clone(), seen.map(|v| v.map(read))));
+    }
+    let namespace = ms.namespace().unwrap_or_default();
+    let secret_name = ms.secret_name();
+    let native = Api::<Secret>::namespaced(ctx.client.clone(), &namespace)
+        .get_opt(&secret_name)
+        .await
+        .map_err(Error::kube(
+            Verb::Read,
+            format!("Secret {namespace}/{secret_name}"),
+        ))?;
+    Ok(Gathered {
+        profile,
+        via,
+        migration,
+        source: current,
+        carried,
+        content,
+        targets,
+        native,
+    })
+}
+
+/// The content the spec asks for beyond the stores' current values: the version rolled
+/// back to, the pushed Secret, or a fresh value when the plan's rule says to generate.
+async fn observe_content(
+    ms: &ManagedSecret,
+    ctx: &Context,
+    profile: &VaultProfile,
+    status: &ManagedSecretStatus,
+    current: Option<&Read>,
+    now: jiff::Timestamp,
+    fingerprint: &impl Fn(&SecretData) -> Fingerprint,
+) -> Result<Content> {
+    let path = ms.store_path();
+    let read = |v: StoredVersion| Read {
+        fingerprint: fingerprint(&v.data),
+        data: v.data,
+        stamp: v.stamp,
+        store_version: v.store_version,
+    };
+    let source_name = profile.spec.source.as_str();
+    Ok(
+        match (
+            ms.spec.rollback_to,
+            &ms.spec.content.from_store,
+            &ms.spec.content.from_secret,
+            &ms.spec.content.generate,
+        ) {
+            (Some(n), ..) => {
+                let (store, _) = super::decide::rollback_source(&status.versions, n, source_name);
+                let backend = ctx.backend(store).await?;
+                Content::Rollback {
+                    version: n,
+                    store: store.to_owned(),
+                    found: backend.read(&path, Some(n)).await?.map(read),
+                }
+            }
+            (None, None, None, Some(spec)) => {
+                let decision = plan::generate_decision(ms, profile, status, current, now);
+                let fresh = match decision {
+                    GenerateDecision::UseStored => None,
+                    GenerateDecision::Generate { .. } => {
+                        let issuer = match &spec.issuer_ref {
+                            Some(r) if ms.spec.type_ == SecretType::Certificate => Some(
+                                issuer_value(ctx, &ms.namespace().unwrap_or_default(), &r.name)
+                                    .await?,
+                            ),
+                            _ => None,
+                        };
+                        let data = crate::content::generate_with(
+                            ms.spec.type_,
+                            spec,
+                            &ms.name_any(),
+                            issuer.as_ref(),
+                        )?;
+                        Some(value(data, fingerprint))
+                    }
+                };
+                Content::Generate { fresh }
+            }
+            (None, Some(_), ..) => Content::FromStore,
+            (None, None, Some(from), _) => {
+                let data =
+                    read_secret(ctx, &ms.namespace().unwrap_or_default(), &from.name).await?;
+                Content::Pushed {
+                    from: from.name.clone(),
+                    value: value(data, fingerprint),
+                }
+            }
+            (None, None, None, None) => Content::Unset,
+        },
+    )
+}
+
+/// A value that no store holds yet (pushed or generated), fingerprinted.
+fn value(data: SecretData, fingerprint: &impl Fn(&SecretData) -> Fingerprint) -> Read {
+    Read {
+        fingerprint: fingerprint(&data),
+        data,
+        stamp: None,
+        store_version: None,
+    }
+}
+
+async fn observe_migration(
+    ctx: &Context,
+    path: &str,
+    status: &ManagedSecretStatus,
+    from: &str,
+    to: &str,
+    fingerprint: &impl Fn(&SecretData) -> Fingerprint,
+) -> Result<migration::Observed> {
+    let old = ctx.backend(from).await?;
+    let new = ctx.backend(to).await?;
+    migration::observe(old.as_ref(), new.as_ref(), path, status, fingerprint).await
+}
+
+/// The VaultProfile `ms` uses: [`profiles::resolve`] of its `spec.profile`, its namespace's
+/// labels and annotations, and the profiles this operator manages. A refusal is confirmed
+/// on a fresh list of the profiles (the cache may not hold one created a moment ago).
+async fn resolve_profile(ms: &ManagedSecret, ctx: &Context) -> Result<(Arc<VaultProfile>, Via)> {
+    let caches = &ctx.caches;
+    let ns = caches
+        .namespace_info(&ctx.client, &ms.namespace().unwrap_or_default())
+        .await?;
+    let requested = ms.spec.profile.as_deref();
+    let cached = caches.profiles.state();
+    if let Ok(resolved) = profiles::resolve(requested, &ns, cached.iter().map(|p| p.as_ref()))
+        && let Some(p) = cached.iter().find(|p| p.name_any() == resolved.profile)
+    {
+        return Ok((p.clone(), resolved.via));
+    }
+    let fresh = caches.list_profiles(&ctx.client).await?;
+    let resolved = profiles::resolve(requested, &ns, &fresh)
+        .map_err(|r| Error::config(r.reason, r.message))?;
+    let profile = fresh
+        .into_iter()
+        .find(|p| p.name_any() == resolved.profile)
+        .ok_or_else(|| {
+            Error::config(
+                Reason::ProfileNotFound,
+                format!("VaultProfile {} does not exist", resolved.profile),
+            )
+        })?;
+    Ok((Arc::new(profile), resolved.via))
+}
+
+/// `content.fromSecret`: the data of Secret `name` of the ManagedSecret's namespace.
+async fn read_secret(ctx: &Context, namespace: &str, name: &str) -> Result<SecretData> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let secret = api
+        .get_opt(name)
+        .await
+        .map_err(Error::kube(
+            Verb::Read,
+            format!("Secret {namespace}/{name}"),
+        ))?
+        .ok_or_else(|| {
+            Error::config(
+                Reason::SourceSecretNotFound,
+                format!("Secret {namespace}/{name} (content.fromSecret) does not exist"),
+            )
+        })?;
+    let mut data: SecretData = secret
+        .data
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.0.clone()))
+        .collect();
+    for (k, v) in secret.string_data.iter().flatten() {
+        data.insert(k.clone(), v.as_bytes().to_vec());
+    }
+    Ok(data)
+}
+
+/// The current value of the CA ManagedSecret `name` (type certificate), read from its
+/// profile's source store and validated.
+async fn issuer_value(ctx: &Context, namespace: &str, name: &str) -> Result<SecretData> {
+    let api: Api<ManagedSecret> = Api::namespaced(ctx.client.clone(), namespace);
+    let issuer = api
+        .get_opt(name)
+        .await
+        .map_err(Error::kube(
+            Verb::Read,
+            format!("ManagedSecret {namespace}/{name}"),
+        ))?
+        .ok_or_else(|| {
+            Error::config(
+                Reason::IssuerNotFound,
+                format!("issuerRef: ManagedSecret {name} does not exist"),
+            )
+        })?;
+    if issuer.spec.type_ != SecretType::Certificate {
+        return Err(Error::config(
+            Reason::IssuerNotCertificate,
+            format!("issuerRef: ManagedSecret {name} is not of type certificate"),
+        ));
+    }
+    let issuer_profile = issuer
+        .spec
+        .profile
+        .clone()
+        .or_else(|| issuer.status.as_ref().and_then(|s| s.profile.clone()))
+        .unwrap_or_default();
+    let not_ready = |message: String| Error::config(Reason::IssuerNotReady, message);
+    let profile = ctx
+        .caches
+        .vault_profile(&ctx.client, &issuer_profile)
+        .await?
+        .ok_or_else(|| {
+            not_ready(format!(
+                "issuerRef: the VaultProfile of ManagedSecret {name} does not exist"
+            ))
+        })?;
+    let store = ctx.backend(&profile.spec.source).await?;
+    let value = store
+        .read(&issuer.store_path(), None)
+        .await?
+        .ok_or_else(|| not_ready(format!("issuerRef: ManagedSecret {name} has no value yet")))?;
+    crate::content::validate(SecretType::Certificate, &value.data)
+        .map_err(|e| not_ready(format!("issuerRef: ManagedSecret {name}: {e}")))?;
+    Ok(value.data)
+}

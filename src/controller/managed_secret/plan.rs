@@ -1,0 +1,570 @@
+//! The plan stage: a pure function from what [`super::observe`] gathered to what the sync
+//! does — move versions out of `migrateFrom`, fail with a reason, or sync: the version
+//! decision, the write to the source and to each sync target, the native Secret, the
+//! restarts, and the version record. No I/O; every decision is a unit test.
+
+use super::decide::{
+    GenerateDecision, NativeAction, RestartDecision, RotationInput, StoreAction, StoreObservation,
+    Stored, VersionDecision, decide_generate, decide_version, native_action, next_rotation,
+    restart_decision, rollback_source, store_action,
+};
+use super::native::{desired_secret, observe_native};
+use super::observe::{Content, Gathered, Observation, Read};
+use crate::api::{
+    ConditionType, ManagedSecret, ManagedSecretPhase, ManagedSecretStatus, Reason, VaultProfile,
+    VersionRecord, condition, parse_duration, set_condition,
+};
+use crate::backend::VersionStamp;
+use crate::content;
+use crate::controller::migration;
+use crate::error::Error;
+use crate::labels::ROTATE_ANNOTATION;
+use crate::profiles::Via;
+use crate::secret_data::SecretData;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
+
+/// What one sync does.
+#[derive(Debug)]
+pub enum Plan {
+    /// Move versions out of the profile's `migrateFrom` first, then observe again.
+    Migrate {
+        moves: migration::Moves,
+        /// The status the moves were decided on.
+        status: ManagedSecretStatus,
+    },
+    /// Nothing can be written: record the failure.
+    Fail(Failure),
+    /// Bring every store and the native Secret to a version.
+    Sync(Box<SyncPlan>),
+}
+
+/// A sync that fails: the status to record, and why.
+#[derive(Debug)]
+pub struct Failure {
+    pub status: ManagedSecretStatus,
+    pub error: Error,
+}
+
+/// A sync to carry out, in order: source, sync targets, native Secret, restarts.
+#[derive(Debug)]
+pub struct SyncPlan {
+    pub now: jiff::Timestamp,
+    pub jitter: f64,
+    pub profile: String,
+    pub via: Via,
+    /// The secret object's path in the stores.
+    pub path: String,
+    pub decision: VersionDecision,
+    pub stamp: VersionStamp,
+    pub data: SecretData,
+    pub source: SourceStep,
+    pub targets: Vec<TargetStep>,
+    pub native: NativeStep,
+    pub restart: RestartDecision,
+    /// The version to record (New, Adopt); its `storeVersion` comes from the source write.
+    pub record: Option<VersionRecord>,
+    pub history_keep: usize,
+    pub expires_at: Option<jiff::Timestamp>,
+    /// The rotate annotation value acted on (None: leave status as it is).
+    pub rotate_request: Option<String>,
+    /// When a scheduled rotation is next due.
+    pub next_rotation: Option<jiff::Timestamp>,
+    /// The status the sync starts from: as observed, with the migration's condition set or
+    /// cleared.
+    pub base: ManagedSecretStatus,
+    /// A migration step failed (retried soon; the sync goes on from the old store).
+    pub migration_failed: bool,
+}
+
+/// The source store's part.
+#[derive(Debug)]
+pub struct SourceStep {
+    pub store: String,
+    /// Write the version there.
+    pub write: bool,
+    /// The current version stays in this other store (written before the source changed).
+    pub kept_in: Option<String>,
+    /// The store's own version number of the current value, when it is not written now.
+    pub store_version: Option<u64>,
+}
+
+/// A sync target's part.
+#[derive(Debug)]
+pub enum TargetStep {
+    InSync {
+        store: String,
+    },
+    Write {
+        store: String,
+        action: StoreAction,
+    },
+    /// Its value could not be read: reported, not raised.
+    Unreadable {
+        store: String,
+        error: Error,
+    },
+}
+
+impl TargetStep {
+    pub fn store(&self) -> &str {
+        match self {
+            TargetStep::InSync { store }
+            | TargetStep::Write { store, .. }
+            | TargetStep::Unreadable { store, .. } => store,
+        }
+    }
+}
+
+/// The native Secret's part.
+#[derive(Debug)]
+pub struct NativeStep {
+    pub name: String,
+    /// The Secret to apply; None when it is up to date.
+    pub apply: Option<Secret>,
+}
+
+/// Whether a periodic refresh of `ms` (nothing in the object asks for work) steps aside
+/// while `backlog()` new or changed ManagedSecrets wait.
+pub fn defers(ms: &ManagedSecret, backlog: impl FnOnce() -> usize) -> bool {
+    let settled = ms.status.as_ref().and_then(|s| s.observed_generation) == ms.metadata.generation
+        && ms.status.as_ref().is_some_and(|s| {
+            s.phase == Some(ManagedSecretPhase::Synced)
+                && ms.annotations().get(ROTATE_ANNOTATION) == s.rotate_request.as_ref()
+        });
+    settled && backlog() > 0
+}
+
+/// Whether, after a switch, the current version must be read from the store `last` was
+/// recorded in: the source holds nothing newer than it — nothing, or an older version
+/// keyhaven wrote (a store switched back to). A value without a stamp (written by hand) is
+/// new content, not older.
+pub fn reads_carried(source: &str, current: Option<&Read>, last: &VersionRecord) -> bool {
+    last.store != source
+        && match current {
+            None => true,
+            Some(c) => c.stamp.as_ref().is_some_and(|s| s.version < last.version),
+        }
+}
+
+/// The rules a value must meet, from the spec and the profile.
+fn rules(ms: &ManagedSecret, profile: &VaultProfile) -> content::Rules {
+    content::Rules {
+        secret_key_bytes: ms
+            .spec
+            .content
+            .generate
+            .as_ref()
+            .and_then(|g| g.bytes)
+            .map(|b| b as usize),
+        password: profile.spec.password_policy,
+    }
+}
+
+fn rotation_input<'a>(ms: &'a ManagedSecret, status: &'a ManagedSecretStatus) -> RotationInput<'a> {
+    RotationInput {
+        interval: ms
+            .spec
+            .rotation
+            .as_ref()
+            .and_then(|r| r.interval.as_deref())
+            .and_then(|d| parse_duration(d).ok()),
+        latest_created: status.versions.last().map(|r| r.created_at.0),
+        requested: ms.annotations().get(ROTATE_ANNOTATION).map(String::as_str),
+        handled: status.rotate_request.as_deref(),
+    }
+}
+
+/// Whether a generated secret keeps `current` or gets a new value now.
+pub fn generate_decision(
+    ms: &ManagedSecret,
+    profile: &VaultProfile,
+    status: &ManagedSecretStatus,
+    current: Option<&Read>,
+    now: jiff::Timestamp,
+) -> GenerateDecision {
+    let stored = match current {
+        None => Stored::Absent,
+        Some(c) if content::validate_with(ms.spec.type_, &c.data, rules(ms, profile)).is_ok() => {
+            Stored::Valid
+        }
+        Some(_) => Stored::Invalid,
+    };
+    decide_generate(stored, &rotation_input(ms, status), now)
+}
+
+/// Who changed the ManagedSecret's spec last: the field manager of its newest non-status update.
+pub fn author(ms: &ManagedSecret) -> String {
+    ms.metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|f| f.subresource.is_none() && f.manager.as_deref() != Some("keyhaven"))
+        .max_by_key(|f| f.time.as_ref().map(|t| t.0))
+        .and_then(|f| f.manager.clone())
+        .unwrap_or_else(|| "keyhaven".into())
+}
+
+/// Whether `reason` says the ManagedSecret's profile cannot be resolved.
+fn is_resolution(reason: Reason) -> bool {
+    matches!(
+        reason,
+        Reason::ProfileNotFound
+            | Reason::ProfileNotAllowed
+            | Reason::DefaultProfileConflict
+            | Reason::FallbackProfileConflict
+            | Reason::NoProfile
+            | Reason::NamespaceNotFound
+    )
+}
+
+/// The status of a sync that failed with `error`, from the status it started from.
+pub fn failure(ms: &ManagedSecret, mut status: ManagedSecretStatus, error: Error) -> Failure {
+    if is_resolution(error.reason()) {
+        status.profile = None;
+    }
+    status.phase = Some(ManagedSecretPhase::Error);
+    status.observed_generation = ms.metadata.generation;
+    set_condition(
+        &mut status.conditions,
+        condition(
+            ConditionType::Ready,
+            false,
+            error.reason(),
+            error.to_string(),
+            ms.metadata.generation,
+        ),
+    );
+    Failure { status, error }
+}
+
+/// Decides the sync of `ms` from `obs`.
+pub fn plan(ms: &ManagedSecret, obs: Observation) -> Plan {
+    let Observation {
+        now,
+        jitter,
+        status,
+        gathered,
+    } = obs;
+    let mut gathered = match gathered {
+        Ok(g) => g,
+        Err(e) => return Plan::Fail(failure(ms, status, e)),
+    };
+    let mut base = status;
+    let mut migration_failed = false;
+    match (
+        &gathered.profile.spec.migrate_from,
+        gathered.migration.take(),
+    ) {
+        (None, _) => migration::clear(&mut base),
+        (Some(_), Some(observed)) => match observed.and_then(migration::plan) {
+            Ok(moves) => {
+                return Plan::Migrate {
+                    moves,
+                    status: base,
+                };
+            }
+            Err(e) => {
+                migration::failed(&mut base, &e, ms.metadata.generation);
+                migration_failed = true;
+            }
+        },
+        (Some(_), None) => {}
+    }
+    match sync(ms, gathered, &base, now) {
+        Ok(mut plan) => {
+            plan.jitter = jitter;
+            plan.base = base;
+            plan.migration_failed = migration_failed;
+            Plan::Sync(plan)
+        }
+        Err(e) => Plan::Fail(failure(ms, base, e)),
+    }
+}
+
+/// The native Secret's step (refused when it cannot be written), and whether it exists.
+fn native_step(
+    ms: &ManagedSecret,
+    existing: Option<&Secret>,
+    rendered: &content::Rendered,
+    stamp: &VersionStamp,
+) -> Result<(NativeStep, bool), Error> {
+    let name = ms.secret_name();
+    let seen = observe_native(ms, existing, &rendered.data);
+    let (version, fp) = (stamp.version, &stamp.fingerprint);
+    let policy = ms.spec.target.creation_policy;
+    let apply = match native_action(&seen, policy, &name, rendered.type_, version, fp) {
+        NativeAction::Unchanged => None,
+        NativeAction::Refuse { reason, message } => return Err(Error::config(reason, message)),
+        NativeAction::Apply => Some(desired_secret(
+            ms,
+            &name,
+            rendered.type_,
+            &rendered.data,
+            version,
+            fp,
+        )),
+    };
+    Ok((NativeStep { name, apply }, seen.exists))
+}
+
+/// The record of a version made or adopted now.
+fn version_record(
+    ms: &ManagedSecret,
+    stamp: &VersionStamp,
+    store: &str,
+    chosen: &Chosen,
+    now: jiff::Timestamp,
+) -> VersionRecord {
+    let reason = chosen
+        .forced_reason
+        .clone()
+        .unwrap_or_else(|| ms.spec.reason.clone().unwrap_or(chosen.origin.clone()));
+    VersionRecord {
+        version: stamp.version,
+        fingerprint: stamp.fingerprint.to_string(),
+        store: store.to_owned(),
+        created_at: Time(now),
+        created_by: author(ms),
+        reason: Some(reason),
+        store_version: None,
+        moved_from: None,
+    }
+}
+
+/// When a generated (not rolled back) secret's scheduled rotation is next due.
+fn next_rotation_of(
+    ms: &ManagedSecret,
+    status: &ManagedSecretStatus,
+    record: Option<&VersionRecord>,
+    now: jiff::Timestamp,
+) -> Option<jiff::Timestamp> {
+    match (&ms.spec.content.generate, ms.spec.rollback_to) {
+        (Some(_), None) => next_rotation(&RotationInput {
+            latest_created: Some(
+                record
+                    .map(|r| r.created_at.0)
+                    .or_else(|| status.versions.last().map(|r| r.created_at.0))
+                    .unwrap_or(now),
+            ),
+            ..rotation_input(ms, status)
+        }),
+        _ => None,
+    }
+}
+
+/// The content to bring every store to, where it came from, and the reason to record
+/// whatever `spec.reason` says (rotations, rollbacks).
+struct Chosen {
+    value: Read,
+    origin: String,
+    forced_reason: Option<String>,
+    rotate_request: Option<String>,
+    /// What the current value (the source's, or the one kept after a switch) is stamped
+    /// with, and its store's own version number.
+    current_stamp: Option<VersionStamp>,
+    current_store_version: Option<u64>,
+}
+
+/// Version `n` as read for a rollback, checked against its recorded fingerprint.
+fn rolled_back(
+    status: &ManagedSecretStatus,
+    source: &str,
+    path: &str,
+    n: u64,
+    store: &str,
+    found: Option<Read>,
+) -> Result<Read, Error> {
+    let found = found.ok_or_else(|| {
+        Error::config(
+            Reason::RollbackVersionNotFound,
+            format!("rollbackTo: version {n} does not exist in store {store} at {path}"),
+        )
+    })?;
+    if let (_, Some(recorded)) = rollback_source(&status.versions, n, source)
+        && found.fingerprint.as_str() != recorded
+    {
+        return Err(Error::config(
+            Reason::RollbackVersionMismatch,
+            format!(
+                "rollbackTo: store {store} holds content for version {n} other than its recorded fingerprint"
+            ),
+        ));
+    }
+    Ok(found)
+}
+
+fn choose_content(
+    ms: &ManagedSecret,
+    g: &mut Gathered,
+    status: &ManagedSecretStatus,
+    now: jiff::Timestamp,
+) -> Result<Chosen, Error> {
+    let path = ms.store_path();
+    let source = g.profile.spec.source.clone();
+    let last = status.versions.last();
+    // After a switch the current version is read from the store it was written to.
+    let (current, origin) = match (g.carried.take(), last) {
+        (Some(Some(kept)), Some(last)) => {
+            if kept.fingerprint.as_str() != last.fingerprint {
+                return Err(Error::config(
+                    Reason::VersionMismatch,
+                    format!(
+                        "store {} holds content for version {} other than its recorded fingerprint",
+                        last.store, last.version
+                    ),
+                ));
+            }
+            let origin = format!(
+                "read from store {} (version {}, kept there after the source changed)",
+                last.store, last.version
+            );
+            (Some(kept), origin)
+        }
+        _ => (g.source.clone(), format!("read from store {source}")),
+    };
+    let current_stamp = current.as_ref().and_then(|c| c.stamp.clone());
+    let current_store_version = current.as_ref().and_then(|c| c.store_version);
+    let chosen = |value, origin| Chosen {
+        value,
+        origin,
+        forced_reason: None,
+        rotate_request: None,
+        current_stamp: current_stamp.clone(),
+        current_store_version,
+    };
+    match std::mem::replace(&mut g.content, Content::Unset) {
+        Content::Rollback {
+            version: n,
+            store,
+            found,
+        } => {
+            let found = rolled_back(status, &source, &path, n, &store, found)?;
+            let reason = format!("rollback to version {n}");
+            Ok(Chosen {
+                forced_reason: Some(ms.spec.reason.clone().unwrap_or_else(|| reason.clone())),
+                ..chosen(found, reason)
+            })
+        }
+        Content::Generate { fresh } => {
+            let decision = generate_decision(ms, &g.profile, status, current.as_ref(), now);
+            let rotate_request = ms.annotations().get(ROTATE_ANNOTATION).cloned();
+            match (decision, current, fresh) {
+                (GenerateDecision::UseStored, Some(current), _) => Ok(Chosen {
+                    rotate_request,
+                    ..chosen(current, origin)
+                }),
+                (GenerateDecision::Generate { reason }, current, Some(fresh)) => Ok(Chosen {
+                    forced_reason: current.is_some().then(|| reason.clone()),
+                    rotate_request,
+                    ..chosen(fresh, reason)
+                }),
+                // The observation generated exactly when this rule says so.
+                _ => Err(Error::config(
+                    Reason::NoContentSource,
+                    "content.generate: the observation and the plan disagree on generating",
+                )),
+            }
+        }
+        Content::FromStore => match current {
+            Some(current) => Ok(chosen(current, origin)),
+            None => Err(Error::config(
+                Reason::NotFoundInStore,
+                format!("path {path} does not exist in store {source}"),
+            )),
+        },
+        Content::Pushed { from, value } => Ok(chosen(value, format!("pushed from Secret {from}"))),
+        Content::Unset => Err(Error::config(
+            Reason::NoContentSource,
+            "spec.content sets no source",
+        )),
+    }
+}
+
+fn sync(
+    ms: &ManagedSecret,
+    mut g: Gathered,
+    status: &ManagedSecretStatus,
+    now: jiff::Timestamp,
+) -> Result<Box<SyncPlan>, Error> {
+    let kept_in = matches!(g.carried, Some(Some(_)))
+        .then(|| status.versions.last().map(|r| r.store.clone()))
+        .flatten();
+    let chosen = choose_content(ms, &mut g, status, now)?;
+    let secret_type = ms.spec.type_;
+    let inspected = content::validate_with(secret_type, &chosen.value.data, rules(ms, &g.profile))?;
+    // Rendered before anything is written: a template that does not fit stores nothing.
+    let mut rendered = content::render(secret_type, &chosen.value.data);
+    if let Some(template) = &ms.spec.target.template {
+        content::apply_template(&mut rendered, template, &chosen.value.data)?;
+    }
+    let fp = chosen.value.fingerprint.clone();
+    let decision = decide_version(status.versions.last(), chosen.current_stamp.as_ref(), &fp);
+    let version = decision.version();
+    let stamp = VersionStamp {
+        version,
+        fingerprint: fp.clone(),
+    };
+    // A version kept in the previous store stays there: the new source waits for the next.
+    let kept_in = kept_in.filter(|_| matches!(decision, VersionDecision::Unchanged(_)));
+    let observed = |r: &Read| StoreObservation {
+        stamp: r.stamp.clone(),
+        content: r.fingerprint.clone(),
+    };
+    let source_action = match kept_in {
+        Some(_) => StoreAction::InSync,
+        None => store_action(g.source.as_ref().map(observed).as_ref(), version, &fp),
+    };
+    let source = SourceStep {
+        store: g.profile.spec.source.clone(),
+        write: source_action != StoreAction::InSync,
+        kept_in,
+        store_version: chosen.current_store_version,
+    };
+    let targets = g
+        .targets
+        .into_iter()
+        .map(|(store, seen)| match seen {
+            Err(error) => TargetStep::Unreadable { store, error },
+            Ok(seen) => match store_action(seen.as_ref().map(observed).as_ref(), version, &fp) {
+                StoreAction::InSync => TargetStep::InSync { store },
+                action => TargetStep::Write { store, action },
+            },
+        })
+        .collect();
+    let (native, existed) = native_step(ms, g.native.as_ref(), &rendered, &stamp)?;
+    let restart = restart_decision(
+        !ms.spec.rollout_restart_targets.is_empty(),
+        existed,
+        status.restarted_version,
+        version,
+    );
+    let record = matches!(
+        decision,
+        VersionDecision::New(_) | VersionDecision::Adopt(_)
+    )
+    .then(|| version_record(ms, &stamp, &source.store, &chosen, now));
+    let next_rotation = next_rotation_of(ms, status, record.as_ref(), now);
+    Ok(Box::new(SyncPlan {
+        now,
+        jitter: 1.0,
+        profile: g.profile.name_any(),
+        via: g.via,
+        path: ms.store_path(),
+        decision,
+        stamp,
+        data: chosen.value.data,
+        source,
+        targets,
+        native,
+        restart,
+        record,
+        history_keep: g.profile.spec.history_keep(),
+        expires_at: inspected.expires_at,
+        rotate_request: chosen.rotate_request,
+        next_rotation,
+        base: ManagedSecretStatus::default(),
+        migration_failed: false,
+    }))
+}

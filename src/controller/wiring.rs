@@ -1,0 +1,543 @@
+//! Builds the three controllers and connects their watches: which change of one kind
+//! reconciles which objects of another. The stateful filters on the watch streams are
+//! named types ([`ProfileChanges`], [`ProfileCounts`]) with their own tests.
+
+use super::context::{Caches, Config, Context, HealthChecks};
+use super::events::Events;
+use super::stores::StoreRegistry;
+use super::{managed_secret, secret_store, vault_profile};
+use crate::api::{ManagedSecret, SecretStore, VaultProfile};
+use crate::crypto::OperatorKeys;
+use crate::error::Result;
+use crate::http::Probes;
+use crate::labels::{MANAGED_LABEL, MANAGED_LABEL_VALUE, MANAGED_SECRET_LABEL};
+use crate::leader::LeaderElection;
+use crate::metrics::Metrics;
+use futures::StreamExt;
+use futures::channel::mpsc::UnboundedSender;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::api::{ObjectMeta, PartialObjectMeta};
+use kube::runtime::controller::Action;
+use kube::runtime::events::Reporter;
+use kube::runtime::reflector::{self, ObjectRef, reflector};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::sync::watch;
+use tracing::info;
+
+/// What [`run`] shares with the process around it: the metrics, the probes `/readyz`
+/// reads, and the shutdown request (SIGTERM).
+#[derive(Clone)]
+pub struct Runtime {
+    pub metrics: Arc<Metrics>,
+    pub probes: Arc<Probes>,
+    /// Becomes `true` when the process must stop (SIGTERM, Ctrl-C).
+    pub shutdown: watch::Receiver<bool>,
+    /// Elect a leader on a Lease before reconciling; `None` reconciles at once.
+    pub leader_election: Option<LeaderElection>,
+}
+
+/// How [`run`] ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// Shutdown was requested; in-flight reconciles finished and the Lease was released.
+    Shutdown,
+    /// The leader Lease was lost (not renewed in time): the process should exit and start
+    /// again as a candidate.
+    LostLeadership,
+}
+
+/// A future that completes when `stop` says why (or its sender goes).
+async fn stopped(mut stop: watch::Receiver<Option<Stopped>>) {
+    let _ = stop.wait_for(Option::is_some).await;
+}
+
+/// Drops the field sets of `managedFields` from a cached object: keyhaven reads only who
+/// changed an object and when (a version's author), and the field sets are often the
+/// largest part of a cached object's metadata.
+fn trim_managed_fields(meta: &mut ObjectMeta) {
+    for entry in meta.managed_fields.iter_mut().flatten() {
+        entry.fields_v1 = None;
+    }
+}
+
+/// What a reconcile reads of an object's own metadata and spec: generation, labels,
+/// annotations (rotate, force-delete), finalizers, deletion. Not its status: without this
+/// filter, every status write of our own would reconcile the object a second time.
+fn reconcile_inputs<K: Resource>(obj: &K) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let m = obj.meta();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (
+        m.generation,
+        &m.labels,
+        &m.annotations,
+        &m.finalizers,
+        m.deletion_timestamp.is_some(),
+    )
+        .hash(&mut h);
+    Some(h.finish())
+}
+
+/// Every profile change (not a status write) reaches the ManagedSecret controller and
+/// re-checks every profile's conflicts. A profile's status (its counts) changes as its
+/// ManagedSecrets sync; fanning each of those out to every ManagedSecret of the profile
+/// made the work of a sync of N secrets grow as N².
+pub struct ProfileChanges {
+    inputs: HashMap<String, Option<u64>>,
+    changed: UnboundedSender<VaultProfile>,
+    recheck: UnboundedSender<()>,
+}
+
+impl ProfileChanges {
+    pub fn new(changed: UnboundedSender<VaultProfile>, recheck: UnboundedSender<()>) -> Self {
+        ProfileChanges {
+            inputs: HashMap::new(),
+            changed,
+            recheck,
+        }
+    }
+
+    pub fn see(&mut self, event: &watcher::Event<VaultProfile>) {
+        let changed = match event {
+            watcher::Event::Apply(p) | watcher::Event::InitApply(p) => {
+                let now = reconcile_inputs(p);
+                (self.inputs.insert(p.name_any(), now) != Some(now)).then_some(p)
+            }
+            watcher::Event::Delete(p) => {
+                self.inputs.remove(&p.name_any());
+                Some(p)
+            }
+            _ => None,
+        };
+        if let Some(p) = changed {
+            let _ = self.changed.unbounded_send(p.clone());
+            let _ = self.recheck.unbounded_send(());
+        }
+    }
+}
+
+/// A ManagedSecret that comes, goes or changes profile changes its profiles' counts: those
+/// re-check. The first full list marks the ManagedSecret cache listed.
+pub struct ProfileCounts {
+    profiles: HashMap<(String, String), Option<String>>,
+    listed: Arc<AtomicBool>,
+    recheck: UnboundedSender<()>,
+}
+
+impl ProfileCounts {
+    pub fn new(listed: Arc<AtomicBool>, recheck: UnboundedSender<()>) -> Self {
+        ProfileCounts {
+            profiles: HashMap::new(),
+            listed,
+            recheck,
+        }
+    }
+
+    pub fn see(&mut self, event: &watcher::Event<ManagedSecret>) {
+        if matches!(event, watcher::Event::InitDone) {
+            self.listed.store(true, Ordering::SeqCst);
+            let _ = self.recheck.unbounded_send(());
+        }
+        let (ms, deleted, init) = match event {
+            watcher::Event::Apply(ms) => (ms, false, false),
+            watcher::Event::InitApply(ms) => (ms, false, true),
+            watcher::Event::Delete(ms) => (ms, true, false),
+            _ => return,
+        };
+        let key = (ms.namespace().unwrap_or_default(), ms.name_any());
+        let changed = if deleted {
+            self.profiles.remove(&key).is_some()
+        } else {
+            let profile = ms
+                .spec
+                .profile
+                .clone()
+                .or_else(|| ms.status.as_ref().and_then(|s| s.profile.clone()));
+            self.profiles.insert(key, profile.clone()) != Some(profile)
+        };
+        if changed && !init {
+            let _ = self.recheck.unbounded_send(());
+        }
+    }
+}
+
+/// A controller of `K` whose cache reports its first full list to `probes`; `tap` sees
+/// every watch event (after the cache holds the change).
+fn controller<K>(
+    api: Api<K>,
+    wc: watcher::Config,
+    probes: Arc<Probes>,
+    mut tap: impl FnMut(&watcher::Event<K>) + Send + 'static,
+) -> Controller<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let writer = reflector::store::Writer::<K>::default();
+    let reader = writer.as_reader();
+    let mut first_list = true;
+    let objects = reflector(
+        writer,
+        watcher::watcher(api, wc).modify(|obj| trim_managed_fields(obj.meta_mut())),
+    )
+    .inspect(move |event| {
+        if first_list && matches!(event, Ok(watcher::Event::InitDone)) {
+            first_list = false;
+            probes.cache_synced();
+        }
+        if let Ok(event) = event {
+            tap(event);
+        }
+    })
+    .applied_objects()
+    .predicate_filter(reconcile_inputs, Default::default());
+    Controller::for_stream(objects, reader)
+}
+
+fn selected(selector: &Option<String>) -> watcher::Config {
+    match selector {
+        Some(sel) => watcher::Config::default().labels(sel),
+        None => watcher::Config::default(),
+    }
+}
+
+/// Runs the SecretStore, VaultProfile and ManagedSecret controllers until `stop` says why.
+pub(super) async fn run_controllers(
+    client: Client,
+    config: Config,
+    rt: &Runtime,
+    stop: watch::Receiver<Option<Stopped>>,
+) -> Result<()> {
+    let keys = OperatorKeys::load_or_create(client.clone(), &config.operator_namespace)
+        .await
+        .map_err(crate::error::Error::kube(
+            crate::error::Verb::Read,
+            format!(
+                "the operator keys in namespace {}",
+                config.operator_namespace
+            ),
+        ))?;
+    let store_wc = selected(&config.store_selector);
+    let (managed_api, secrets_api): (Api<ManagedSecret>, Api<PartialObjectMeta<Secret>>) =
+        match &config.watch_namespace {
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+            ),
+            None => (Api::all(client.clone()), Api::all(client.clone())),
+        };
+    let probes = rt.probes.clone();
+    // Store changes reach the profiles that name them from the store controller's own cache
+    // (already updated), so a profile never reads a store's older state than its trigger.
+    let (store_changed, store_changes) = futures::channel::mpsc::unbounded::<SecretStore>();
+    let store_ctl = controller(
+        Api::<SecretStore>::all(client.clone()),
+        store_wc.clone(),
+        probes.clone(),
+        move |event: &watcher::Event<SecretStore>| {
+            if let watcher::Event::Apply(s) | watcher::Event::Delete(s) = event {
+                let _ = store_changed.unbounded_send(s.clone());
+            }
+        },
+    );
+    let (profile_changed, profile_changes) = futures::channel::mpsc::unbounded::<VaultProfile>();
+    let (profiles_recheck, profiles_recheck_rx) = futures::channel::mpsc::unbounded::<()>();
+    let mut profile_tap = ProfileChanges::new(profile_changed, profiles_recheck.clone());
+    let profile_ctl = controller(
+        Api::<VaultProfile>::all(client.clone()),
+        store_wc.clone(),
+        probes.clone(),
+        move |event| profile_tap.see(event),
+    );
+    // Re-checks of every profile (counts, conflicts) asked for while one runs or within
+    // half a second make one more: a sync of thousands of ManagedSecrets asks for one each.
+    let profiles_recheck_rx = profiles_recheck_rx
+        .ready_chunks(64)
+        .then(|_| tokio::time::sleep(Duration::from_millis(500)));
+    // Namespaces, metadata only (labels and the profile annotation decide profiles): the
+    // watched one, or all.
+    let ns_wc = match &config.watch_namespace {
+        Some(ns) => watcher::Config::default().fields(&format!("metadata.name={ns}")),
+        None => watcher::Config::default(),
+    };
+    let ns_writer = reflector::store::Writer::<PartialObjectMeta<Namespace>>::default();
+    let namespaces = ns_writer.as_reader();
+    let ns_recheck = profiles_recheck.clone();
+    let ns_changes = reflector(
+        ns_writer,
+        watcher::watcher(
+            Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
+            ns_wc,
+        ),
+    )
+    .inspect(move |event| {
+        if matches!(
+            event,
+            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_))
+        ) {
+            let _ = ns_recheck.unbounded_send(());
+        }
+    })
+    .touched_objects();
+    let managed_synced = Arc::new(AtomicBool::new(false));
+    let mut counts = ProfileCounts::new(managed_synced.clone(), profiles_recheck);
+    let managed_ctl = controller(
+        managed_api,
+        selected(&config.managed_selector),
+        probes,
+        move |event| counts.see(event),
+    );
+
+    let (recheck, recheck_rx) = futures::channel::mpsc::channel(0);
+    let reporter = Reporter {
+        controller: config.field_manager.clone(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
+    let ctx = Arc::new(Context {
+        health_checks: HealthChecks::new(recheck),
+        client: client.clone(),
+        caches: Caches {
+            store_selector: config.store_selector.clone(),
+            stores: store_ctl.store(),
+            profiles: profile_ctl.store(),
+            managed: managed_ctl.store(),
+            managed_synced,
+            namespaces,
+        },
+        backlog: Default::default(),
+        status_writes: Default::default(),
+        secret_writes: Default::default(),
+        registry: StoreRegistry::new(
+            client.clone(),
+            &config.operator_namespace,
+            &config.service_account,
+            keys.clone(),
+        ),
+        events: Events::new(client.clone(), reporter),
+        keys,
+        config: config.clone(),
+        metrics: rt.metrics.clone(),
+    });
+    rt.metrics
+        .watch_caches(ctx.caches.stores.clone(), ctx.caches.managed.clone());
+
+    // Profiles follow their stores' health, and each other and the namespaces (conflicts).
+    let profiles = ctx.caches.profiles.clone();
+    let profile_ctl = profile_ctl
+        .reconcile_all_on(profiles_recheck_rx)
+        .watches_stream(store_changes.map(Ok), move |store: SecretStore| {
+            let name = store.name_any();
+            profiles
+                .state()
+                .into_iter()
+                .filter(|p| p.spec.stores().any(|s| s == name))
+                .map(|p| ObjectRef::new(&p.name_any()))
+                .collect::<Vec<_>>()
+        });
+    let managed_ctl =
+        watch_for_managed(managed_ctl, &ctx, profile_changes, ns_changes, secrets_api);
+
+    let controller_config =
+        kube::runtime::controller::Config::default().concurrency(config.concurrency);
+    info!(namespace = %config.operator_namespace, watch_namespace = ?config.watch_namespace, "keyhaven controllers starting");
+    let stores_done = store_ctl
+        .reconcile_all_on(recheck_rx)
+        .with_config(controller_config.clone())
+        .graceful_shutdown_on(stopped(stop.clone()))
+        .run(reconcile_store, secret_store::error_policy, ctx.clone())
+        .for_each(|r| async move { log_result("SecretStore", r) });
+    let profiles_done = profile_ctl
+        .with_config(controller_config.clone())
+        .graceful_shutdown_on(stopped(stop.clone()))
+        .run(reconcile_profile, vault_profile::error_policy, ctx.clone())
+        .for_each(|r| async move { log_result("VaultProfile", r) });
+    let managed_done = managed_ctl
+        .with_config(controller_config)
+        .graceful_shutdown_on(stopped(stop))
+        .run(reconcile_managed, managed_secret::error_policy, ctx.clone())
+        .for_each(|r| async move { log_result("ManagedSecret", r) });
+    futures::join!(stores_done, profiles_done, managed_done);
+    ctx.registry.shutdown().await;
+    info!("keyhaven controllers stopped");
+    Ok(())
+}
+
+/// ManagedSecrets follow their profile (those without spec.profile: every profile, as any
+/// may change what they resolve to), their namespace's labels and annotations, and their
+/// native Secrets, watched by label only.
+fn watch_for_managed(
+    managed_ctl: Controller<ManagedSecret>,
+    ctx: &Arc<Context>,
+    profile_changes: impl futures::Stream<Item = VaultProfile> + Send + 'static,
+    ns_changes: impl futures::Stream<Item = Result<PartialObjectMeta<Namespace>, watcher::Error>>
+    + Send
+    + 'static,
+    secrets_api: Api<PartialObjectMeta<Secret>>,
+) -> Controller<ManagedSecret> {
+    let managed = ctx.caches.managed.clone();
+    let managed_in_ns = ctx.caches.managed.clone();
+    let ctx = ctx.clone();
+    managed_ctl
+        .watches_stream(profile_changes.map(Ok), move |profile: VaultProfile| {
+            let name = profile.name_any();
+            managed
+                .state()
+                .into_iter()
+                .filter(|m| {
+                    m.spec.profile.as_deref().is_none_or(|p| p == name)
+                        || m.status.as_ref().and_then(|s| s.profile.as_deref()) == Some(&name)
+                })
+                .map(|m| ObjectRef::from_obj(m.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .watches_stream(ns_changes, move |ns: PartialObjectMeta<Namespace>| {
+            let name = ns.name_any();
+            managed_in_ns
+                .state()
+                .into_iter()
+                .filter(|m| m.namespace().as_deref() == Some(name.as_str()))
+                .map(|m| ObjectRef::from_obj(m.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        // Metadata only: the data of thousands of Secrets is never held or even decoded here.
+        // keyhaven's own writes come back as watch events: they trigger nothing (the
+        // reconcile that wrote is the one that would run again).
+        .watches_stream(
+            watcher::watcher(
+                secrets_api,
+                watcher::Config::default()
+                    .labels(&format!("{MANAGED_LABEL}={MANAGED_LABEL_VALUE}")),
+            )
+            .filter_map(move |event| {
+                let touched = match event {
+                    Ok(watcher::Event::Apply(s)) if ctx.secret_writes.is_own(&s) => None,
+                    Ok(
+                        watcher::Event::Apply(s)
+                        | watcher::Event::InitApply(s)
+                        | watcher::Event::Delete(s),
+                    ) => Some(Ok(s)),
+                    Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
+                    Err(e) => Some(Err(e)),
+                };
+                futures::future::ready(touched)
+            }),
+            |secret: PartialObjectMeta<Secret>| {
+                let owner = secret.labels().get(MANAGED_SECRET_LABEL).cloned();
+                owner.map(|name| {
+                    ObjectRef::new(&name).within(&secret.namespace().unwrap_or_default())
+                })
+            },
+        )
+}
+
+// The reconcilers, counted and timed by kind.
+async fn reconcile_store(obj: Arc<SecretStore>, ctx: Arc<Context>) -> Result<Action> {
+    let metrics = ctx.metrics.clone();
+    metrics
+        .reconcile("SecretStore", secret_store::reconcile(obj, ctx))
+        .await
+}
+
+async fn reconcile_profile(obj: Arc<VaultProfile>, ctx: Arc<Context>) -> Result<Action> {
+    let metrics = ctx.metrics.clone();
+    metrics
+        .reconcile("VaultProfile", vault_profile::reconcile(obj, ctx))
+        .await
+}
+
+async fn reconcile_managed(obj: Arc<ManagedSecret>, ctx: Arc<Context>) -> Result<Action> {
+    let metrics = ctx.metrics.clone();
+    metrics
+        .reconcile("ManagedSecret", managed_secret::reconcile(obj, ctx))
+        .await
+}
+
+fn log_result<K: Resource, E: std::fmt::Display>(
+    kind: &str,
+    result: std::result::Result<(ObjectRef<K>, Action), E>,
+) {
+    if let Err(e) = result {
+        // Reconcile errors are already in the object's status and events.
+        tracing::debug!(kind, error = %e, "reconcile failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn profile(name: &str, generation: i64) -> VaultProfile {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "keyhaven.io/v1alpha1", "kind": "VaultProfile",
+            "metadata": {"name": name, "generation": generation},
+            "spec": {"source": "s"},
+        }))
+        .unwrap()
+    }
+
+    fn drain<T>(rx: &mut futures::channel::mpsc::UnboundedReceiver<T>) -> usize {
+        let mut n = 0;
+        while rx.try_recv().is_ok() {
+            n += 1;
+        }
+        n
+    }
+
+    #[test]
+    fn a_profile_status_write_reaches_no_managed_secret() {
+        let (changed, mut changes) = futures::channel::mpsc::unbounded();
+        let (recheck, mut rechecks) = futures::channel::mpsc::unbounded();
+        let mut tap = ProfileChanges::new(changed, recheck);
+        tap.see(&watcher::Event::InitApply(profile("p", 1)));
+        assert_eq!((drain(&mut changes), drain(&mut rechecks)), (1, 1));
+        let mut counted = profile("p", 1);
+        counted.status = Some(Default::default());
+        tap.see(&watcher::Event::Apply(counted));
+        assert_eq!(drain(&mut changes), 0, "a status write is no change");
+        tap.see(&watcher::Event::Apply(profile("p", 2)));
+        assert_eq!(drain(&mut changes), 1, "a spec change is");
+        tap.see(&watcher::Event::Delete(profile("p", 2)));
+        assert_eq!((drain(&mut changes), drain(&mut rechecks)), (1, 2));
+    }
+
+    fn ms(name: &str, profile: Option<&str>) -> ManagedSecret {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "keyhaven.io/v1alpha1", "kind": "ManagedSecret",
+            "metadata": {"name": name, "namespace": "n"},
+            "spec": {"type": "generic", "content": {"fromStore": {}}, "profile": profile},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn counts_recheck_when_a_secret_comes_goes_or_changes_profile() {
+        let listed = Arc::new(AtomicBool::new(false));
+        let (recheck, mut rechecks) = futures::channel::mpsc::unbounded();
+        let mut tap = ProfileCounts::new(listed.clone(), recheck);
+        tap.see(&watcher::Event::InitApply(ms("a", Some("p"))));
+        assert_eq!(
+            drain(&mut rechecks),
+            0,
+            "the first list re-checks once, at its end"
+        );
+        tap.see(&watcher::Event::InitDone);
+        assert!(listed.load(Ordering::SeqCst));
+        assert_eq!(drain(&mut rechecks), 1);
+        tap.see(&watcher::Event::Apply(ms("a", Some("p"))));
+        assert_eq!(drain(&mut rechecks), 0, "same profile");
+        tap.see(&watcher::Event::Apply(ms("a", Some("q"))));
+        tap.see(&watcher::Event::Apply(ms("b", None)));
+        tap.see(&watcher::Event::Delete(ms("a", None)));
+        assert_eq!(drain(&mut rechecks), 3);
+    }
+}

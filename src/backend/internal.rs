@@ -34,10 +34,7 @@ super::sealed_records::sealed_store_backend!(
     async fn health(&self) -> Health {
         match self.records.probe().await {
             Ok(()) => Health::active("encrypted records in the operator namespace are reachable"),
-            Err(e) => Health {
-                phase: e.phase(),
-                message: e.to_string(),
-            },
+            Err(e) => Health::failed(&e),
         }
     }
 );

@@ -51,6 +51,14 @@ impl Health {
             message: message.into(),
         }
     }
+
+    /// The health of a store whose check failed with `e`: the phase the error implies.
+    pub fn failed(e: &BackendError) -> Self {
+        Health {
+            phase: e.phase(),
+            message: e.to_string(),
+        }
+    }
 }
 
 /// A backend: where versions of secret objects are kept.

@@ -231,10 +231,7 @@ super::sealed_records::sealed_store_backend!(
         };
         match checked {
             Ok(message) => Health::active(message),
-            Err(e) => Health {
-                phase: e.phase(),
-                message: e.to_string(),
-            },
+            Err(e) => Health::failed(&e),
         }
     }
 );

@@ -651,18 +651,10 @@ impl Backend for VaultStore {
     async fn health(&self) -> Health {
         let server = match self.session.server_health().await {
             Ok(server) => server,
-            Err(e) => {
-                return Health {
-                    phase: e.phase(),
-                    message: e.to_string(),
-                };
-            }
+            Err(e) => return Health::failed(&e),
         };
         if let Err(e) = self.session.client().await {
-            return Health {
-                phase: e.phase(),
-                message: e.to_string(),
-            };
+            return Health::failed(&e);
         }
         let kv = match self.kv {
             KvVersion::V1 => "KV v1",

@@ -1,6 +1,7 @@
 //! Encrypted versions kept as Secrets in the operator's namespace: one Secret per
 //! (store, path, version) holding an [`Envelope`]. Shared by every store whose values are
-//! sealed by a key-encryption key (the internal store; the pkcs11 store).
+//! sealed by a key-encryption key (the internal store; the pkcs11 store), through
+//! [`SealedStore`](super::sealed_store::SealedStore).
 //!
 //! A record's value never changes once written, but its Secret is not marked immutable:
 //! a KEK rotation replaces the wrapped data key in place ([`SealedRecords::rewrap`]), one
@@ -405,49 +406,3 @@ impl SealedRecords {
 fn record_version(labels: &BTreeMap<String, String>) -> Option<u64> {
     labels.get(VERSION)?.parse().ok()
 }
-
-/// The [`Backend`](super::Backend) methods of a store that keeps its versions in
-/// `self.records` (a [`SealedRecords`]) under the name `self.store`, around the store's
-/// own `health` (which says what its key depends on): `sealed_store_backend!(Type, fn health..)`.
-macro_rules! sealed_store_backend {
-    ($ty:ty, $($health:tt)*) => {
-        #[async_trait::async_trait]
-        impl super::Backend for $ty {
-        fn store(&self) -> &str {
-            &self.store
-        }
-
-        async fn read(
-            &self,
-            path: &str,
-            version: Option<u64>,
-        ) -> Result<Option<StoredVersion>, BackendError> {
-            self.records.read(path, version).await
-        }
-
-        async fn write(
-            &self,
-            path: &str,
-            stamp: &VersionStamp,
-            data: &SecretData,
-        ) -> Result<Option<u64>, BackendError> {
-            self.records.write(path, stamp, data).await.map(|()| None)
-        }
-
-        async fn list_versions(&self, path: &str) -> Result<Vec<u64>, BackendError> {
-            self.records.list_versions(path).await
-        }
-
-        async fn delete(&self, path: &str) -> Result<(), BackendError> {
-            self.records.delete(path).await
-        }
-
-        async fn count(&self) -> Result<u64, BackendError> {
-            self.records.count().await
-        }
-
-        $($health)*
-        }
-    };
-}
-pub(super) use sealed_store_backend;

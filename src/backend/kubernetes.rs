@@ -265,24 +265,18 @@ impl Backend for KubernetesStore {
             {
                 Ok(_) => Health::active(format!("namespace {} is reachable", self.namespace)),
                 Err(e) => {
-                    let e = BackendError::from_kube(&self.store, "listing Secrets", e);
-                    Health {
-                        phase: e.phase(),
-                        message: e.to_string(),
-                    }
+                    Health::failed(&BackendError::from_kube(&self.store, "listing Secrets", e))
                 }
             },
             Ok(None) => Health {
                 phase: crate::api::StorePhase::Invalid,
                 message: format!("namespace {} does not exist", self.namespace),
             },
-            Err(e) => {
-                let e = BackendError::from_kube(&self.store, "reading the namespace", e);
-                Health {
-                    phase: e.phase(),
-                    message: e.to_string(),
-                }
-            }
+            Err(e) => Health::failed(&BackendError::from_kube(
+                &self.store,
+                "reading the namespace",
+                e,
+            )),
         }
     }
 

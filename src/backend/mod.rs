@@ -8,11 +8,13 @@ mod internal;
 mod kubernetes;
 mod pkcs11;
 mod sealed_records;
+mod sealed_store;
 mod vault;
 
-pub use internal::InternalStore;
+pub use internal::{InternalStore, MasterKey};
 pub use kubernetes::KubernetesStore;
-pub use pkcs11::{Pkcs11Store, RotationStep};
+pub use pkcs11::{HsmKek, Pkcs11Store, RotationStep};
+pub use sealed_store::{SealedStore, SealingKey};
 pub use vault::{SessionSource, VaultStore};
 
 use crate::api::StorePhase;
@@ -49,6 +51,14 @@ impl Health {
         Health {
             phase: StorePhase::Active,
             message: message.into(),
+        }
+    }
+
+    /// The health of a store whose check failed with `e`: the phase the error implies.
+    pub fn failed(e: &BackendError) -> Self {
+        Health {
+            phase: e.phase(),
+            message: e.to_string(),
         }
     }
 }

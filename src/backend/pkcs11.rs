@@ -15,14 +15,14 @@ mod token;
 use kek::{Pkcs11Kek, kek_label};
 use rotation::plan as plan_rotation;
 
-use super::sealed_records::{Rewrapped, SealedRecords};
-use super::{BackendError, Health, StoredVersion, VersionStamp};
+use super::BackendError;
+use super::sealed_records::Rewrapped;
+use super::sealed_store::{SealedStore, SealingKey};
 use crate::api::{KekRotationPhase, KekRotationStatus, Pkcs11Provider, now};
-use crate::crypto::KeyWrapper as _;
-use crate::secret_data::SecretData;
+use crate::crypto::KeyWrapper;
+use async_trait::async_trait;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Secret;
-use kube::{Api, Client};
+use kube::Client;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -38,13 +38,29 @@ const REWRAP_BATCH: usize = 20;
 const REWRAP_PARALLEL: usize = 4;
 
 /// A store whose data keys an HSM wraps.
-pub struct Pkcs11Store {
-    store: String,
-    records: SealedRecords,
+pub type Pkcs11Store = SealedStore<HsmKek>;
+
+/// The pkcs11 store's key: the KEK on the token, and how moving records under it went.
+pub struct HsmKek {
     kek: Arc<Pkcs11Kek>,
     /// Records whose re-wrap failed lately: tried after the others, so a damaged record
     /// does not hold back a rotation.
     failed_rewraps: Mutex<BTreeSet<String>>,
+}
+
+#[async_trait]
+impl SealingKey for HsmKek {
+    fn wrapper(&self) -> Arc<dyn KeyWrapper> {
+        self.kek.clone()
+    }
+
+    /// Logs in with a freshly read PIN and finds (or creates) the KEK.
+    async fn check(&self, store: &str) -> Result<String, BackendError> {
+        self.kek
+            .check()
+            .await
+            .map_err(|e| BackendError::from_hsm(store, e))
+    }
 }
 
 /// What one step of a KEK rotation found and did.
@@ -86,26 +102,26 @@ impl Pkcs11Store {
                 operator_namespace: operator_namespace.to_owned(),
             },
         ));
-        Ok(Pkcs11Store {
-            store: store.to_owned(),
-            records: SealedRecords::new(
-                store,
-                Api::<Secret>::namespaced(client, operator_namespace),
-                kek.clone(),
-            ),
+        let key = HsmKek {
             kek,
             failed_rewraps: Mutex::default(),
-        })
+        };
+        Ok(SealedStore::with_key(
+            store,
+            client,
+            operator_namespace,
+            key,
+        ))
     }
 
     /// The label of the KEK new data keys are wrapped with.
     pub fn kek_label(&self) -> &str {
-        self.kek.label()
+        self.key.kek.label()
     }
 
     /// The store's KEK as a key wrapper (benchmarks; tests).
-    pub fn key_wrapper(&self) -> Arc<dyn crate::crypto::KeyWrapper> {
-        self.kek.clone()
+    pub fn key_wrapper(&self) -> Arc<dyn KeyWrapper> {
+        self.key.wrapper()
     }
 
     /// One step of moving every data key of the store under the current KEK: counts the
@@ -117,10 +133,10 @@ impl Pkcs11Store {
         previous_active: Option<&str>,
         previous: Option<&KekRotationStatus>,
     ) -> Result<RotationStep, BackendError> {
-        let current = self.kek.label().to_owned();
+        let current = self.key.kek.label().to_owned();
         let mut pending: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for record in self.records.census().await? {
-            if record.kek_id != self.kek.kek_id() {
+            if record.kek_id != self.key.kek.kek_id() {
                 let label = kek_label(&record.kek_id).unwrap_or(&record.kek_id);
                 pending
                     .entry(label.to_owned())
@@ -151,7 +167,7 @@ impl Pkcs11Store {
         }
 
         let batch: Vec<(String, String)> = {
-            let failed = self.failed_rewraps.lock().expect("failed rewraps");
+            let failed = self.key.failed_rewraps.lock().expect("failed rewraps");
             let mut all: Vec<(String, String)> = pending
                 .iter()
                 .flat_map(|(l, names)| names.iter().map(move |n| (l.clone(), n.clone())))
@@ -171,7 +187,7 @@ impl Pkcs11Store {
         let mut errors = vec![];
         let mut moved = 0;
         for (label, name, result) in results {
-            let mut failed = self.failed_rewraps.lock().expect("failed rewraps");
+            let mut failed = self.key.failed_rewraps.lock().expect("failed rewraps");
             match result {
                 Ok(outcome) => {
                     failed.remove(&name);
@@ -219,25 +235,6 @@ impl RotationStep {
             .is_some_and(|s| s.phase == KekRotationPhase::Rotating)
     }
 }
-
-super::sealed_records::sealed_store_backend!(
-    Pkcs11Store,
-    /// Logs in with a freshly read PIN and finds (or creates) the KEK; then checks that the
-    /// records' namespace answers.
-    async fn health(&self) -> Health {
-        let checked = match self.kek.check().await {
-            Ok(message) => self.records.probe().await.map(|()| message),
-            Err(e) => Err(BackendError::from_hsm(&self.store, e)),
-        };
-        match checked {
-            Ok(message) => Health::active(message),
-            Err(e) => Health {
-                phase: e.phase(),
-                message: e.to_string(),
-            },
-        }
-    }
-);
 
 impl BackendError {
     fn from_hsm(store: &str, e: token::HsmError) -> Self {

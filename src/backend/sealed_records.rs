@@ -1,6 +1,7 @@
 //! Encrypted versions kept as Secrets in the operator's namespace: one Secret per
 //! (store, path, version) holding an [`Envelope`]. Shared by every store whose values are
-//! sealed by a key-encryption key (the internal store; the pkcs11 store).
+//! sealed by a key-encryption key (the internal store; the pkcs11 store), through
+//! [`SealedStore`](super::sealed_store::SealedStore).
 //!
 //! A record's value never changes once written, but its Secret is not marked immutable:
 //! a KEK rotation replaces the wrapped data key in place ([`SealedRecords::rewrap`]), one
@@ -91,16 +92,7 @@ impl SealedRecords {
                 .await
                 .map_err(self.kube_err("reading a sealed version"))?,
             None => {
-                let list = self
-                    .api
-                    .list_metadata(&self.object_selector(path))
-                    .await
-                    .map_err(self.kube_err("listing sealed versions"))?;
-                let newest = list
-                    .items
-                    .iter()
-                    .filter_map(|m| record_version(m.labels()))
-                    .max();
+                let newest = self.list_versions(path).await?.last().copied();
                 match newest {
                     Some(v) => self
                         .api
@@ -117,12 +109,17 @@ impl SealedRecords {
         self.decode(path, &secret).await.map(Some)
     }
 
-    async fn decode(&self, path: &str, secret: &Secret) -> Result<StoredVersion, BackendError> {
-        let corrupt = |message: &str| BackendError::Corrupt {
+    fn corrupt(&self, path: &str, message: &str) -> BackendError {
+        BackendError::Corrupt {
             store: self.store.clone(),
             path: path.to_owned(),
             message: message.to_owned(),
-        };
+        }
+    }
+
+    /// The version and envelope a record's Secret holds.
+    fn envelope(&self, path: &str, secret: &Secret) -> Result<(u64, Envelope), BackendError> {
+        let corrupt = |message: &str| self.corrupt(path, message);
         let version = record_version(secret.labels()).ok_or_else(|| corrupt("no version label"))?;
         let data = secret.data.as_ref().ok_or_else(|| corrupt("no data"))?;
         let field = |k: &str| {
@@ -140,10 +137,15 @@ impl SealedRecords {
             nonce: field("nonce")?,
             ciphertext: field("ciphertext")?,
         };
+        Ok((version, envelope))
+    }
+
+    async fn decode(&self, path: &str, secret: &Secret) -> Result<StoredVersion, BackendError> {
+        let (version, envelope) = self.envelope(path, secret)?;
         let plaintext = open(self.kek.as_ref(), &envelope, &self.aad(path, version))
             .await
             .map_err(self.crypto_err(path))?;
-        let data = SecretData::from_sealed_bytes(&plaintext).map_err(|m| corrupt(&m))?;
+        let data = SecretData::from_sealed_bytes(&plaintext).map_err(|m| self.corrupt(path, &m))?;
         let fingerprint = secret
             .annotations()
             .get(FINGERPRINT_ANNOTATION)
@@ -270,16 +272,24 @@ impl SealedRecords {
         Ok(())
     }
 
-    pub async fn count(&self) -> Result<u64, BackendError> {
+    /// The metadata of every sealed version of the store.
+    async fn all_records(
+        &self,
+        what: &str,
+    ) -> Result<Vec<PartialObjectMeta<Secret>>, BackendError> {
         let lp =
             ListParams::default().labels(&format!("{STORE}={},{ROLE}={ROLE_SEALED}", self.store));
         let list = self
             .api
             .list_metadata(&lp)
             .await
-            .map_err(self.kube_err("counting sealed versions"))?;
-        let objects: BTreeSet<&str> = list
-            .items
+            .map_err(self.kube_err(what))?;
+        Ok(list.items)
+    }
+
+    pub async fn count(&self) -> Result<u64, BackendError> {
+        let records = self.all_records("counting sealed versions").await?;
+        let objects: BTreeSet<&str> = records
             .iter()
             .filter_map(|m| m.labels().get(OBJECT).map(String::as_str))
             .collect();
@@ -322,17 +332,10 @@ pub enum Rewrapped {
 impl SealedRecords {
     /// The KEK id of every sealed version of the store, from metadata alone.
     pub async fn census(&self) -> Result<Vec<RecordKek>, BackendError> {
-        let lp =
-            ListParams::default().labels(&format!("{STORE}={},{ROLE}={ROLE_SEALED}", self.store));
-        let list = self
-            .api
-            .list_metadata(&lp)
-            .await
-            .map_err(self.kube_err("listing sealed versions"))?;
-        Ok(list
-            .items
+        let records = self.all_records("listing sealed versions").await?;
+        Ok(records
             .iter()
-            .map(|m: &PartialObjectMeta<Secret>| RecordKek {
+            .map(|m| RecordKek {
                 name: m.name_any(),
                 kek_id: m
                     .annotations()
@@ -360,35 +363,21 @@ impl SealedRecords {
             .get(PATH_ANNOTATION)
             .cloned()
             .unwrap_or_default();
-        let corrupt = |message: &str| BackendError::Corrupt {
-            store: self.store.clone(),
-            path: path.clone(),
-            message: message.to_owned(),
-        };
         let kek_id = annotations
             .get(KEK_ID_ANNOTATION)
-            .cloned()
-            .ok_or_else(|| corrupt("no KEK id"))?;
-        if kek_id == self.kek.kek_id() {
+            .ok_or_else(|| self.corrupt(&path, "no KEK id"))?;
+        // Checked before the rest is parsed: a current record is left alone whatever it holds.
+        if *kek_id == self.kek.kek_id() {
             return Ok(Rewrapped::AlreadyCurrent);
         }
-        let version = record_version(secret.labels()).ok_or_else(|| corrupt("no version label"))?;
-        let data = secret.data.as_mut().ok_or_else(|| corrupt("no data"))?;
-        let field = |k: &str| {
-            data.get(k)
-                .map(|b| b.0.clone())
-                .ok_or_else(|| corrupt(&format!("no {k:?}")))
-        };
-        let envelope = Envelope {
-            kek_id,
-            wrapped_key: field("wrapped-key")?,
-            nonce: field("nonce")?,
-            ciphertext: field("ciphertext")?,
-        };
+        let (version, envelope) = self.envelope(&path, &secret)?;
         let moved = rewrap(self.kek.as_ref(), &envelope, &self.aad(&path, version))
             .await
             .map_err(self.crypto_err(&path))?;
-        data.insert("wrapped-key".into(), ByteString(moved.wrapped_key));
+        secret
+            .data
+            .get_or_insert_default()
+            .insert("wrapped-key".into(), ByteString(moved.wrapped_key));
         secret
             .annotations_mut()
             .insert(KEK_ID_ANNOTATION.into(), moved.kek_id);
@@ -417,49 +406,3 @@ impl SealedRecords {
 fn record_version(labels: &BTreeMap<String, String>) -> Option<u64> {
     labels.get(VERSION)?.parse().ok()
 }
-
-/// The [`Backend`](super::Backend) methods of a store that keeps its versions in
-/// `self.records` (a [`SealedRecords`]) under the name `self.store`, around the store's
-/// own `health` (which says what its key depends on): `sealed_store_backend!(Type, fn health..)`.
-macro_rules! sealed_store_backend {
-    ($ty:ty, $($health:tt)*) => {
-        #[async_trait::async_trait]
-        impl super::Backend for $ty {
-        fn store(&self) -> &str {
-            &self.store
-        }
-
-        async fn read(
-            &self,
-            path: &str,
-            version: Option<u64>,
-        ) -> Result<Option<StoredVersion>, BackendError> {
-            self.records.read(path, version).await
-        }
-
-        async fn write(
-            &self,
-            path: &str,
-            stamp: &VersionStamp,
-            data: &SecretData,
-        ) -> Result<Option<u64>, BackendError> {
-            self.records.write(path, stamp, data).await.map(|()| None)
-        }
-
-        async fn list_versions(&self, path: &str) -> Result<Vec<u64>, BackendError> {
-            self.records.list_versions(path).await
-        }
-
-        async fn delete(&self, path: &str) -> Result<(), BackendError> {
-            self.records.delete(path).await
-        }
-
-        async fn count(&self) -> Result<u64, BackendError> {
-            self.records.count().await
-        }
-
-        $($health)*
-        }
-    };
-}
-pub(super) use sealed_store_backend;

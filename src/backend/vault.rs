@@ -651,18 +651,10 @@ impl Backend for VaultStore {
     async fn health(&self) -> Health {
         let server = match self.session.server_health().await {
             Ok(server) => server,
-            Err(e) => {
-                return Health {
-                    phase: e.phase(),
-                    message: e.to_string(),
-                };
-            }
+            Err(e) => return Health::failed(&e),
         };
         if let Err(e) = self.session.client().await {
-            return Health {
-                phase: e.phase(),
-                message: e.to_string(),
-            };
+            return Health::failed(&e);
         }
         let kv = match self.kv {
             KvVersion::V1 => "KV v1",
@@ -688,81 +680,4 @@ impl Backend for VaultStore {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn values_round_trip_through_vault_json_including_bytes() {
-        let mut data = SecretData::new();
-        data.insert("user", "alice");
-        data.insert("key", vec![0u8, 159, 146, 150]);
-        let (values, binary) = encode(&data);
-        assert_eq!(binary, vec!["key".to_owned()]);
-        let json: serde_json::Map<String, Value> = values
-            .into_iter()
-            .map(|(k, v)| (k, Value::String(v)))
-            .collect();
-        assert!(decode(&json, &binary) == data);
-    }
-
-    #[test]
-    fn non_string_values_written_by_other_tools_read_as_json_text() {
-        let json = serde_json::json!({"port": 5432, "tls": true, "name": "db"});
-        let data = decode(json.as_object().unwrap(), &[]);
-        assert_eq!(data.get("port"), Some(&b"5432"[..]));
-        assert_eq!(data.get("tls"), Some(&b"true"[..]));
-        assert_eq!(data.get("name"), Some(&b"db"[..]));
-    }
-
-    #[test]
-    fn errors_map_to_store_phases() {
-        let sealed = classify(
-            "v",
-            "p",
-            ClientError::APIError {
-                code: 503,
-                errors: vec!["Vault is sealed".into()],
-            },
-        );
-        assert_eq!(sealed.phase(), StorePhase::Sealed);
-        let denied = classify(
-            "v",
-            "p",
-            ClientError::APIError {
-                code: 403,
-                errors: vec!["permission denied".into()],
-            },
-        );
-        assert_eq!(denied.phase(), StorePhase::Invalid);
-        let down = classify(
-            "v",
-            "p",
-            ClientError::APIError {
-                code: 502,
-                errors: vec![],
-            },
-        );
-        assert_eq!(down.phase(), StorePhase::Unreachable);
-    }
-
-    #[test]
-    fn bookkeeping_serializes_with_version_keys() {
-        let mut book = Bookkeeping {
-            path: "a/b".into(),
-            ..Default::default()
-        };
-        book.versions.insert(
-            3,
-            VersionEntry {
-                version: 3,
-                fingerprint: "hmac-sha256:00".into(),
-                store_version: Some(7),
-                binary: vec![],
-            },
-        );
-        let json = serde_json::to_value(&book).unwrap();
-        assert_eq!(json["versions"]["3"]["storeVersion"], 7);
-        let back: Bookkeeping = serde_json::from_value(json).unwrap();
-        assert_eq!(back, book);
-    }
-}
+mod tests;

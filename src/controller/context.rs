@@ -5,6 +5,7 @@
 use super::backlog::Backlog;
 use super::events::Events;
 use super::own_writes::{SecretWrites, StatusWrites};
+use super::status::HasStatus;
 use super::stores::StoreRegistry;
 use crate::api::{ManagedSecret, Reason, SecretStore, StorePhase, VaultProfile};
 use crate::backend::Backend;
@@ -76,11 +77,21 @@ impl Context {
         });
     }
 
+    /// Writes `status` onto `obj` (server-side apply under the operator's field manager)
+    /// unless `obj` already holds it; the object as stored, when written.
+    pub async fn apply_status<K: HasStatus>(
+        &self,
+        obj: &K,
+        status: &K::Status,
+    ) -> Result<Option<K>> {
+        super::status::apply(&self.client, &self.config.field_manager, obj, status).await
+    }
+
     /// The live backend of the SecretStore named `name`.
     pub async fn backend(&self, name: &str) -> Result<Arc<dyn Backend>> {
         let store = self
             .caches
-            .secret_store(&self.client, name)
+            .get::<SecretStore>(&self.client, name)
             .await?
             .ok_or_else(|| {
                 Error::config(
@@ -122,6 +133,29 @@ impl HealthChecks {
     }
 }
 
+/// A cluster-scoped kind the caches hold.
+pub trait Cached:
+    Resource<DynamicType = (), Scope = kube::core::ClusterResourceScope>
+    + Clone
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+    + 'static
+{
+    fn cache(caches: &Caches) -> &Store<Self>;
+}
+
+impl Cached for SecretStore {
+    fn cache(caches: &Caches) -> &Store<Self> {
+        &caches.stores
+    }
+}
+
+impl Cached for VaultProfile {
+    fn cache(caches: &Caches) -> &Store<Self> {
+        &caches.profiles
+    }
+}
+
 /// The caches of the watched kinds, and lookups that fall back to the API server.
 pub struct Caches {
     /// Selects the SecretStores and VaultProfiles this operator manages.
@@ -141,42 +175,13 @@ impl Caches {
         self.managed_synced.load(Ordering::SeqCst)
     }
 
-    /// The SecretStore `name` from the cache, or from the API server when the cache does
-    /// not hold it (yet): a reconcile never mistakes "not listed yet" for "does not exist".
-    pub async fn secret_store(
-        &self,
-        client: &Client,
-        name: &str,
-    ) -> Result<Option<Arc<SecretStore>>> {
-        self.cached_or_fetched(client, &self.stores, name).await
-    }
-
-    /// The VaultProfile `name`, like [`Caches::secret_store`].
-    pub async fn vault_profile(
-        &self,
-        client: &Client,
-        name: &str,
-    ) -> Result<Option<Arc<VaultProfile>>> {
-        self.cached_or_fetched(client, &self.profiles, name).await
-    }
-
-    /// A cluster-scoped object from `cache`, else read from the API server within the
-    /// operator's store selector (an object outside it does not exist for this operator).
+    /// The SecretStore or VaultProfile `name` from its cache, else read from the API server
+    /// within the operator's store selector (an object outside it does not exist for this
+    /// operator): a reconcile never mistakes "not listed yet" for "does not exist".
     /// Not `Store::wait_until_ready`: that future keeps a single waker, which the
     /// controller's own applier already holds, so a second waiter would never wake.
-    async fn cached_or_fetched<K>(
-        &self,
-        client: &Client,
-        cache: &Store<K>,
-        name: &str,
-    ) -> Result<Option<Arc<K>>>
-    where
-        K: Resource<DynamicType = (), Scope = kube::core::ClusterResourceScope>
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug,
-    {
-        if let Some(obj) = cache.get(&ObjectRef::new(name)) {
+    pub async fn get<K: Cached>(&self, client: &Client, name: &str) -> Result<Option<Arc<K>>> {
+        if let Some(obj) = K::cache(self).get(&ObjectRef::new(name)) {
             return Ok(Some(obj));
         }
         let api: Api<K> = Api::all(client.clone());

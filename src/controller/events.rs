@@ -6,6 +6,32 @@ use kube::Resource;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use tracing::warn;
 
+/// An Event to publish: decided by a pure function, published by [`Events::publish_all`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Note {
+    pub type_: EventType,
+    pub reason: Reason,
+    pub text: String,
+}
+
+impl Note {
+    pub fn normal(reason: Reason, text: impl Into<String>) -> Self {
+        Note {
+            type_: EventType::Normal,
+            reason,
+            text: text.into(),
+        }
+    }
+
+    pub fn warning(reason: Reason, text: impl Into<String>) -> Self {
+        Note {
+            type_: EventType::Warning,
+            reason,
+            text: text.into(),
+        }
+    }
+}
+
 /// Publishes Events as the operator's reporter.
 pub struct Events {
     client: Client,
@@ -20,6 +46,13 @@ impl Events {
             warnings: Recorder::new(client.clone(), reporter.clone()),
             client,
             reporter,
+        }
+    }
+
+    /// Publishes each of `notes` about `obj`, in order.
+    pub async fn publish_all<K: Resource<DynamicType = ()>>(&self, obj: &K, notes: &[Note]) {
+        for n in notes {
+            self.publish(obj, n.type_, n.reason, &n.text).await;
         }
     }
 

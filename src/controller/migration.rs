@@ -354,7 +354,7 @@ async fn write_status(
     ms: &ManagedSecret,
     status: &ManagedSecretStatus,
 ) -> Result<Option<ManagedSecret>> {
-    let stored = super::status::apply(&ctx.client, &ctx.config.field_manager, ms, status).await?;
+    let stored = ctx.apply_status(ms, status).await?;
     if let Some(stored) = &stored {
         ctx.status_written(stored);
     }
@@ -415,24 +415,24 @@ mod tests {
         d
     }
 
+    /// Version `n` as recorded, in the old store and in the new one (by content label).
+    fn seen(n: u64, recorded: Option<u8>, old: Option<u8>, new: Option<(u8, u64)>) -> VersionSeen {
+        VersionSeen {
+            version: n,
+            recorded: recorded.map(|r| fp(r).to_string()),
+            in_old: old.map(|o| (data(&format!("v{o}")), fp(o))),
+            in_new: new.map(|(c, v)| (fp(c), Some(v))),
+        }
+    }
+
     #[test]
     fn a_step_writes_what_is_missing_and_keeps_what_is_there() {
         let observed = Observed {
             from: "a".into(),
             to: "b".into(),
             versions: vec![
-                VersionSeen {
-                    version: 1,
-                    recorded: Some(fp(1).to_string()),
-                    in_old: Some((data("one"), fp(1))),
-                    in_new: Some((fp(1), Some(7))),
-                },
-                VersionSeen {
-                    version: 2,
-                    recorded: Some(fp(2).to_string()),
-                    in_old: Some((data("two"), fp(2))),
-                    in_new: None,
-                },
+                seen(1, Some(1), Some(1), Some((1, 7))),
+                seen(2, Some(2), Some(2), None),
             ],
         };
         let moves = plan(observed).unwrap();
@@ -447,19 +447,10 @@ mod tests {
         let observed = Observed {
             from: "a".into(),
             to: "b".into(),
+            // Version 2's content in the old store is not what the status recorded.
             versions: vec![
-                VersionSeen {
-                    version: 1,
-                    recorded: None,
-                    in_old: Some((data("one"), fp(1))),
-                    in_new: None,
-                },
-                VersionSeen {
-                    version: 2,
-                    recorded: Some(fp(2).to_string()),
-                    in_old: Some((data("changed"), fp(9))),
-                    in_new: None,
-                },
+                seen(1, None, Some(1), None),
+                seen(2, Some(2), Some(9), None),
             ],
         };
         let e = plan(observed).unwrap_err();

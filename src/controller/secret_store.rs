@@ -82,13 +82,7 @@ pub async fn reconcile(store: Arc<SecretStore>, ctx: Arc<Context>) -> Result<Act
         rotation_events(&store, &ctx, previous.kek_rotation.as_ref(), &status).await;
         if status != previous || stale {
             status.last_checked = Some(now());
-            super::status::apply(
-                &ctx.client,
-                &ctx.config.field_manager,
-                store.as_ref(),
-                &status,
-            )
-            .await?;
+            ctx.apply_status(store.as_ref(), &status).await?;
         }
         Ok(Action::requeue(match rotation {
             Some(r) if r.rotating && r.progressed => ROTATION_STEP,

@@ -156,8 +156,7 @@ pub async fn guard(store: &SecretStore, ctx: &Context) -> Result<Option<Action>>
                 ),
             );
             if before.as_deref() != Some(message.as_str()) {
-                super::status::apply(&ctx.client, &ctx.config.field_manager, store, &status)
-                    .await?;
+                ctx.apply_status(store, &status).await?;
                 ctx.events
                     .publish(store, EventType::Warning, Reason::DeletionBlocked, &message)
                     .await;

@@ -2,6 +2,7 @@
 //! condition `Conflict` when it is a default (or the fallback) together with another profile.
 
 use super::context::Context;
+use super::events::Note;
 use crate::api::{
     ConditionType, ManagedSecret, MigrationPhase, MigrationStatus, ProfilePhase, Reason,
     StorePhase, VaultProfile, VaultProfileSpec, VaultProfileStatus, condition, find_condition,
@@ -42,13 +43,8 @@ pub async fn reconcile(profile: Arc<VaultProfile>, ctx: Arc<Context>) -> Result<
         let conflicts = conflicts(&profile, &namespaces, all.iter().map(|p| p.as_ref()));
         let previous = profile.status.clone().unwrap_or_default();
         let status = profile_status(&profile, &problems, &mine, &conflicts);
-        migration_events(
-            &profile,
-            &ctx,
-            previous.migration.as_ref(),
-            status.migration.as_ref(),
-        )
-        .await;
+        let notes = migration_notes(previous.migration.as_ref(), status.migration.as_ref());
+        ctx.events.publish_all(profile.as_ref(), &notes).await;
         let conflict = find_condition(&status.conditions, ConditionType::Conflict);
         if let (Some(c), [one, ..]) = (conflict, conflicts.as_slice())
             && find_condition(&previous.conditions, ConditionType::Conflict)
@@ -59,13 +55,7 @@ pub async fn reconcile(profile: Arc<VaultProfile>, ctx: Arc<Context>) -> Result<
                 .await;
         }
         if status != previous {
-            super::status::apply(
-                &ctx.client,
-                &ctx.config.field_manager,
-                profile.as_ref(),
-                &status,
-            )
-            .await?;
+            ctx.apply_status(profile.as_ref(), &status).await?;
         }
         let migrating = status
             .migration
@@ -91,7 +81,11 @@ async fn store_problems(profile: &VaultProfile, ctx: &Context) -> Result<Vec<Str
         .stores()
         .chain(profile.spec.migrate_from.as_deref())
     {
-        let problem = match ctx.caches.secret_store(&ctx.client, name).await? {
+        let problem = match ctx
+            .caches
+            .get::<crate::api::SecretStore>(&ctx.client, name)
+            .await?
+        {
             None => Some(format!("SecretStore {name} does not exist")),
             Some(s) => match s.status.as_ref().and_then(|st| st.phase) {
                 Some(StorePhase::Active | StorePhase::Draining) => None,
@@ -212,47 +206,40 @@ pub fn migration_progress(
     })
 }
 
-/// Events when a migration starts, completes, or has failures left.
-async fn migration_events(
-    profile: &VaultProfile,
-    ctx: &Context,
-    before: Option<&MigrationStatus>,
-    now: Option<&MigrationStatus>,
-) {
-    let Some(now) = now else { return };
+/// The Events of a migration that starts, completes, or has failures left.
+fn migration_notes(before: Option<&MigrationStatus>, now: Option<&MigrationStatus>) -> Vec<Note> {
+    let Some(now) = now else { return vec![] };
+    let mut notes = vec![];
     let same = before.filter(|b| b.from == now.from && b.to == now.to);
     if same.is_none() {
-        let note = format!(
-            "moving the versions of {} secret(s) from store {} to store {}",
-            now.total, now.from, now.to
-        );
-        ctx.events
-            .publish(profile, EventType::Normal, Reason::MigrationStarted, &note)
-            .await;
+        notes.push(Note::normal(
+            Reason::MigrationStarted,
+            format!(
+                "moving the versions of {} secret(s) from store {} to store {}",
+                now.total, now.from, now.to
+            ),
+        ));
     }
     if same.is_none_or(|b| b.phase != now.phase) {
         match now.phase {
-            MigrationPhase::Complete => {
-                let note = format!(
+            MigrationPhase::Complete => notes.push(Note::normal(
+                Reason::MigrationComplete,
+                format!(
                     "{} secret(s), {} version(s) moved from store {} to store {}, each verified by fingerprint; {} holds none of them now",
                     now.moved, now.versions_moved, now.from, now.to, now.from
-                );
-                ctx.events
-                    .publish(profile, EventType::Normal, Reason::MigrationComplete, &note)
-                    .await;
-            }
-            MigrationPhase::Failed => {
-                let note = format!(
+                ),
+            )),
+            MigrationPhase::Failed => notes.push(Note::warning(
+                Reason::MigrationFailed,
+                format!(
                     "{} of {} secret(s) could not be moved from store {} (their condition Migrated says why); retrying",
                     now.failed, now.total, now.from
-                );
-                ctx.events
-                    .publish(profile, EventType::Warning, Reason::MigrationFailed, &note)
-                    .await;
-            }
+                ),
+            )),
             MigrationPhase::Migrating => {}
         }
     }
+    notes
 }
 
 /// Whether `ms` uses the profile `name` (named in its spec, or resolved to it).
@@ -312,6 +299,42 @@ mod tests {
         ));
         let status = profile_status(&profile(), &[], &[&a], &[]);
         assert_eq!(status.migration.unwrap().phase, MigrationPhase::Complete);
+    }
+
+    #[test]
+    fn a_migration_says_when_it_starts_and_ends() {
+        let progress = |phase, moved| MigrationStatus {
+            from: "old".into(),
+            to: "new".into(),
+            phase,
+            total: 2,
+            moved,
+            failed: 0,
+            versions_moved: moved,
+        };
+        let started = progress(MigrationPhase::Migrating, 0);
+        let reasons = |n: Vec<Note>| n.into_iter().map(|n| n.reason).collect::<Vec<_>>();
+        assert_eq!(
+            reasons(migration_notes(None, Some(&started))),
+            [Reason::MigrationStarted]
+        );
+        assert!(
+            migration_notes(
+                Some(&started),
+                Some(&progress(MigrationPhase::Migrating, 1))
+            )
+            .is_empty()
+        );
+        let done = progress(MigrationPhase::Complete, 2);
+        assert_eq!(
+            reasons(migration_notes(Some(&started), Some(&done))),
+            [Reason::MigrationComplete]
+        );
+        assert!(
+            migration_notes(Some(&done), Some(&done)).is_empty(),
+            "said once"
+        );
+        assert!(migration_notes(Some(&done), None).is_empty());
     }
 
     #[test]

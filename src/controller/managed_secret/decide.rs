@@ -556,46 +556,48 @@ mod tests {
             act(&NativeObservation::default(), CreationPolicy::Merge),
             NativeAction::Refuse { .. }
         ));
-        assert_eq!(
-            act(
-                &NativeObservation {
+        // One field differs from an up-to-date Secret: what happens under each policy.
+        let differing = [
+            (
+                NativeObservation {
                     data_matches: false,
                     ..ours.clone()
                 },
-                CreationPolicy::Owner
+                CreationPolicy::Owner,
+                NativeAction::Apply,
             ),
-            NativeAction::Apply
-        );
-        assert_eq!(
-            act(
-                &NativeObservation {
+            (
+                NativeObservation {
                     version: Some(1),
                     ..ours.clone()
                 },
-                CreationPolicy::Owner
+                CreationPolicy::Owner,
+                NativeAction::Apply,
             ),
-            NativeAction::Apply
-        );
-        assert_eq!(
-            act(
-                &NativeObservation {
+            (
+                NativeObservation {
                     owned_by_us: false,
                     ..ours.clone()
                 },
-                CreationPolicy::Owner
+                CreationPolicy::Owner,
+                NativeAction::Apply,
             ),
-            NativeAction::Apply
-        );
-        assert_eq!(
-            act(
-                &NativeObservation {
+            (
+                NativeObservation {
                     owned_by_us: false,
                     ..ours.clone()
                 },
-                CreationPolicy::Orphan
+                CreationPolicy::Orphan,
+                NativeAction::Unchanged,
             ),
-            NativeAction::Unchanged
-        );
+        ];
+        for (observed, policy, expected) in &differing {
+            assert_eq!(
+                &act(observed, *policy),
+                expected,
+                "{observed:?} under {policy:?}"
+            );
+        }
         let foreign = NativeObservation {
             managed_by_us: false,
             ..ours.clone()

@@ -105,9 +105,7 @@ async fn sync(ms: &ManagedSecret, ctx: &Context) -> Result<Action> {
                     if report.check_stores {
                         ctx.health_checks.request();
                     }
-                    for n in &report.notes {
-                        ctx.events.publish(ms, n.type_, n.reason, &n.text).await;
-                    }
+                    ctx.events.publish_all(ms, &report.notes).await;
                     write_status(ctx, &base, &report.status).await?;
                     Ok(Action::requeue(report.requeue))
                 }
@@ -140,9 +138,7 @@ async fn write_status(
     ms: &ManagedSecret,
     status: &ManagedSecretStatus,
 ) -> Result<()> {
-    if let Some(stored) =
-        super::status::apply(&ctx.client, &ctx.config.field_manager, ms, status).await?
-    {
+    if let Some(stored) = ctx.apply_status(ms, status).await? {
         ctx.status_written(&stored);
     }
     Ok(())

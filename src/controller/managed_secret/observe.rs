@@ -162,15 +162,7 @@ async fn gather(
         };
         targets.push((target.clone(), seen.map(|v| v.map(read))));
     }
-    let namespace = ms.namespace().unwrap_or_default();
-    let secret_name = ms.secret_name();
-    let native = Api::<Secret>::namespaced(ctx.client.clone(), &namespace)
-        .get_opt(&secret_name)
-        .await
-        .map_err(Error::kube(
-            Verb::Read,
-            format!("Secret {namespace}/{secret_name}"),
-        ))?;
+    let native = get_in(ctx, &ms.namespace().unwrap_or_default(), &ms.secret_name()).await?;
     Ok(Gathered {
         profile,
         via,
@@ -308,22 +300,31 @@ async fn resolve_profile(ms: &ManagedSecret, ctx: &Context) -> Result<(Arc<Vault
     Ok((Arc::new(profile), resolved.via))
 }
 
-/// `content.fromSecret`: the data of Secret `name` of the ManagedSecret's namespace.
-async fn read_secret(ctx: &Context, namespace: &str, name: &str) -> Result<SecretData> {
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-    let secret = api
+/// The object `name` of kind `K` in `namespace`, if it exists.
+async fn get_in<K>(ctx: &Context, namespace: &str, name: &str) -> Result<Option<K>>
+where
+    K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    Api::<K>::namespaced(ctx.client.clone(), namespace)
         .get_opt(name)
         .await
         .map_err(Error::kube(
             Verb::Read,
-            format!("Secret {namespace}/{name}"),
-        ))?
-        .ok_or_else(|| {
-            Error::config(
-                Reason::SourceSecretNotFound,
-                format!("Secret {namespace}/{name} (content.fromSecret) does not exist"),
-            )
-        })?;
+            format!("{} {namespace}/{name}", K::kind(&())),
+        ))
+}
+
+/// `content.fromSecret`: the data of Secret `name` of the ManagedSecret's namespace.
+async fn read_secret(ctx: &Context, namespace: &str, name: &str) -> Result<SecretData> {
+    let secret: Secret = get_in(ctx, namespace, name).await?.ok_or_else(|| {
+        Error::config(
+            Reason::SourceSecretNotFound,
+            format!("Secret {namespace}/{name} (content.fromSecret) does not exist"),
+        )
+    })?;
     let mut data: SecretData = secret
         .data
         .iter()
@@ -339,20 +340,12 @@ async fn read_secret(ctx: &Context, namespace: &str, name: &str) -> Result<Secre
 /// The current value of the CA ManagedSecret `name` (type certificate), read from its
 /// profile's source store and validated.
 async fn issuer_value(ctx: &Context, namespace: &str, name: &str) -> Result<SecretData> {
-    let api: Api<ManagedSecret> = Api::namespaced(ctx.client.clone(), namespace);
-    let issuer = api
-        .get_opt(name)
-        .await
-        .map_err(Error::kube(
-            Verb::Read,
-            format!("ManagedSecret {namespace}/{name}"),
-        ))?
-        .ok_or_else(|| {
-            Error::config(
-                Reason::IssuerNotFound,
-                format!("issuerRef: ManagedSecret {name} does not exist"),
-            )
-        })?;
+    let issuer: ManagedSecret = get_in(ctx, namespace, name).await?.ok_or_else(|| {
+        Error::config(
+            Reason::IssuerNotFound,
+            format!("issuerRef: ManagedSecret {name} does not exist"),
+        )
+    })?;
     if issuer.spec.type_ != SecretType::Certificate {
         return Err(Error::config(
             Reason::IssuerNotCertificate,
@@ -368,7 +361,7 @@ async fn issuer_value(ctx: &Context, namespace: &str, name: &str) -> Result<Secr
     let not_ready = |message: String| Error::config(Reason::IssuerNotReady, message);
     let profile = ctx
         .caches
-        .vault_profile(&ctx.client, &issuer_profile)
+        .get::<VaultProfile>(&ctx.client, &issuer_profile)
         .await?
         .ok_or_else(|| {
             not_ready(format!(

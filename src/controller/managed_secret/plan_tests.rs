@@ -141,16 +141,16 @@ fn done(plan: &SyncPlan) -> Outcome {
     }
 }
 
+/// The first sync of `ms`: the source holds an unstamped "pw".
+fn first_sync(ms: &ManagedSecret) -> Box<SyncPlan> {
+    let g = gathered(profile(serde_json::json!({})), Some(held("pw", None)));
+    sync_plan(ms, observe(Default::default(), g))
+}
+
 #[test]
 fn a_first_value_is_version_one_written_everywhere() {
     let ms = ms(serde_json::json!({}));
-    let p = sync_plan(
-        &ms,
-        observe(
-            Default::default(),
-            gathered(profile(serde_json::json!({})), Some(held("pw", None))),
-        ),
-    );
+    let p = first_sync(&ms);
     assert_eq!(p.decision, VersionDecision::New(1));
     assert!(p.source.write, "an unstamped value gets its stamp");
     assert!(p.native.apply.is_some());
@@ -173,13 +173,7 @@ fn a_first_value_is_version_one_written_everywhere() {
 #[test]
 fn an_idle_resync_writes_nothing_and_changes_no_status() {
     let ms = ms(serde_json::json!({}));
-    let first = sync_plan(
-        &ms,
-        observe(
-            Default::default(),
-            gathered(profile(serde_json::json!({})), Some(held("pw", None))),
-        ),
-    );
+    let first = first_sync(&ms);
     let status = report(&ms, &first, &done(&first)).status;
     let mut g = gathered(profile(serde_json::json!({})), Some(held("pw", Some(1))));
     g.native = Some(native(&ms, "pw", 1));

@@ -10,6 +10,7 @@ use crate::api::{
     TargetRole, TargetState, TargetStatus, condition, find_condition, parse_duration,
     remove_condition, set_condition,
 };
+use crate::controller::events::Note;
 use crate::error::Error;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::runtime::events::EventType;
@@ -33,19 +34,10 @@ pub struct Outcome {
     pub missing_workloads: Vec<String>,
 }
 
-/// An Event to publish.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Note {
-    pub type_: EventType,
-    pub reason: Reason,
-    pub text: String,
-}
-
 fn note(type_: EventType, reason: Reason, text: impl Into<String>) -> Note {
-    Note {
-        type_,
-        reason,
-        text: text.into(),
+    match type_ {
+        EventType::Normal => Note::normal(reason, text),
+        EventType::Warning => Note::warning(reason, text),
     }
 }
 
@@ -324,20 +316,19 @@ fn synced_at(plan: &SyncPlan, store: &str, written: bool) -> Option<Time> {
     }
 }
 
-fn refresh_interval(ms: &ManagedSecret) -> Duration {
-    ms.spec
-        .refresh_interval
-        .as_deref()
+/// A duration field of the spec, or its default when unset (or unparsable).
+fn duration_or(field: Option<&str>, default: Duration) -> Duration {
+    field
         .and_then(|d| parse_duration(d).ok())
-        .unwrap_or(DEFAULT_REFRESH)
+        .unwrap_or(default)
+}
+
+fn refresh_interval(ms: &ManagedSecret) -> Duration {
+    duration_or(ms.spec.refresh_interval.as_deref(), DEFAULT_REFRESH)
 }
 
 fn expiry_warning(ms: &ManagedSecret) -> Duration {
-    ms.spec
-        .expiry_warning
-        .as_deref()
-        .and_then(|d| parse_duration(d).ok())
-        .unwrap_or(DEFAULT_EXPIRY_WARNING)
+    duration_or(ms.spec.expiry_warning.as_deref(), DEFAULT_EXPIRY_WARNING)
 }
 
 /// When to reconcile again: the refresh interval (jittered), or sooner when a rotation is

@@ -3,8 +3,9 @@
 //! Secrets Operator (ESO).
 //!
 //! ```sh
-//! e2e/testbed up && cargo build --release
-//! cargo run --release --bin keyhaven-bench -- --n 1000
+//! e2e/testbed up
+//! cargo build --release -p keyhaven --bin keyhaven -p keyhaven-bench
+//! cargo run --release -p keyhaven-bench -- --n 1000
 //! ```
 //!
 //! For N secrets it seeds N objects in OpenBao KV v2 under a unique prefix, starts a scoped
@@ -25,6 +26,7 @@ use futures::{StreamExt, TryStreamExt, stream};
 use k8s_openapi::api::core::v1::{Event, Namespace, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use keyhaven::api::{ManagedSecret, SecretStore, VaultProfile};
+use keyhaven::backend::object_id;
 use kube::api::{
     ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
     PostParams,
@@ -123,7 +125,11 @@ impl Bed {
         let dir = std::env::var_os("KEYHAVEN_TESTBED_DIR")
             .filter(|d| !d.is_empty())
             .map(PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e/.testbed"));
+            .unwrap_or_else(|| {
+                // The checkout: the parent of bench/.
+                let bench = Path::new(env!("CARGO_MANIFEST_DIR"));
+                bench.parent().unwrap_or(bench).join("e2e/.testbed")
+            });
         let mut vars: BTreeMap<String, String> = BTreeMap::new();
         let mut path_dirs = vec![];
         if let Ok(text) = std::fs::read_to_string(dir.join("env")) {
@@ -199,12 +205,6 @@ fn value(run: &str, i: usize, generation: u32) -> String {
 
 fn namespace(run: &str, who: &str, i: usize, namespaces: usize) -> String {
     format!("{run}-{who}-{}", i % namespaces)
-}
-
-/// keyhaven's bookkeeping object id for a path (as `backend::object_id`).
-fn object_id(path: &str) -> String {
-    use sha2::{Digest, Sha256};
-    hex::encode(&Sha256::digest(path.as_bytes())[..16])
 }
 
 /// Runs `f` over `items`, `concurrency` at a time; the first error stops it.
@@ -1925,7 +1925,7 @@ async fn main() -> anyhow::Result<()> {
     .map(|(_, flag)| *flag)
     .collect();
     let command = format!(
-        "cargo run --release --bin keyhaven-bench -- --n {} --namespaces {} --concurrency {} --refresh {} --quiet-intervals {}{skipped}",
+        "cargo run --release -p keyhaven-bench -- --n {} --namespaces {} --concurrency {} --refresh {} --quiet-intervals {}{skipped}",
         args.n, args.namespaces, args.concurrency, args.refresh, args.quiet_intervals
     );
     let (eso_figures, not_run) = match &e {

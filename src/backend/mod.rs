@@ -174,7 +174,7 @@ pub(crate) mod labels {
 }
 
 /// A short, label-safe identifier of a path: hex of its SHA-256, 32 characters.
-pub(crate) fn object_id(path: &str) -> String {
+pub fn object_id(path: &str) -> String {
     use sha2::{Digest, Sha256};
     hex::encode(&Sha256::digest(path.as_bytes())[..16])
 }

@@ -10,7 +10,10 @@
 //! and bound to its store, path and version.
 
 use super::labels::*;
-use super::{BackendError, StoredVersion, VersionStamp, object_id};
+use super::{
+    BackendError, StoredVersion, VersionStamp, labelled_version, labelled_versions, object_id,
+    object_labels, object_selector,
+};
 use crate::crypto::{CryptoError, Envelope, Fingerprint, KeyWrapper, open, rewrap, seal};
 use crate::secret_data::SecretData;
 use k8s_openapi::ByteString;
@@ -42,14 +45,6 @@ impl SealedRecords {
 
     fn record_name(&self, path: &str, version: u64) -> String {
         format!("kh-{}-{}-v{version}", self.store, object_id(path))
-    }
-
-    fn object_selector(&self, path: &str) -> ListParams {
-        ListParams::default().labels(&format!(
-            "{STORE}={},{OBJECT}={},{ROLE}={ROLE_SEALED}",
-            self.store,
-            object_id(path)
-        ))
     }
 
     /// Additional data bound into each envelope: a record moved to another store, path or
@@ -120,7 +115,8 @@ impl SealedRecords {
     /// The version and envelope a record's Secret holds.
     fn envelope(&self, path: &str, secret: &Secret) -> Result<(u64, Envelope), BackendError> {
         let corrupt = |message: &str| self.corrupt(path, message);
-        let version = record_version(secret.labels()).ok_or_else(|| corrupt("no version label"))?;
+        let version =
+            labelled_version(secret.labels()).ok_or_else(|| corrupt("no version label"))?;
         let data = secret.data.as_ref().ok_or_else(|| corrupt("no data"))?;
         let field = |k: &str| {
             data.get(k)
@@ -212,13 +208,12 @@ impl SealedRecords {
         let secret = Secret {
             metadata: ObjectMeta {
                 name: Some(name.to_owned()),
-                labels: Some(BTreeMap::from([
-                    (MANAGED_BY.into(), MANAGED_BY_VALUE.into()),
-                    (STORE.into(), self.store.clone()),
-                    (OBJECT.into(), object_id(path)),
-                    (VERSION.into(), stamp.version.to_string()),
-                    (ROLE.into(), ROLE_SEALED.into()),
-                ])),
+                labels: Some(object_labels(
+                    &self.store,
+                    path,
+                    ROLE_SEALED,
+                    Some(stamp.version),
+                )),
                 annotations: Some(BTreeMap::from([
                     (PATH_ANNOTATION.into(), path.to_owned()),
                     (FINGERPRINT_ANNOTATION.into(), stamp.fingerprint.to_string()),
@@ -252,21 +247,18 @@ impl SealedRecords {
     pub async fn list_versions(&self, path: &str) -> Result<Vec<u64>, BackendError> {
         let list = self
             .api
-            .list_metadata(&self.object_selector(path))
+            .list_metadata(&object_selector(&self.store, ROLE_SEALED, Some(path)))
             .await
             .map_err(self.kube_err("listing sealed versions"))?;
-        let mut versions: Vec<u64> = list
-            .items
-            .iter()
-            .filter_map(|m| record_version(m.labels()))
-            .collect();
-        versions.sort_unstable();
-        Ok(versions)
+        Ok(labelled_versions(&list.items))
     }
 
     pub async fn delete(&self, path: &str) -> Result<(), BackendError> {
         self.api
-            .delete_collection(&DeleteParams::default(), &self.object_selector(path))
+            .delete_collection(
+                &DeleteParams::default(),
+                &object_selector(&self.store, ROLE_SEALED, Some(path)),
+            )
             .await
             .map_err(self.kube_err("deleting sealed versions"))?;
         Ok(())
@@ -277,8 +269,7 @@ impl SealedRecords {
         &self,
         what: &str,
     ) -> Result<Vec<PartialObjectMeta<Secret>>, BackendError> {
-        let lp =
-            ListParams::default().labels(&format!("{STORE}={},{ROLE}={ROLE_SEALED}", self.store));
+        let lp = object_selector(&self.store, ROLE_SEALED, None);
         let list = self
             .api
             .list_metadata(&lp)
@@ -401,8 +392,4 @@ impl SealedRecords {
             )),
         }
     }
-}
-
-fn record_version(labels: &BTreeMap<String, String>) -> Option<u64> {
-    labels.get(VERSION)?.parse().ok()
 }

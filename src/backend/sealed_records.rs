@@ -80,28 +80,25 @@ impl SealedRecords {
         path: &str,
         version: Option<u64>,
     ) -> Result<Option<StoredVersion>, BackendError> {
-        let secret = match version {
-            Some(v) => self
-                .api
-                .get_opt(&self.record_name(path, v))
-                .await
-                .map_err(self.kube_err("reading a sealed version"))?,
-            None => {
-                let newest = self.list_versions(path).await?.last().copied();
-                match newest {
-                    Some(v) => self
-                        .api
-                        .get_opt(&self.record_name(path, v))
-                        .await
-                        .map_err(self.kube_err("reading a sealed version"))?,
-                    None => None,
-                }
-            }
+        let version = match version {
+            Some(v) => Some(v),
+            None => self.list_versions(path).await?.last().copied(),
         };
-        let Some(secret) = secret else {
+        let Some(version) = version else {
+            return Ok(None);
+        };
+        let Some(secret) = self.get(&self.record_name(path, version)).await? else {
             return Ok(None);
         };
         self.decode(path, &secret).await.map(Some)
+    }
+
+    /// The record's Secret `name`; `None` when absent.
+    async fn get(&self, name: &str) -> Result<Option<Secret>, BackendError> {
+        self.api
+            .get_opt(name)
+            .await
+            .map_err(self.kube_err("reading a sealed version"))
     }
 
     fn corrupt(&self, path: &str, message: &str) -> BackendError {
@@ -163,12 +160,7 @@ impl SealedRecords {
         data: &SecretData,
     ) -> Result<(), BackendError> {
         let name = self.record_name(path, stamp.version);
-        if let Some(existing) = self
-            .api
-            .get_opt(&name)
-            .await
-            .map_err(self.kube_err("reading a sealed version"))?
-        {
+        if let Some(existing) = self.get(&name).await? {
             return match self.decode(path, &existing).await {
                 Ok(stored) if &stored.data == data => Ok(()),
                 Ok(_) => Err(BackendError::Conflict {
@@ -341,12 +333,7 @@ impl SealedRecords {
     /// guarded by the record's resourceVersion: the record is whole under the old key or
     /// under the new one, never neither. Idempotent.
     pub async fn rewrap(&self, name: &str) -> Result<Rewrapped, BackendError> {
-        let Some(mut secret) = self
-            .api
-            .get_opt(name)
-            .await
-            .map_err(self.kube_err("reading a sealed version"))?
-        else {
+        let Some(mut secret) = self.get(name).await? else {
             return Ok(Rewrapped::Gone);
         };
         let annotations = secret.annotations();

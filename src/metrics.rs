@@ -264,95 +264,117 @@ impl std::fmt::Debug for CacheGauges {
 impl Collector for CacheGauges {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         if let Some(stores) = self.stores.get() {
-            let secrets = Family::<StoreLabels, Gauge>::default();
-            let active = Family::<StoreLabels, Gauge>::default();
-            for store in stores.state() {
-                let labels = StoreLabels {
-                    store: store.name_any(),
-                };
-                let status = store.status.as_ref();
-                let count = status.and_then(|s| s.secrets).unwrap_or(0);
-                secrets
-                    .get_or_create(&labels)
-                    .set(i64::try_from(count).unwrap_or(i64::MAX));
-                let is_active = status
-                    .and_then(|s| s.phase.as_ref())
-                    .is_some_and(|p| *p == crate::api::StorePhase::Active);
-                active.get_or_create(&labels).set(i64::from(is_active));
-            }
-            let m = encoder.encode_descriptor(
-                "store_secrets",
-                "Secret objects a store holds for keyhaven (its status.secrets)",
-                None,
-                secrets.metric_type(),
-            )?;
-            secrets.encode(m)?;
-            let m = encoder.encode_descriptor(
-                "store_active",
-                "1 when a store's phase is Active",
-                None,
-                active.metric_type(),
-            )?;
-            active.encode(m)?;
+            encode_stores(&mut encoder, stores)?;
         }
         if let Some(managed) = self.managed.get() {
-            let mut by_phase: BTreeMap<String, i64> = BTreeMap::new();
-            let expiry = Family::<ObjectLabels, Gauge>::default();
-            let expiring = Gauge::<i64>::default();
-            for ms in managed.state() {
-                let status = ms.status.as_ref();
-                // Not synced yet: no phase written.
-                let phase = status
-                    .and_then(|s| s.phase)
-                    .map_or("Pending", |p| p.as_str())
-                    .to_owned();
-                *by_phase.entry(phase).or_default() += 1;
-                if let Some(at) = status.and_then(|s| s.expires_at.as_ref()) {
-                    expiry
-                        .get_or_create(&ObjectLabels {
-                            namespace: ms.namespace().unwrap_or_default(),
-                            name: ms.name_any(),
-                        })
-                        .set(at.0.as_second());
-                }
-                let is_expiring = status.is_some_and(|s| {
-                    s.conditions.iter().any(|c| {
-                        c.type_ == crate::api::ConditionType::Expiring.as_str()
-                            && c.status == "True"
-                    })
-                });
-                if is_expiring {
-                    expiring.inc();
-                }
-            }
-            let m = encoder.encode_descriptor(
-                "secret_expiry_timestamp_seconds",
-                "When a ManagedSecret's current value expires (api-key expires-at, certificate notAfter, jwt exp), Unix time",
-                None,
-                expiry.metric_type(),
-            )?;
-            expiry.encode(m)?;
-            let m = encoder.encode_descriptor(
-                "managed_secrets_expiring",
-                "ManagedSecrets whose value expires within their expiryWarning window (condition Expiring=True)",
-                None,
-                expiring.metric_type(),
-            )?;
-            expiring.encode(m)?;
-            let family = Family::<PhaseLabels, Gauge>::default();
-            for (phase, n) in by_phase {
-                family.get_or_create(&PhaseLabels { phase }).set(n);
-            }
-            let m = encoder.encode_descriptor(
-                "managed_secrets",
-                "ManagedSecrets in the cache, by status phase",
-                None,
-                family.metric_type(),
-            )?;
-            family.encode(m)?;
+            encode_managed(&mut encoder, managed)?;
         }
         Ok(())
     }
+}
+
+/// Writes one metric with its name and help text.
+fn emit(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    metric: &impl EncodeMetric,
+) -> Result<(), std::fmt::Error> {
+    let m = encoder.encode_descriptor(name, help, None, metric.metric_type())?;
+    metric.encode(m)
+}
+
+/// Per store: the secrets it holds and whether it is Active.
+fn encode_stores(
+    encoder: &mut DescriptorEncoder,
+    stores: &Store<SecretStore>,
+) -> Result<(), std::fmt::Error> {
+    let secrets = Family::<StoreLabels, Gauge>::default();
+    let active = Family::<StoreLabels, Gauge>::default();
+    for store in stores.state() {
+        let labels = StoreLabels {
+            store: store.name_any(),
+        };
+        let status = store.status.as_ref();
+        let count = status.and_then(|s| s.secrets).unwrap_or(0);
+        secrets
+            .get_or_create(&labels)
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+        let is_active = status
+            .and_then(|s| s.phase.as_ref())
+            .is_some_and(|p| *p == crate::api::StorePhase::Active);
+        active.get_or_create(&labels).set(i64::from(is_active));
+    }
+    emit(
+        encoder,
+        "store_secrets",
+        "Secret objects a store holds for keyhaven (its status.secrets)",
+        &secrets,
+    )?;
+    emit(
+        encoder,
+        "store_active",
+        "1 when a store's phase is Active",
+        &active,
+    )
+}
+
+/// Of the ManagedSecrets: each one's expiry, how many are expiring, how many are in each
+/// phase.
+fn encode_managed(
+    encoder: &mut DescriptorEncoder,
+    managed: &Store<ManagedSecret>,
+) -> Result<(), std::fmt::Error> {
+    let mut by_phase: BTreeMap<String, i64> = BTreeMap::new();
+    let expiry = Family::<ObjectLabels, Gauge>::default();
+    let expiring = Gauge::<i64>::default();
+    for ms in managed.state() {
+        let status = ms.status.as_ref();
+        // Not synced yet: no phase written.
+        let phase = status
+            .and_then(|s| s.phase)
+            .map_or("Pending", |p| p.as_str())
+            .to_owned();
+        *by_phase.entry(phase).or_default() += 1;
+        if let Some(at) = status.and_then(|s| s.expires_at.as_ref()) {
+            expiry
+                .get_or_create(&ObjectLabels {
+                    namespace: ms.namespace().unwrap_or_default(),
+                    name: ms.name_any(),
+                })
+                .set(at.0.as_second());
+        }
+        let is_expiring = status.is_some_and(|s| {
+            s.conditions.iter().any(|c| {
+                c.type_ == crate::api::ConditionType::Expiring.as_str() && c.status == "True"
+            })
+        });
+        if is_expiring {
+            expiring.inc();
+        }
+    }
+    emit(
+        encoder,
+        "secret_expiry_timestamp_seconds",
+        "When a ManagedSecret's current value expires (api-key expires-at, certificate notAfter, jwt exp), Unix time",
+        &expiry,
+    )?;
+    emit(
+        encoder,
+        "managed_secrets_expiring",
+        "ManagedSecrets whose value expires within their expiryWarning window (condition Expiring=True)",
+        &expiring,
+    )?;
+    let family = Family::<PhaseLabels, Gauge>::default();
+    for (phase, n) in by_phase {
+        family.get_or_create(&PhaseLabels { phase }).set(n);
+    }
+    emit(
+        encoder,
+        "managed_secrets",
+        "ManagedSecrets in the cache, by status phase",
+        &family,
+    )
 }
 
 /// Wraps a freshly built backend so that its calls are counted and timed (by store).
@@ -370,24 +392,35 @@ struct MeteredBackend {
 }
 
 impl MeteredBackend {
+    /// Runs `call`, recording its latency and the outcome `outcome` reads from its result.
+    async fn measured<T>(
+        &self,
+        operation: &'static str,
+        call: impl Future<Output = T>,
+        outcome: impl FnOnce(&T) -> &'static str,
+    ) -> T {
+        let start = Instant::now();
+        let result = call.await;
+        self.metrics.backend_call(
+            self.inner.store(),
+            operation,
+            outcome(&result),
+            start.elapsed().as_secs_f64(),
+        );
+        result
+    }
+
+    /// Runs a fallible `call`: its outcome is `ok` or the error's kind.
     async fn timed<T>(
         &self,
         operation: &'static str,
         call: impl Future<Output = Result<T, BackendError>>,
     ) -> Result<T, BackendError> {
-        let start = Instant::now();
-        let result = call.await;
-        let outcome = match &result {
+        self.measured(operation, call, |result| match result {
             Ok(_) => "ok",
             Err(e) => outcome(e),
-        };
-        self.metrics.backend_call(
-            self.inner.store(),
-            operation,
-            outcome,
-            start.elapsed().as_secs_f64(),
-        );
-        result
+        })
+        .await
     }
 }
 
@@ -436,20 +469,14 @@ impl Backend for MeteredBackend {
     }
 
     async fn health(&self) -> Health {
-        let start = Instant::now();
-        let health = self.inner.health().await;
-        let outcome = if health.phase == crate::api::StorePhase::Active {
-            "ok"
-        } else {
-            "unhealthy"
-        };
-        self.metrics.backend_call(
-            self.inner.store(),
-            "health",
-            outcome,
-            start.elapsed().as_secs_f64(),
-        );
-        health
+        self.measured("health", self.inner.health(), |health| {
+            if health.phase == crate::api::StorePhase::Active {
+                "ok"
+            } else {
+                "unhealthy"
+            }
+        })
+        .await
     }
 
     async fn count(&self) -> Result<u64, BackendError> {

@@ -6,7 +6,10 @@
 //! in an immutable copy `<name>.v<N>`.
 
 use super::labels::*;
-use super::{Backend, BackendError, Health, StoredVersion, VersionStamp, object_id};
+use super::{
+    Backend, BackendError, Health, StoredVersion, VersionStamp, labelled_versions, object_id,
+    object_labels, object_selector,
+};
 use crate::crypto::Fingerprint;
 use crate::secret_data::SecretData;
 use async_trait::async_trait;
@@ -39,19 +42,6 @@ impl KubernetesStore {
 
     fn err(&self, what: &'static str) -> impl Fn(kube::Error) -> BackendError + '_ {
         move |e| BackendError::from_kube(&self.store, what, e)
-    }
-
-    fn labels(&self, path: &str, role: &str, version: Option<u64>) -> BTreeMap<String, String> {
-        let mut labels = BTreeMap::from([
-            (MANAGED_BY.to_owned(), MANAGED_BY_VALUE.to_owned()),
-            (STORE.to_owned(), self.store.clone()),
-            (OBJECT.to_owned(), object_id(path)),
-            (ROLE.to_owned(), role.to_owned()),
-        ]);
-        if let Some(v) = version {
-            labels.insert(VERSION.to_owned(), v.to_string());
-        }
-        labels
     }
 }
 
@@ -158,7 +148,12 @@ impl Backend for KubernetesStore {
         let copy = Secret {
             metadata: ObjectMeta {
                 name: Some(format!("{name}.v{}", stamp.version)),
-                labels: Some(self.labels(path, ROLE_HISTORY, Some(stamp.version))),
+                labels: Some(object_labels(
+                    &self.store,
+                    path,
+                    ROLE_HISTORY,
+                    Some(stamp.version),
+                )),
                 annotations: Some(annotations.clone()),
                 ..Default::default()
             },
@@ -189,7 +184,7 @@ impl Backend for KubernetesStore {
             .metadata
             .labels
             .get_or_insert_default()
-            .extend(self.labels(path, ROLE_CURRENT, None));
+            .extend(object_labels(&self.store, path, ROLE_CURRENT, None));
         current
             .metadata
             .annotations
@@ -212,31 +207,17 @@ impl Backend for KubernetesStore {
     }
 
     async fn list_versions(&self, path: &str) -> Result<Vec<u64>, BackendError> {
-        let lp = ListParams::default().labels(&format!(
-            "{OBJECT}={},{ROLE}={ROLE_HISTORY},{STORE}={}",
-            object_id(path),
-            self.store
-        ));
+        let lp = object_selector(&self.store, ROLE_HISTORY, Some(path));
         let list = self
             .secrets
             .list_metadata(&lp)
             .await
             .map_err(self.err("listing version copies"))?;
-        let mut versions: Vec<u64> = list
-            .items
-            .iter()
-            .filter_map(|m| m.labels().get(VERSION)?.parse().ok())
-            .collect();
-        versions.sort_unstable();
-        Ok(versions)
+        Ok(labelled_versions(&list.items))
     }
 
     async fn delete(&self, path: &str) -> Result<(), BackendError> {
-        let lp = ListParams::default().labels(&format!(
-            "{OBJECT}={},{ROLE}={ROLE_HISTORY},{STORE}={}",
-            object_id(path),
-            self.store
-        ));
+        let lp = object_selector(&self.store, ROLE_HISTORY, Some(path));
         self.secrets
             .delete_collection(&DeleteParams::default(), &lp)
             .await
@@ -281,8 +262,7 @@ impl Backend for KubernetesStore {
     }
 
     async fn count(&self) -> Result<u64, BackendError> {
-        let lp =
-            ListParams::default().labels(&format!("{STORE}={},{ROLE}={ROLE_CURRENT}", self.store));
+        let lp = object_selector(&self.store, ROLE_CURRENT, None);
         let list = self
             .secrets
             .list_metadata(&lp)

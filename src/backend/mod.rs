@@ -21,6 +21,11 @@ use crate::api::StorePhase;
 use crate::crypto::{CryptoError, Fingerprint};
 use crate::secret_data::SecretData;
 use async_trait::async_trait;
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+use kube::api::ListParams;
+use kube::core::PartialObjectMeta;
+use std::collections::BTreeMap;
 
 /// The version number and fingerprint written with a value.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -177,4 +182,50 @@ pub(crate) mod labels {
 pub fn object_id(path: &str) -> String {
     use sha2::{Digest, Sha256};
     hex::encode(&Sha256::digest(path.as_bytes())[..16])
+}
+
+/// The labels of the object a store keeps for `path` in `role`; the object of one version
+/// also names its `version`.
+pub(crate) fn object_labels(
+    store: &str,
+    path: &str,
+    role: &str,
+    version: Option<u64>,
+) -> BTreeMap<String, String> {
+    use labels::{MANAGED_BY, MANAGED_BY_VALUE, OBJECT, ROLE, STORE, VERSION};
+    let mut labels = BTreeMap::from([
+        (MANAGED_BY.to_owned(), MANAGED_BY_VALUE.to_owned()),
+        (STORE.to_owned(), store.to_owned()),
+        (OBJECT.to_owned(), object_id(path)),
+        (ROLE.to_owned(), role.to_owned()),
+    ]);
+    if let Some(v) = version {
+        labels.insert(VERSION.to_owned(), v.to_string());
+    }
+    labels
+}
+
+/// Selects the objects a store keeps in `role`; with `path`, only that path's.
+pub(crate) fn object_selector(store: &str, role: &str, path: Option<&str>) -> ListParams {
+    use labels::{OBJECT, ROLE, STORE};
+    let mut selector = format!("{STORE}={store},{ROLE}={role}");
+    if let Some(path) = path {
+        selector.push_str(&format!(",{OBJECT}={}", object_id(path)));
+    }
+    ListParams::default().labels(&selector)
+}
+
+/// The version an object's labels name, if they name one.
+pub(crate) fn labelled_version(object_labels: &BTreeMap<String, String>) -> Option<u64> {
+    object_labels.get(labels::VERSION)?.parse().ok()
+}
+
+/// The versions listed objects name, ascending.
+pub(crate) fn labelled_versions(objects: &[PartialObjectMeta<Secret>]) -> Vec<u64> {
+    let mut versions: Vec<u64> = objects
+        .iter()
+        .filter_map(|m| labelled_version(m.labels()))
+        .collect();
+    versions.sort_unstable();
+    versions
 }

@@ -134,29 +134,13 @@ impl Pkcs11Store {
         previous: Option<&KekRotationStatus>,
     ) -> Result<RotationStep, BackendError> {
         let current = self.key.kek.label().to_owned();
-        let mut pending: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for record in self.records.census().await? {
-            if record.kek_id != self.key.kek.kek_id() {
-                let label = kek_label(&record.kek_id).unwrap_or(&record.kek_id);
-                pending
-                    .entry(label.to_owned())
-                    .or_default()
-                    .push(record.name);
-            }
-        }
-        let counts = |pending: &BTreeMap<String, Vec<String>>| {
-            pending
-                .iter()
-                .map(|(l, names)| (l.clone(), names.len() as u64))
-                .filter(|(_, n)| *n > 0)
-                .collect::<BTreeMap<_, _>>()
-        };
+        let mut pending = self.pending_rewraps().await?;
         let time = now();
         let before = plan_rotation(
             &current,
             previous_active,
             previous,
-            &counts(&pending),
+            &remaining(&pending),
             &time,
         );
         if pending.is_empty() {
@@ -166,6 +150,47 @@ impl Pkcs11Store {
             });
         }
 
+        let (moved, errors) = self.rewrap_batch(&mut pending).await;
+        let mut after = plan_rotation(
+            &current,
+            previous_active,
+            before.as_ref(),
+            &remaining(&pending),
+            &time,
+        );
+        if let (Some(status), Some(first)) = (after.as_mut(), errors.first()) {
+            status.message = Some(format!(
+                "{} data key(s) could not be re-wrapped yet, e.g. {first}",
+                errors.len()
+            ));
+        }
+        if moved > 0 {
+            tracing::info!(store = %self.store, to = %current, moved, "re-wrapped data keys");
+        }
+        Ok(RotationStep {
+            progressed: errors.is_empty() || moved > 0,
+            status: after,
+        })
+    }
+
+    /// The records whose data key another KEK wraps, by that KEK's label.
+    async fn pending_rewraps(&self) -> Result<Pending, BackendError> {
+        let mut pending = Pending::new();
+        for record in self.records.census().await? {
+            if record.kek_id != self.key.kek.kek_id() {
+                let label = kek_label(&record.kek_id).unwrap_or(&record.kek_id);
+                pending
+                    .entry(label.to_owned())
+                    .or_default()
+                    .push(record.name);
+            }
+        }
+        Ok(pending)
+    }
+
+    /// Re-wraps a batch of the `pending` records (those whose re-wrap failed lately last)
+    /// and crosses off what is done. Returns how many moved, and the failures.
+    async fn rewrap_batch(&self, pending: &mut Pending) -> (usize, Vec<BackendError>) {
         let batch: Vec<(String, String)> = {
             let failed = self.key.failed_rewraps.lock().expect("failed rewraps");
             let mut all: Vec<(String, String)> = pending
@@ -204,27 +229,20 @@ impl Pkcs11Store {
                 }
             }
         }
-        let mut after = plan_rotation(
-            &current,
-            previous_active,
-            before.as_ref(),
-            &counts(&pending),
-            &time,
-        );
-        if let (Some(status), Some(first)) = (after.as_mut(), errors.first()) {
-            status.message = Some(format!(
-                "{} data key(s) could not be re-wrapped yet, e.g. {first}",
-                errors.len()
-            ));
-        }
-        if moved > 0 {
-            tracing::info!(store = %self.store, to = %current, moved, "re-wrapped data keys");
-        }
-        Ok(RotationStep {
-            progressed: errors.is_empty() || moved > 0,
-            status: after,
-        })
+        (moved, errors)
     }
+}
+
+/// Records (Secret names) left to re-wrap, by the label of the KEK that wraps them.
+type Pending = BTreeMap<String, Vec<String>>;
+
+/// How many records each other KEK still wraps, for the rotation status.
+fn remaining(pending: &Pending) -> BTreeMap<String, u64> {
+    pending
+        .iter()
+        .map(|(l, names)| (l.clone(), names.len() as u64))
+        .filter(|(_, n)| *n > 0)
+        .collect()
 }
 
 impl RotationStep {

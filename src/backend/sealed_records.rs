@@ -10,7 +10,10 @@
 //! and bound to its store, path and version.
 
 use super::labels::*;
-use super::{BackendError, StoredVersion, VersionStamp, object_id};
+use super::{
+    BackendError, StoredVersion, VersionStamp, labelled_version, labelled_versions, object_id,
+    object_labels, object_selector,
+};
 use crate::crypto::{CryptoError, Envelope, Fingerprint, KeyWrapper, open, rewrap, seal};
 use crate::secret_data::SecretData;
 use k8s_openapi::ByteString;
@@ -42,14 +45,6 @@ impl SealedRecords {
 
     fn record_name(&self, path: &str, version: u64) -> String {
         format!("kh-{}-{}-v{version}", self.store, object_id(path))
-    }
-
-    fn object_selector(&self, path: &str) -> ListParams {
-        ListParams::default().labels(&format!(
-            "{STORE}={},{OBJECT}={},{ROLE}={ROLE_SEALED}",
-            self.store,
-            object_id(path)
-        ))
     }
 
     /// Additional data bound into each envelope: a record moved to another store, path or
@@ -85,28 +80,25 @@ impl SealedRecords {
         path: &str,
         version: Option<u64>,
     ) -> Result<Option<StoredVersion>, BackendError> {
-        let secret = match version {
-            Some(v) => self
-                .api
-                .get_opt(&self.record_name(path, v))
-                .await
-                .map_err(self.kube_err("reading a sealed version"))?,
-            None => {
-                let newest = self.list_versions(path).await?.last().copied();
-                match newest {
-                    Some(v) => self
-                        .api
-                        .get_opt(&self.record_name(path, v))
-                        .await
-                        .map_err(self.kube_err("reading a sealed version"))?,
-                    None => None,
-                }
-            }
+        let version = match version {
+            Some(v) => Some(v),
+            None => self.list_versions(path).await?.last().copied(),
         };
-        let Some(secret) = secret else {
+        let Some(version) = version else {
+            return Ok(None);
+        };
+        let Some(secret) = self.get(&self.record_name(path, version)).await? else {
             return Ok(None);
         };
         self.decode(path, &secret).await.map(Some)
+    }
+
+    /// The record's Secret `name`; `None` when absent.
+    async fn get(&self, name: &str) -> Result<Option<Secret>, BackendError> {
+        self.api
+            .get_opt(name)
+            .await
+            .map_err(self.kube_err("reading a sealed version"))
     }
 
     fn corrupt(&self, path: &str, message: &str) -> BackendError {
@@ -120,7 +112,8 @@ impl SealedRecords {
     /// The version and envelope a record's Secret holds.
     fn envelope(&self, path: &str, secret: &Secret) -> Result<(u64, Envelope), BackendError> {
         let corrupt = |message: &str| self.corrupt(path, message);
-        let version = record_version(secret.labels()).ok_or_else(|| corrupt("no version label"))?;
+        let version =
+            labelled_version(secret.labels()).ok_or_else(|| corrupt("no version label"))?;
         let data = secret.data.as_ref().ok_or_else(|| corrupt("no data"))?;
         let field = |k: &str| {
             data.get(k)
@@ -167,12 +160,7 @@ impl SealedRecords {
         data: &SecretData,
     ) -> Result<(), BackendError> {
         let name = self.record_name(path, stamp.version);
-        if let Some(existing) = self
-            .api
-            .get_opt(&name)
-            .await
-            .map_err(self.kube_err("reading a sealed version"))?
-        {
+        if let Some(existing) = self.get(&name).await? {
             return match self.decode(path, &existing).await {
                 Ok(stored) if &stored.data == data => Ok(()),
                 Ok(_) => Err(BackendError::Conflict {
@@ -212,13 +200,12 @@ impl SealedRecords {
         let secret = Secret {
             metadata: ObjectMeta {
                 name: Some(name.to_owned()),
-                labels: Some(BTreeMap::from([
-                    (MANAGED_BY.into(), MANAGED_BY_VALUE.into()),
-                    (STORE.into(), self.store.clone()),
-                    (OBJECT.into(), object_id(path)),
-                    (VERSION.into(), stamp.version.to_string()),
-                    (ROLE.into(), ROLE_SEALED.into()),
-                ])),
+                labels: Some(object_labels(
+                    &self.store,
+                    path,
+                    ROLE_SEALED,
+                    Some(stamp.version),
+                )),
                 annotations: Some(BTreeMap::from([
                     (PATH_ANNOTATION.into(), path.to_owned()),
                     (FINGERPRINT_ANNOTATION.into(), stamp.fingerprint.to_string()),
@@ -252,21 +239,18 @@ impl SealedRecords {
     pub async fn list_versions(&self, path: &str) -> Result<Vec<u64>, BackendError> {
         let list = self
             .api
-            .list_metadata(&self.object_selector(path))
+            .list_metadata(&object_selector(&self.store, ROLE_SEALED, Some(path)))
             .await
             .map_err(self.kube_err("listing sealed versions"))?;
-        let mut versions: Vec<u64> = list
-            .items
-            .iter()
-            .filter_map(|m| record_version(m.labels()))
-            .collect();
-        versions.sort_unstable();
-        Ok(versions)
+        Ok(labelled_versions(&list.items))
     }
 
     pub async fn delete(&self, path: &str) -> Result<(), BackendError> {
         self.api
-            .delete_collection(&DeleteParams::default(), &self.object_selector(path))
+            .delete_collection(
+                &DeleteParams::default(),
+                &object_selector(&self.store, ROLE_SEALED, Some(path)),
+            )
             .await
             .map_err(self.kube_err("deleting sealed versions"))?;
         Ok(())
@@ -277,8 +261,7 @@ impl SealedRecords {
         &self,
         what: &str,
     ) -> Result<Vec<PartialObjectMeta<Secret>>, BackendError> {
-        let lp =
-            ListParams::default().labels(&format!("{STORE}={},{ROLE}={ROLE_SEALED}", self.store));
+        let lp = object_selector(&self.store, ROLE_SEALED, None);
         let list = self
             .api
             .list_metadata(&lp)
@@ -350,12 +333,7 @@ impl SealedRecords {
     /// guarded by the record's resourceVersion: the record is whole under the old key or
     /// under the new one, never neither. Idempotent.
     pub async fn rewrap(&self, name: &str) -> Result<Rewrapped, BackendError> {
-        let Some(mut secret) = self
-            .api
-            .get_opt(name)
-            .await
-            .map_err(self.kube_err("reading a sealed version"))?
-        else {
+        let Some(mut secret) = self.get(name).await? else {
             return Ok(Rewrapped::Gone);
         };
         let annotations = secret.annotations();
@@ -401,8 +379,4 @@ impl SealedRecords {
             )),
         }
     }
-}
-
-fn record_version(labels: &BTreeMap<String, String>) -> Option<u64> {
-    labels.get(VERSION)?.parse().ok()
 }

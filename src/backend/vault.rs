@@ -14,7 +14,7 @@
 mod session;
 
 use super::{Backend, BackendError, Health, StoredVersion, VersionStamp, object_id};
-use crate::api::{KvVersion, StorePhase, VaultProvider};
+use crate::api::{KvVersion, VaultProvider};
 use crate::crypto::Fingerprint;
 use crate::secret_data::SecretData;
 use async_trait::async_trait;
@@ -660,14 +660,11 @@ impl Backend for VaultStore {
             KvVersion::V1 => "KV v1",
             KvVersion::V2 => "KV v2",
         };
-        Health {
-            phase: StorePhase::Active,
-            message: format!(
-                "{server}, {kv} at {}/, logged in with {}",
-                self.mount,
-                self.session.method()
-            ),
-        }
+        Health::active(format!(
+            "{server}, {kv} at {}/, logged in with {}",
+            self.mount,
+            self.session.method()
+        ))
     }
 
     async fn count(&self) -> Result<u64, BackendError> {

@@ -11,6 +11,7 @@ use keyhaven::profiles::{self, NamespaceInfo};
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use std::process::ExitCode;
 
@@ -97,132 +98,159 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         lp = lp.labels(selector);
     }
     let managed: Api<ManagedSecret> = Api::namespaced(client.clone(), &namespace);
+    let output = cli.output;
     match cli.command {
-        Command::Stores => {
-            let stores = Api::<SecretStore>::all(client).list(&lp).await?.items;
-            let rows = stores
-                .iter()
-                .map(|s| {
-                    let st = s.status.clone().unwrap_or_default();
-                    vec![
-                        s.name_any(),
-                        st.type_
-                            .unwrap_or_else(|| s.spec.provider_type().to_owned()),
-                        st.secrets.map_or_else(|| "-".into(), |n| n.to_string()),
-                        st.phase
-                            .map_or_else(|| "-".into(), |p| p.as_str().to_owned()),
-                        st.message.unwrap_or_default(),
-                    ]
-                })
-                .collect();
-            print(
-                cli.output,
-                &stores,
-                &["NAME", "TYPE", "SECRETS", "STATUS", "MESSAGE"],
-                rows,
-            )?;
-        }
-        Command::Versions { secret } => {
-            let ms = managed.get(&secret).await?;
-            let status = ms.status.clone().unwrap_or_default();
-            let rows = status
-                .versions
-                .iter()
-                .map(|v| {
-                    let current = status.current_version == Some(v.version);
-                    let fp = v.fingerprint.trim_start_matches("hmac-sha256:");
-                    vec![
-                        format!("{}{}", v.version, if current { "*" } else { "" }),
-                        fp[..fp.len().min(16)].to_owned(),
-                        v.store.clone(),
-                        v.created_at.0.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
-                        v.created_by.clone(),
-                        v.reason.clone().unwrap_or_default(),
-                    ]
-                })
-                .collect();
-            print(
-                cli.output,
-                &status.versions,
-                &["VERSION", "FINGERPRINT", "STORE", "CREATED", "BY", "REASON"],
-                rows,
-            )?;
-        }
+        Command::Stores => stores(client, &lp, output).await?,
+        Command::Versions { secret } => versions(&managed, &secret, output).await?,
         Command::Rollback {
             secret,
             version,
             reason,
-        } => {
-            let patch = json!({"spec": {"rollbackTo": version, "reason": reason}});
-            let ms = patch_managed(&managed, &secret, patch).await?;
-            print_done(
-                cli.output,
-                &ms,
-                &format!(
-                    "managedsecret/{secret}: rollback to version {version} requested (the operator records it as a new version)"
-                ),
-            )?;
-        }
-        Command::Rotate { secret } => {
-            let at = jiff::Timestamp::now().to_string();
-            let patch = json!({"metadata": {"annotations": {ROTATE_ANNOTATION: at}}});
-            let ms = patch_managed(&managed, &secret, patch).await?;
-            print_done(
-                cli.output,
-                &ms,
-                &format!("managedsecret/{secret}: rotation requested ({ROTATE_ANNOTATION}={at})"),
-            )?;
-        }
+        } => rollback(&managed, &secret, version, &reason, output).await?,
+        Command::Rotate { secret } => rotate(&managed, &secret, output).await?,
         Command::ProfileFor { namespace } => {
-            let ns = Api::<Namespace>::all(client.clone())
-                .get_metadata(&namespace)
-                .await?;
-            let info = NamespaceInfo::from_meta(&ns.metadata);
-            let all = Api::<VaultProfile>::all(client).list(&lp).await?.items;
-            let result = profiles::resolve(None, &info, &all);
-            let annotation = info.annotations.get(profiles::PROFILE_ANNOTATION).cloned();
-            let defaults = profiles::defaults_for(&info, &all);
-            let fallbacks = profiles::fallbacks(&all);
-            let (doc, row, ok) = match &result {
-                Ok(r) => (
-                    json!({"namespace": namespace, "profile": r.profile, "via": r.via.as_str(),
-                           "annotation": annotation, "defaults": defaults, "fallbacks": fallbacks}),
-                    vec![
-                        namespace.clone(),
-                        r.profile.clone(),
-                        r.via.as_str().to_owned(),
-                        String::new(),
-                    ],
-                    true,
-                ),
-                Err(e) => (
-                    json!({"namespace": namespace, "profile": null, "reason": e.reason, "message": e.message,
-                           "annotation": annotation, "defaults": defaults, "fallbacks": fallbacks}),
-                    vec![
-                        namespace.clone(),
-                        "<none>".into(),
-                        e.reason.to_string(),
-                        e.message.clone(),
-                    ],
-                    false,
-                ),
-            };
-            print(
-                cli.output,
-                &doc,
-                &["NAMESPACE", "PROFILE", "VIA", "MESSAGE"],
-                vec![row],
-            )?;
-            if !ok {
+            if !profile_for(client, &lp, &namespace, output).await? {
                 return Ok(ExitCode::from(2));
             }
         }
         Command::Migrate { profile, to } => {
             let (p, message) = migrate(&Api::all(client), &profile, &to).await?;
-            print_done(cli.output, &p, &message)?;
+            print_done(output, &p, &message)?;
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `stores`: the SecretStores the selector matches.
+async fn stores(client: Client, lp: &ListParams, output: Output) -> anyhow::Result<()> {
+    let stores = Api::<SecretStore>::all(client).list(lp).await?.items;
+    let rows = stores
+        .iter()
+        .map(|s| {
+            let st = s.status.clone().unwrap_or_default();
+            vec![
+                s.name_any(),
+                st.type_
+                    .unwrap_or_else(|| s.spec.provider_type().to_owned()),
+                st.secrets.map_or_else(|| "-".into(), |n| n.to_string()),
+                st.phase
+                    .map_or_else(|| "-".into(), |p| p.as_str().to_owned()),
+                st.message.unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print(
+        output,
+        &stores,
+        &["NAME", "TYPE", "SECRETS", "STATUS", "MESSAGE"],
+        rows,
+    )
+}
+
+/// `versions`: a ManagedSecret's version history, the current one starred.
+async fn versions(api: &Api<ManagedSecret>, secret: &str, output: Output) -> anyhow::Result<()> {
+    let ms = api.get(secret).await?;
+    let status = ms.status.clone().unwrap_or_default();
+    let rows = status
+        .versions
+        .iter()
+        .map(|v| {
+            let current = status.current_version == Some(v.version);
+            let fp = v.fingerprint.trim_start_matches("hmac-sha256:");
+            vec![
+                format!("{}{}", v.version, if current { "*" } else { "" }),
+                fp[..fp.len().min(16)].to_owned(),
+                v.store.clone(),
+                v.created_at.0.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+                v.created_by.clone(),
+                v.reason.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print(
+        output,
+        &status.versions,
+        &["VERSION", "FINGERPRINT", "STORE", "CREATED", "BY", "REASON"],
+        rows,
+    )
+}
+
+/// `rollback`: asks for a new version with version `version`'s content.
+async fn rollback(
+    api: &Api<ManagedSecret>,
+    secret: &str,
+    version: u64,
+    reason: &str,
+    output: Output,
+) -> anyhow::Result<()> {
+    let patch = json!({"spec": {"rollbackTo": version, "reason": reason}});
+    let ms = merge_patch(api, secret, &patch).await?;
+    print_done(
+        output,
+        &ms,
+        &format!(
+            "managedsecret/{secret}: rollback to version {version} requested (the operator records it as a new version)"
+        ),
+    )
+}
+
+/// `rotate`: asks for a new generated value now.
+async fn rotate(api: &Api<ManagedSecret>, secret: &str, output: Output) -> anyhow::Result<()> {
+    let at = jiff::Timestamp::now().to_string();
+    let patch = json!({"metadata": {"annotations": {ROTATE_ANNOTATION: at}}});
+    let ms = merge_patch(api, secret, &patch).await?;
+    print_done(
+        output,
+        &ms,
+        &format!("managedsecret/{secret}: rotation requested ({ROTATE_ANNOTATION}={at})"),
+    )
+}
+
+/// `profile-for`: the VaultProfile `namespace` resolves to, and why. False when none does.
+async fn profile_for(
+    client: Client,
+    lp: &ListParams,
+    namespace: &str,
+    output: Output,
+) -> anyhow::Result<bool> {
+    let ns = Api::<Namespace>::all(client.clone())
+        .get_metadata(namespace)
+        .await?;
+    let info = NamespaceInfo::from_meta(&ns.metadata);
+    let all = Api::<VaultProfile>::all(client).list(lp).await?.items;
+    let result = profiles::resolve(None, &info, &all);
+    let annotation = info.annotations.get(profiles::PROFILE_ANNOTATION).cloned();
+    let defaults = profiles::defaults_for(&info, &all);
+    let fallbacks = profiles::fallbacks(&all);
+    let (doc, row) = match &result {
+        Ok(r) => (
+            json!({"namespace": namespace, "profile": r.profile, "via": r.via.as_str(),
+                   "annotation": annotation, "defaults": defaults, "fallbacks": fallbacks}),
+            vec![
+                namespace.to_owned(),
+                r.profile.clone(),
+                r.via.as_str().to_owned(),
+                String::new(),
+            ],
+        ),
+        Err(e) => (
+            json!({"namespace": namespace, "profile": null, "reason": e.reason, "message": e.message,
+                   "annotation": annotation, "defaults": defaults, "fallbacks": fallbacks}),
+            vec![
+                namespace.to_owned(),
+                "<none>".into(),
+                e.reason.to_string(),
+                e.message.clone(),
+            ],
+        ),
+    };
+    print(
+        output,
+        &doc,
+        &["NAMESPACE", "PROFILE", "VIA", "MESSAGE"],
+        vec![row],
+    )?;
+    Ok(result.is_ok())
 }
 
 /// Starts (or reports) the migration of `name`'s secrets to the store `to`.
@@ -271,27 +299,23 @@ async fn migrate(
         "metadata": {"resourceVersion": profile.resource_version()},
         "spec": {"source": to, "migrateFrom": from},
     });
-    let pp = PatchParams {
-        field_manager: Some(FIELD_MANAGER.into()),
-        ..Default::default()
-    };
-    let patched = api.patch(name, &pp, &Patch::Merge(&patch)).await?;
+    let patched = merge_patch(api, name, &patch).await?;
     let message = format!(
         "vaultprofile/{name}: migrating from store {from} to store {to} (progress: kubectl keyhaven migrate {name} --to {to})"
     );
     Ok((patched, message))
 }
 
-async fn patch_managed(
-    api: &Api<ManagedSecret>,
-    name: &str,
-    patch: Value,
-) -> anyhow::Result<ManagedSecret> {
+/// Applies `patch` to `name` as a JSON merge patch, as the plugin's field manager.
+async fn merge_patch<K>(api: &Api<K>, name: &str, patch: &Value) -> anyhow::Result<K>
+where
+    K: Clone + DeserializeOwned + std::fmt::Debug,
+{
     let pp = PatchParams {
         field_manager: Some(FIELD_MANAGER.into()),
         ..Default::default()
     };
-    Ok(api.patch(name, &pp, &Patch::Merge(&patch)).await?)
+    Ok(api.patch(name, &pp, &Patch::Merge(patch)).await?)
 }
 
 /// Prints `doc` as JSON or YAML, or `rows` as a table under `header`.

@@ -101,153 +101,212 @@ pub fn validate_with(
     data: &SecretData,
     rules: Rules,
 ) -> Result<Inspected, ContentError> {
-    let type_ = secret_type.as_str();
-    let mut inspected = Inspected::default();
     for key in data.keys() {
-        if key.is_empty()
-            || !key
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        {
+        if !is_key_name(key) {
             return Err(ContentError::BadKeyName(key.to_owned()));
         }
     }
-    let text = |key: &'static str| -> Result<&str, ContentError> {
-        let value = data.get(key).ok_or_else(|| ContentError::MissingKey {
-            type_,
+    let value = Value {
+        type_: secret_type.as_str(),
+        data,
+    };
+    let expires_at = match secret_type {
+        SecretType::KeyValue | SecretType::Generic => key_value(&value)?,
+        SecretType::BasicAuth => basic_auth(&value)?,
+        SecretType::Password => password(&value, rules.password.as_ref())?,
+        SecretType::ApiKey => api_key(&value)?,
+        SecretType::Jwt => jwt(&value)?,
+        SecretType::PrivateKey => private_key(&value)?,
+        SecretType::SecretKey => secret_key(&value, rules.secret_key_bytes)?,
+        SecretType::Keystore => keystore(&value)?,
+        SecretType::Certificate => certificate(&value)?,
+        SecretType::SshKey => ssh_key(&value)?,
+    };
+    Ok(Inspected { expires_at })
+}
+
+/// Whether `key` may name a Secret key: letters, digits, '-', '_', '.'.
+fn is_key_name(key: &str) -> bool {
+    !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+/// A value under validation: its type's name (for errors) and its keys.
+struct Value<'a> {
+    type_: &'static str,
+    data: &'a SecretData,
+}
+
+/// What a type's validator learnt: when the value expires, if it does.
+type Expiry = Option<jiff::Timestamp>;
+
+impl<'a> Value<'a> {
+    /// The bytes of `key`, which must be present.
+    fn bytes(&self, key: &'static str) -> Result<&'a [u8], ContentError> {
+        self.data.get(key).ok_or_else(|| ContentError::MissingKey {
+            type_: self.type_,
             key,
-            present: data.keys().map(str::to_owned).collect(),
-        })?;
-        let text = std::str::from_utf8(value).map_err(|_| ContentError::NotText { type_, key })?;
+            present: self.data.keys().map(str::to_owned).collect(),
+        })
+    }
+
+    /// The text of `key`, which must be present, UTF-8 and not empty.
+    fn text(&self, key: &'static str) -> Result<&'a str, ContentError> {
+        let text = self.utf8(key)?;
         if text.is_empty() {
-            return Err(ContentError::EmptyKey { type_, key });
+            return Err(ContentError::EmptyKey {
+                type_: self.type_,
+                key,
+            });
         }
         Ok(text)
-    };
-    let invalid = |key: &'static str, problem: String| ContentError::Invalid {
-        type_,
-        key,
-        problem,
-    };
-    let passphrase = data.get("passphrase").filter(|p| !p.is_empty());
-    let timestamp = |key: &'static str, secs: i64| {
-        jiff::Timestamp::from_second(secs)
-            .map_err(|_| invalid(key, "has an expiry out of range".into()))
-    };
-    match secret_type {
-        SecretType::KeyValue | SecretType::Generic => {
-            if data.is_empty() {
-                return Err(ContentError::NoKeys { type_ });
-            }
-        }
-        SecretType::BasicAuth => {
-            text("username")?;
-            text("password")?;
-        }
-        SecretType::Password => {
-            let password = text("password")?;
-            if let Some(problem) = rules
-                .password
-                .as_ref()
-                .and_then(|p| password_weakness(password, p))
-            {
-                return Err(invalid("password", problem));
-            }
-        }
-        SecretType::ApiKey => {
-            text("api-key")?;
-            if data.get("expires-at").is_some() {
-                let at = text("expires-at")?;
-                inspected.expires_at =
-                    Some(
-                        at.parse::<jiff::Timestamp>()
-                            .map_err(|_| ContentError::Invalid {
-                                type_,
-                                key: "expires-at",
-                                problem: "must be an RFC 3339 timestamp".into(),
-                            })?,
-                    );
-            }
-        }
-        SecretType::Jwt => {
-            let exp = parse::jwt(text("token")?).map_err(|p| invalid("token", p))?;
-            if let Some(exp) = exp {
-                inspected.expires_at = Some(timestamp("token", exp)?);
-            }
-        }
-        SecretType::PrivateKey => {
-            parse::private_key_spki(text("private-key")?, passphrase)
-                .map_err(|p| invalid("private-key", p))?;
-        }
-        SecretType::SecretKey => {
-            let key = data.get("key").ok_or_else(|| ContentError::MissingKey {
-                type_,
-                key: "key",
-                present: data.keys().map(str::to_owned).collect(),
-            })?;
-            if key.is_empty() {
-                return Err(ContentError::EmptyKey { type_, key: "key" });
-            }
-            if let Some(want) = rules.secret_key_bytes
-                && key.len() != want
-            {
-                return Err(invalid(
-                    "key",
-                    format!(
-                        "must be {want} bytes (the declared length), it is {}",
-                        key.len()
-                    ),
-                ));
-            }
-        }
-        SecretType::Keystore => {
-            let store = data
-                .get("keystore.p12")
-                .ok_or_else(|| ContentError::MissingKey {
-                    type_,
-                    key: "keystore.p12",
-                    present: data.keys().map(str::to_owned).collect(),
-                })?;
-            let password = data
-                .get("password")
-                .ok_or_else(|| ContentError::MissingKey {
-                    type_,
-                    key: "password",
-                    present: data.keys().map(str::to_owned).collect(),
-                })?;
-            let password = std::str::from_utf8(password).map_err(|_| ContentError::NotText {
-                type_,
-                key: "password",
-            })?;
-            parse::keystore(store, password).map_err(|p| invalid("keystore.p12", p))?;
-        }
-        SecretType::Certificate => {
-            let key = text("tls.key")?;
-            let chain = text("tls.crt")?;
-            let spki = parse::private_key_spki(key, None).map_err(|p| invalid("tls.key", p))?;
-            let chain =
-                parse::certificate_chain(chain, Some(&spki)).map_err(|p| invalid("tls.crt", p))?;
-            if data.get("ca.crt").is_some() {
-                parse::certificate_chain(text("ca.crt")?, None)
-                    .map_err(|p| invalid("ca.crt", p))?;
-            }
-            inspected.expires_at = Some(timestamp("tls.crt", chain.not_after)?);
-        }
-        SecretType::SshKey => {
-            let public = parse::ssh_public_key(text("ssh-privatekey")?, passphrase)
-                .map_err(|p| invalid("ssh-privatekey", p))?;
-            if data.get("ssh-publickey").is_some() {
-                let given = text("ssh-publickey")?;
-                if !same_ssh_public_key(given, &public) {
-                    return Err(invalid(
-                        "ssh-publickey",
-                        "does not match the private key".into(),
-                    ));
-                }
-            }
+    }
+
+    /// The text of `key`, which must be present and UTF-8 (it may be empty).
+    fn utf8(&self, key: &'static str) -> Result<&'a str, ContentError> {
+        std::str::from_utf8(self.bytes(key)?).map_err(|_| ContentError::NotText {
+            type_: self.type_,
+            key,
+        })
+    }
+
+    /// The text of the optional `key`: checked as [`Value::text`] when present.
+    fn optional_text(&self, key: &'static str) -> Result<Option<&'a str>, ContentError> {
+        match self.data.get(key) {
+            Some(_) => self.text(key).map(Some),
+            None => Ok(None),
         }
     }
-    Ok(inspected)
+
+    /// The passphrase of an encrypted key, if the value has a non-empty one.
+    fn passphrase(&self) -> Option<&'a [u8]> {
+        self.data.get("passphrase").filter(|p| !p.is_empty())
+    }
+
+    fn invalid(&self, key: &'static str, problem: String) -> ContentError {
+        ContentError::Invalid {
+            type_: self.type_,
+            key,
+            problem,
+        }
+    }
+
+    /// An expiry in Unix seconds, read from `key`.
+    fn timestamp(&self, key: &'static str, secs: i64) -> Result<jiff::Timestamp, ContentError> {
+        jiff::Timestamp::from_second(secs)
+            .map_err(|_| self.invalid(key, "has an expiry out of range".into()))
+    }
+}
+
+/// key-value, generic: any keys, at least one.
+fn key_value(value: &Value) -> Result<Expiry, ContentError> {
+    if value.data.is_empty() {
+        return Err(ContentError::NoKeys { type_: value.type_ });
+    }
+    Ok(None)
+}
+
+/// basic-auth: `username` and `password`.
+fn basic_auth(value: &Value) -> Result<Expiry, ContentError> {
+    value.text("username")?;
+    value.text("password")?;
+    Ok(None)
+}
+
+/// password: `password`, within the profile's policy if it has one.
+fn password(
+    value: &Value,
+    policy: Option<&crate::api::PasswordPolicy>,
+) -> Result<Expiry, ContentError> {
+    let password = value.text("password")?;
+    if let Some(problem) = policy.and_then(|p| password_weakness(password, p)) {
+        return Err(value.invalid("password", problem));
+    }
+    Ok(None)
+}
+
+/// api-key: `api-key`, and an optional RFC 3339 `expires-at`.
+fn api_key(value: &Value) -> Result<Expiry, ContentError> {
+    value.text("api-key")?;
+    value
+        .optional_text("expires-at")?
+        .map(|at| {
+            at.parse::<jiff::Timestamp>()
+                .map_err(|_| value.invalid("expires-at", "must be an RFC 3339 timestamp".into()))
+        })
+        .transpose()
+}
+
+/// jwt: a well-formed `token`; its `exp` claim is the expiry.
+fn jwt(value: &Value) -> Result<Expiry, ContentError> {
+    let exp = parse::jwt(value.text("token")?).map_err(|p| value.invalid("token", p))?;
+    exp.map(|exp| value.timestamp("token", exp)).transpose()
+}
+
+/// private-key: a PEM `private-key`, opened with the `passphrase` if there is one.
+fn private_key(value: &Value) -> Result<Expiry, ContentError> {
+    parse::private_key_spki(value.text("private-key")?, value.passphrase())
+        .map_err(|p| value.invalid("private-key", p))?;
+    Ok(None)
+}
+
+/// secret-key: raw bytes in `key`, of the declared length if there is one.
+fn secret_key(value: &Value, want: Option<usize>) -> Result<Expiry, ContentError> {
+    let key = value.bytes("key")?;
+    if key.is_empty() {
+        return Err(ContentError::EmptyKey {
+            type_: value.type_,
+            key: "key",
+        });
+    }
+    if let Some(want) = want
+        && key.len() != want
+    {
+        return Err(value.invalid(
+            "key",
+            format!(
+                "must be {want} bytes (the declared length), it is {}",
+                key.len()
+            ),
+        ));
+    }
+    Ok(None)
+}
+
+/// keystore: a PKCS#12 `keystore.p12` that its `password` (possibly empty) opens.
+fn keystore(value: &Value) -> Result<Expiry, ContentError> {
+    let store = value.bytes("keystore.p12")?;
+    let password = value.utf8("password")?;
+    parse::keystore(store, password).map_err(|p| value.invalid("keystore.p12", p))?;
+    Ok(None)
+}
+
+/// certificate: `tls.key` and the `tls.crt` chain it signs, an optional `ca.crt`; the
+/// leaf's notAfter is the expiry.
+fn certificate(value: &Value) -> Result<Expiry, ContentError> {
+    let key = value.text("tls.key")?;
+    let chain = value.text("tls.crt")?;
+    let spki = parse::private_key_spki(key, None).map_err(|p| value.invalid("tls.key", p))?;
+    let chain =
+        parse::certificate_chain(chain, Some(&spki)).map_err(|p| value.invalid("tls.crt", p))?;
+    if let Some(ca) = value.optional_text("ca.crt")? {
+        parse::certificate_chain(ca, None).map_err(|p| value.invalid("ca.crt", p))?;
+    }
+    value.timestamp("tls.crt", chain.not_after).map(Some)
+}
+
+/// ssh-key: an OpenSSH `ssh-privatekey`, and an optional `ssh-publickey` that matches it.
+fn ssh_key(value: &Value) -> Result<Expiry, ContentError> {
+    let public = parse::ssh_public_key(value.text("ssh-privatekey")?, value.passphrase())
+        .map_err(|p| value.invalid("ssh-privatekey", p))?;
+    if let Some(given) = value.optional_text("ssh-publickey")?
+        && !same_ssh_public_key(given, &public)
+    {
+        return Err(value.invalid("ssh-publickey", "does not match the private key".into()));
+    }
+    Ok(None)
 }
 
 /// Compares two OpenSSH public keys by algorithm and key, ignoring comments.
@@ -331,11 +390,7 @@ pub fn apply_template(
     }
     let mut out = SecretData::new();
     for (key, text) in &template.data {
-        if key.is_empty()
-            || !key
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        {
+        if !is_key_name(key) {
             return Err(ContentError::BadKeyName(key.clone()));
         }
         out.insert(key.clone(), expand(text, data).map_err(|p| err(key, p))?);

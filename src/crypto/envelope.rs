@@ -94,10 +94,9 @@ pub async fn open(
     envelope: &Envelope,
     aad: &[u8],
 ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
-    let key = kek
-        .unwrap_with(&envelope.kek_id, &envelope.wrapped_key, aad)
-        .await?;
-    aes_gcm_decrypt(key.as_bytes(), &envelope.nonce, &envelope.ciphertext, aad)
+    unseal(kek, envelope, aad)
+        .await
+        .map(|(_, plaintext)| plaintext)
 }
 
 /// The same envelope with its data key wrapped by `kek`'s current KEK: the ciphertext
@@ -109,10 +108,7 @@ pub async fn rewrap(
     envelope: &Envelope,
     aad: &[u8],
 ) -> Result<Envelope, CryptoError> {
-    let key = kek
-        .unwrap_with(&envelope.kek_id, &envelope.wrapped_key, aad)
-        .await?;
-    aes_gcm_decrypt(key.as_bytes(), &envelope.nonce, &envelope.ciphertext, aad)?;
+    let (key, _) = unseal(kek, envelope, aad).await?;
     let wrapped_key = kek.wrap(&key, aad).await?;
     Ok(Envelope {
         kek_id: kek.kek_id().to_owned(),
@@ -120,6 +116,20 @@ pub async fn rewrap(
         nonce: envelope.nonce.clone(),
         ciphertext: envelope.ciphertext.clone(),
     })
+}
+
+/// The envelope's data key, unwrapped by the KEK the envelope names, and the plaintext it
+/// decrypts (which authenticates the key against the ciphertext).
+async fn unseal(
+    kek: &dyn KeyWrapper,
+    envelope: &Envelope,
+    aad: &[u8],
+) -> Result<(DataKey, Zeroizing<Vec<u8>>), CryptoError> {
+    let key = kek
+        .unwrap_with(&envelope.kek_id, &envelope.wrapped_key, aad)
+        .await?;
+    let plaintext = aes_gcm_decrypt(key.as_bytes(), &envelope.nonce, &envelope.ciphertext, aad)?;
+    Ok((key, plaintext))
 }
 
 /// An AES-256-GCM cipher for `key`. The key copy it is built from is wiped here; the

@@ -1,6 +1,7 @@
 //! Unit tests of the vault store: value encoding, error phases, bookkeeping.
 
 use super::*;
+use crate::api::StorePhase;
 
 #[test]
 fn values_round_trip_through_vault_json_including_bytes() {
@@ -27,33 +28,13 @@ fn non_string_values_written_by_other_tools_read_as_json_text() {
 
 #[test]
 fn errors_map_to_store_phases() {
-    let sealed = classify(
-        "v",
-        "p",
-        ClientError::APIError {
-            code: 503,
-            errors: vec!["Vault is sealed".into()],
-        },
-    );
-    assert_eq!(sealed.phase(), StorePhase::Sealed);
-    let denied = classify(
-        "v",
-        "p",
-        ClientError::APIError {
-            code: 403,
-            errors: vec!["permission denied".into()],
-        },
-    );
-    assert_eq!(denied.phase(), StorePhase::Invalid);
-    let down = classify(
-        "v",
-        "p",
-        ClientError::APIError {
-            code: 502,
-            errors: vec![],
-        },
-    );
-    assert_eq!(down.phase(), StorePhase::Unreachable);
+    let phase = |code: u16, errors: &[&str]| {
+        let errors = errors.iter().map(|e| e.to_string()).collect();
+        classify("v", "p", ClientError::APIError { code, errors }).phase()
+    };
+    assert_eq!(phase(503, &["Vault is sealed"]), StorePhase::Sealed);
+    assert_eq!(phase(403, &["permission denied"]), StorePhase::Invalid);
+    assert_eq!(phase(502, &[]), StorePhase::Unreachable);
 }
 
 #[test]

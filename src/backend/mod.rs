@@ -165,17 +165,14 @@ impl BackendError {
     }
 }
 
-/// Standard labels of the Kubernetes objects keyhaven's stores create.
+/// The label and annotation keys of the objects keyhaven's stores keep in Kubernetes, under
+/// the names the stores use (the keys themselves live in [`crate::labels`]).
 pub(crate) mod labels {
-    pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
-    pub const MANAGED_BY_VALUE: &str = "keyhaven";
-    pub const STORE: &str = "keyhaven.io/store";
-    pub const OBJECT: &str = "keyhaven.io/object";
-    pub const VERSION: &str = "keyhaven.io/version";
-    pub const ROLE: &str = "keyhaven.io/role";
-    pub const PATH_ANNOTATION: &str = "keyhaven.io/path";
-    pub const VERSION_ANNOTATION: &str = "keyhaven.io/version";
-    pub const FINGERPRINT_ANNOTATION: &str = "keyhaven.io/fingerprint";
+    pub use crate::labels::{
+        FINGERPRINT_ANNOTATION, MANAGED_BY, MANAGED_BY_VALUE, OBJECT_LABEL as OBJECT,
+        PATH_ANNOTATION, ROLE_LABEL as ROLE, STORE_LABEL as STORE, VERSION_ANNOTATION,
+        VERSION_LABEL as VERSION,
+    };
 }
 
 /// A short, label-safe identifier of a path: hex of its SHA-256, 32 characters.

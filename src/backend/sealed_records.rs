@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 const ROLE_SEALED: &str = "sealed-version";
-const KEK_ID_ANNOTATION: &str = "keyhaven.io/kek-id";
+use crate::labels::KEK_ID_ANNOTATION;
 
 /// The sealed versions of one store.
 pub struct SealedRecords {

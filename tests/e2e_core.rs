@@ -4,6 +4,7 @@
 mod e2e;
 
 use e2e::fixture::{Fixture, versions, wait_until};
+use e2e::operator::Work;
 use k8s_openapi::api::core::v1::Secret;
 use keyhaven::api::{ManagedSecret, SecretStore, StorePhase, VaultProfile};
 use keyhaven::backend::{Backend, KubernetesStore};
@@ -273,8 +274,10 @@ async fn from_store_syncs_every_target_and_follows_source_updates() {
         "a repair makes no new version"
     );
 
-    // An unchanged source makes no write anywhere across several refreshes.
+    // An unchanged source makes no write anywhere across several refreshes: refreshes that
+    // ran (three or more, each reading the source and both targets, counted on /metrics).
     let rv = |s: Option<Secret>| s.and_then(|s| s.metadata.resource_version);
+    let window = fx.op.metrics().await;
     let before = (
         rv(fx.ns_api::<Secret>(&fx.ns).get_opt("db").await.unwrap()),
         fx.ns_api::<ManagedSecret>(&fx.ns)
@@ -285,6 +288,18 @@ async fn from_store_syncs_every_target_and_follows_source_updates() {
         rv(mirror_secrets.get_opt("app.db").await.unwrap()),
     );
     tokio::time::sleep(Duration::from_secs(5)).await;
+    fx.op
+        .wait_work(
+            &window,
+            &[
+                (Work::reconciles("ManagedSecret"), 3),
+                (Work::store_reads(&source), 3),
+                (Work::store_reads(&internal), 3),
+                (Work::store_reads(&mirror), 3),
+            ],
+            Duration::from_secs(30),
+        )
+        .await;
     let after = (
         rv(fx.ns_api::<Secret>(&fx.ns).get_opt("db").await.unwrap()),
         fx.ns_api::<ManagedSecret>(&fx.ns)
@@ -560,6 +575,7 @@ async fn deletion_policies_and_garbage_collection() {
     // Orphan + Delete: the finalizer deleted it.
     assert!(secrets.get_opt("orphan-delete").await.unwrap().is_none());
     // Owner + Retain: it stays, ownerless, with its data (give the GC time to act wrongly).
+    // The GC did act on this batch's deletion: it collected owner-delete's Secret above.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let retained = secrets
         .get("owner-retain")
@@ -651,7 +667,11 @@ async fn a_failing_store_never_blanks_the_native_secret() {
     })
     .await;
     assert!(not_ready.unwrap().message.unwrap().contains("Invalid"));
+    // Failing, the ManagedSecret retries in 30 s: two reconciles made now, each reading
+    // the broken store, are the ones that could have blanked the native Secret.
     tokio::time::sleep(Duration::from_secs(3)).await;
+    fx.reconcile_managed("api", 2, &[Work::store_reads(&source)])
+        .await;
     assert_eq!(
         intact().await.as_deref(),
         Some("precious-value-e2e-failing")

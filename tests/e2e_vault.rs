@@ -12,19 +12,19 @@ mod e2e;
 
 use e2e::Testbed;
 use e2e::fixture::{Fixture, versions, wait_until};
+use e2e::operator::Work;
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::ServiceAccount;
 use keyhaven::api::{ManagedSecret, SecretStore, SecretStoreStatus, StorePhase, VaultProfile};
 use keyhaven::backend::{Backend, KubernetesStore};
 use kube::Api;
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::api::{ListParams, PostParams};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use vaultrs::api::auth::approle::requests::SetAppRoleRequest;
 use vaultrs::api::auth::kubernetes::requests::CreateKubernetesRoleRequest;
@@ -71,18 +71,6 @@ fn kv_policy(mount: &str, v2: bool, prefix: &str) -> String {
     )
 }
 
-/// Bumps an annotation of the SecretStore so its health reconciler runs now instead of at
-/// its next periodic check.
-async fn poke_store(fx: &Fixture, name: &str) {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let n = N.fetch_add(1, Ordering::Relaxed);
-    let patch = json!({"metadata": {"annotations": {"e2e.keyhaven.io/poke": n.to_string()}}});
-    let _ = fx
-        .cluster_api::<SecretStore>()
-        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await;
-}
-
 /// Waits until the SecretStore's status satisfies `ok`, or panics with its last status.
 /// With `poke`, triggers a health check every 3 s; without, relies on the periodic one.
 async fn wait_store(
@@ -113,7 +101,7 @@ async fn wait_store(
             );
         }
         if poke && poked.elapsed() > Duration::from_secs(3) {
-            poke_store(fx, name).await;
+            fx.poke_store(name).await;
             poked = Instant::now();
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -1007,6 +995,28 @@ async fn kubernetes_auth_token_is_renewed_and_rotated_on_schedule() {
         renewals >= 1,
         "a 10 s token was used for {elapsed} s without a renewal"
     );
+    // The renewed token was used: KV requests with it after the first renewal.
+    let first_renewal = entries
+        .iter()
+        .position(|e| {
+            is_response(e)
+                && metadata(e, "role") == Some(renew_role.as_str())
+                && request_path(e).starts_with("auth/token/renew")
+                && e.get("error").is_none()
+        })
+        .unwrap_or(entries.len());
+    let used_after = entries[first_renewal..]
+        .iter()
+        .filter(|e| {
+            is_request(e)
+                && metadata(e, "role") == Some(renew_role.as_str())
+                && request_path(e).starts_with("secret/")
+        })
+        .count();
+    assert!(
+        used_after >= 10,
+        "3 ManagedSecrets refreshed every second made {used_after} KV requests after the first renewal"
+    );
     let denied: Vec<String> = entries
         .iter()
         .filter(|e| {
@@ -1249,8 +1259,27 @@ async fn sealing_openbao_turns_the_store_sealed_and_keeps_native_secrets() {
         })
     })
     .await;
-    // Several failing refreshes later, both native Secrets are intact.
+    // Several failing refreshes later, both native Secrets are intact. Made now, each
+    // refused by the sealed OpenBao: api backs off 30 s after a failure, mirrored 15 s.
     tokio::time::sleep(Duration::from_secs(5)).await;
+    fx.reconcile_managed(
+        "api",
+        2,
+        &[
+            Work::failed("ManagedSecret", "StoreSealed"),
+            Work::store_reads(&vault).outcome("sealed"),
+        ],
+    )
+    .await;
+    fx.reconcile_managed(
+        "mirrored",
+        2,
+        &[
+            Work::store_reads(&internal),
+            Work::store_reads(&vault).outcome("sealed"),
+        ],
+    )
+    .await;
     assert_eq!(
         native("api").await.as_ref(),
         Some(&api_before),
@@ -1535,7 +1564,18 @@ async fn a_revoked_token_turns_the_store_invalid_and_a_new_one_heals_it() {
         invalid.message.as_ref().is_some_and(|m| !m.is_empty()),
         "{invalid:?}"
     );
+    // Two reconciles made now (failing, db retries only every 30 s), each refused by
+    // OpenBao, then the native Secret is as it was.
     tokio::time::sleep(Duration::from_secs(3)).await;
+    fx.reconcile_managed(
+        "db",
+        2,
+        &[
+            Work::failed("ManagedSecret", "StoreInvalid"),
+            Work::store_reads(&used).outcome("invalid"),
+        ],
+    )
+    .await;
     assert_eq!(
         fx.secret_data(&fx.ns, "db").await.as_ref(),
         Some(&native_before),
@@ -1774,16 +1814,24 @@ async fn drift_in_a_vault_target_is_repaired() {
         after_repair,
         "the target is rewritten on every refresh"
     );
-    let writes = audit
+    let entries: Vec<Value> = audit
         .since(mark)
         .into_iter()
         .filter(|e| {
             is_request(e)
                 && metadata(e, "e2e") == Some(fx.ns.as_str())
                 && request_path(e).starts_with("secret/")
-                && is_write(e)
         })
+        .collect();
+    let reads = entries
+        .iter()
+        .filter(|e| !is_write(e) && request_path(e).ends_with(&path))
         .count();
+    assert!(
+        reads >= 2,
+        "the target was not re-read during 6 s of refreshes every 2 s ({reads} reads)"
+    );
+    let writes = entries.iter().filter(|e| is_write(e)).count();
     assert_eq!(writes, 0, "writes to OpenBao after the repair");
 
     fx.assert_values_never_leaked(&[value, tampered, &token])

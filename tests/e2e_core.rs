@@ -5,6 +5,7 @@ mod e2e;
 
 use e2e::fixture::{Fixture, versions, wait_until};
 use e2e::operator::Work;
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use keyhaven::api::{ManagedSecret, SecretStore, StorePhase, VaultProfile};
 use keyhaven::backend::{Backend, KubernetesStore};
@@ -703,18 +704,25 @@ async fn operator_killed_mid_way_creates_no_duplicate_version() {
             &[("value", &format!("first-{i}-e2e-restart"))],
         )
         .await;
-        fx.managed_secret(
-            &format!("ms-{i}"),
-            json!({"profile": profile, "type": "generic",
-            "content": {"fromSecret": {"name": format!("src-{i}")}}, "refreshInterval": "2s"}),
-        )
-        .await;
     }
-    // SIGKILL the operator twice while it works through them.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    fx.op.restart();
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    fx.op.restart();
+    // All at once (16 in flight), so that the operator has a batch to work through.
+    futures::stream::iter(0..N)
+        .for_each_concurrent(16, |i| {
+            let (fx, profile) = (&fx, &profile);
+            async move {
+                fx.managed_secret(
+                    &format!("ms-{i}"),
+                    json!({"profile": profile, "type": "generic",
+                    "content": {"fromSecret": {"name": format!("src-{i}")}}, "refreshInterval": "2s"}),
+                )
+                .await;
+            }
+        })
+        .await;
+    // SIGKILL the operator twice while it works through them: each time once some, not
+    // all, are synced (by this process, for the second).
+    let first = kill_mid_batch(&mut fx, N, 1, 0).await;
+    kill_mid_batch(&mut fx, N, 1, first).await;
     for i in 0..N {
         assert_eq!(
             versions(&fx.wait_synced(&format!("ms-{i}"), 1).await),
@@ -731,8 +739,7 @@ async fn operator_killed_mid_way_creates_no_duplicate_version() {
         )
         .await;
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    fx.op.restart();
+    kill_mid_batch(&mut fx, N, 2, 0).await;
     let internal_backend = fx.internal_store(&internal).await;
     let mirror_backend = KubernetesStore::new(&mirror, fx.client.clone(), &mirror_ns);
     for i in 0..N {
@@ -755,4 +762,47 @@ async fn operator_killed_mid_way_creates_no_duplicate_version() {
             second
         );
     }
+}
+
+/// How many of the ManagedSecrets are Synced at `version`.
+async fn synced_at(fx: &Fixture, version: u64) -> usize {
+    fx.ns_api::<ManagedSecret>(&fx.ns)
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .filter(|m| {
+            m.status.as_ref().is_some_and(|s| {
+                s.phase.as_deref() == Some("Synced") && s.current_version == Some(version)
+            })
+        })
+        .count()
+}
+
+/// Waits until more than `already` of the `n` ManagedSecrets are Synced at `version`, then
+/// SIGKILLs the operator and starts it again; panics if all `n` were done by then (the
+/// kill would have tested nothing). The count at the kill.
+async fn kill_mid_batch(fx: &mut Fixture, n: usize, version: u64, already: usize) -> usize {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let synced = synced_at(fx, version).await;
+        if synced > already {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no progress past {already}/{n} at version {version} in 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    fx.op.kill();
+    let synced = synced_at(fx, version).await;
+    assert!(
+        synced < n,
+        "every ManagedSecret was at version {version} before the kill: nothing was tested"
+    );
+    eprintln!("operator SIGKILLed with {synced}/{n} ManagedSecrets at version {version}");
+    fx.op.restart();
+    synced
 }

@@ -6,7 +6,7 @@ mod e2e;
 
 use e2e::Testbed;
 use e2e::fixture::{Fixture, wait_until};
-use e2e::operator::{Operator, http_get, sample};
+use e2e::operator::{Operator, Work, http_get, sample};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::ListParams;
@@ -204,13 +204,25 @@ async fn two_operators_elect_one_leader_and_fail_over_after_sigkill() {
     let mut fx = Fixture::new("leader").await;
     let (mut old, new, new_addr) = electing_pair(&mut fx).await;
 
-    push_secret(&fx, "leader-v1-Pa55word-e2e").await;
+    let (store, _) = push_secret(&fx, "leader-v1-Pa55word-e2e").await;
     fx.wait_synced("db", 1).await;
     assert!(
         !new.log_text().contains("keyhaven controllers starting"),
         "the standby reconciled"
     );
 
+    // SIGKILL a leader at work, not one idle since its last sync: it refreshes db every
+    // second, and is killed right after a refresh seen on its /metrics read the store.
+    let synced = old.metrics().await;
+    old.wait_work(
+        &synced,
+        &[
+            (Work::reconciles("ManagedSecret"), 1),
+            (Work::store_reads(&store), 1),
+        ],
+        Duration::from_secs(30),
+    )
+    .await;
     let killed = Instant::now();
     old.kill();
     let took_over = wait_leading(&new_addr, killed).await;

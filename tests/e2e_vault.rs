@@ -347,18 +347,14 @@ impl PrivateOpenBao {
         let bin = bed.vars.get("KEYHAVEN_OPENBAO_BIN").unwrap_or_else(|| {
             panic!("the bed's env file does not export KEYHAVEN_OPENBAO_BIN: run e2e/testbed down && e2e/testbed up")
         });
-        // The dev server listens on PORT and its cluster listener on PORT+1.
-        let port = loop {
-            let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let port = a.local_addr().unwrap().port();
-            if port < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
-                break port;
-            }
-        };
-        let scheme = if tls { "https" } else { "http" };
-        let addr = format!("{scheme}://127.0.0.1:{port}");
+        // The server binds port 0: the kernel picks a free port, which is then read back
+        // from the process's listening socket (no port chosen here that another process
+        // could take before the server binds it). Clustering off: the dev server would
+        // otherwise listen on port+1 too, a port nobody reserved.
         let log = std::env::temp_dir().join(format!("keyhaven-e2e-{name}-openbao.log"));
         let out = std::fs::File::create(&log).expect("openbao log file");
+        let config = std::env::temp_dir().join(format!("keyhaven-e2e-{name}-openbao.hcl"));
+        std::fs::write(&config, "disable_clustering = true\n").expect("openbao config file");
         let tls_dir = tls.then(|| {
             let dir = std::env::temp_dir().join(format!("keyhaven-e2e-{name}-openbao-tls"));
             let _ = std::fs::remove_dir_all(&dir);
@@ -369,8 +365,9 @@ impl PrivateOpenBao {
             "server".to_owned(),
             "-dev".to_owned(),
             "-dev-root-token-id=root".to_owned(),
-            format!("-dev-listen-address=127.0.0.1:{port}"),
+            "-dev-listen-address=127.0.0.1:0".to_owned(),
             "-dev-no-store-token".to_owned(),
+            format!("-config={}", config.display()),
         ];
         if let Some(dir) = &tls_dir {
             args.push("-dev-tls".to_owned());
@@ -389,7 +386,7 @@ impl PrivateOpenBao {
             .unwrap_or_else(|e| panic!("start {bin}: {e}"));
         let mut bao = PrivateOpenBao {
             child: Some(child),
-            addr,
+            addr: String::new(),
             unseal_key: String::new(),
             log,
             tls_dir,
@@ -407,6 +404,17 @@ impl PrivateOpenBao {
                 bao.log.display()
             )
         });
+        // Listening by now: the listener is bound before the dev server initialises.
+        let pid = bao.child.as_ref().unwrap().id();
+        let ports = listening_ports(pid);
+        let [port] = ports[..] else {
+            panic!(
+                "private OpenBao (pid {pid}) listens on {ports:?}, not on one port; log {}",
+                bao.log.display()
+            )
+        };
+        let scheme = if tls { "https" } else { "http" };
+        bao.addr = format!("{scheme}://127.0.0.1:{port}");
         let root = bao.root();
         let up = wait_until(Duration::from_secs(30), || async {
             let h = vaultrs::sys::health(&root).await.ok()?;
@@ -430,6 +438,35 @@ impl PrivateOpenBao {
         }
         VaultClient::new(settings.build().expect("vault client settings")).expect("vault client")
     }
+}
+
+/// The TCP ports the process `pid` listens on (IPv4): its sockets' inodes, looked up in
+/// /proc/net/tcp.
+fn listening_ports(pid: u32) -> Vec<u16> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/fd: {e}"))
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|target| {
+            let t = target.to_string_lossy();
+            Some(t.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    let mut ports: Vec<u16> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let listening = f.get(3) == Some(&"0A");
+            let ours = f.get(9).is_some_and(|i| inodes.iter().any(|o| o == i));
+            let (_, port) = f.get(1)?.split_once(':')?;
+            (listening && ours).then(|| u16::from_str_radix(port, 16).ok())?
+        })
+        .collect();
+    ports.sort();
+    ports.dedup();
+    ports
 }
 
 impl Drop for PrivateOpenBao {
@@ -1335,10 +1372,11 @@ async fn sealing_openbao_turns_the_store_sealed_and_keeps_native_secrets() {
 async fn unreachable_and_bad_credentials_are_reported() {
     let bed = Testbed::load();
     let fx = Fixture::new("vault-bad").await;
-    let closed_port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    // A port bound and never listened on: connections to it are refused, and no other
+    // process can take it while the test holds it (a port merely found free could be).
+    let closed_socket = tokio::net::TcpSocket::new_v4().unwrap();
+    closed_socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let closed_port = closed_socket.local_addr().unwrap().port();
     let wrong_token = "hvs.wrong-token-e2e-vault-bad-0123456789";
     fx.secret(&fx.ns, "tokens", &[("token", wrong_token)]).await;
     let token_auth =
@@ -1489,6 +1527,7 @@ async fn unreachable_and_bad_credentials_are_reported() {
     fx.assert_values_never_leaked(&[value, wrong_token]).await;
     assert_statuses_clean(&fx, &[value, wrong_token]).await;
     drop(hung);
+    drop(closed_socket);
 }
 
 /// A token revoked in OpenBao while keyhaven holds it: the store turns Invalid, whether or

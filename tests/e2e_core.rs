@@ -4,6 +4,8 @@
 mod e2e;
 
 use e2e::fixture::{Fixture, versions, wait_until};
+use e2e::operator::Work;
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use keyhaven::api::{ManagedSecret, SecretStore, StorePhase, VaultProfile};
 use keyhaven::backend::{Backend, KubernetesStore};
@@ -273,8 +275,10 @@ async fn from_store_syncs_every_target_and_follows_source_updates() {
         "a repair makes no new version"
     );
 
-    // An unchanged source makes no write anywhere across several refreshes.
+    // An unchanged source makes no write anywhere across several refreshes: refreshes that
+    // ran (three or more, each reading the source and both targets, counted on /metrics).
     let rv = |s: Option<Secret>| s.and_then(|s| s.metadata.resource_version);
+    let window = fx.op.metrics().await;
     let before = (
         rv(fx.ns_api::<Secret>(&fx.ns).get_opt("db").await.unwrap()),
         fx.ns_api::<ManagedSecret>(&fx.ns)
@@ -285,6 +289,18 @@ async fn from_store_syncs_every_target_and_follows_source_updates() {
         rv(mirror_secrets.get_opt("app.db").await.unwrap()),
     );
     tokio::time::sleep(Duration::from_secs(5)).await;
+    fx.op
+        .wait_work(
+            &window,
+            &[
+                (Work::reconciles("ManagedSecret"), 3),
+                (Work::store_reads(&source), 3),
+                (Work::store_reads(&internal), 3),
+                (Work::store_reads(&mirror), 3),
+            ],
+            Duration::from_secs(30),
+        )
+        .await;
     let after = (
         rv(fx.ns_api::<Secret>(&fx.ns).get_opt("db").await.unwrap()),
         fx.ns_api::<ManagedSecret>(&fx.ns)
@@ -560,6 +576,7 @@ async fn deletion_policies_and_garbage_collection() {
     // Orphan + Delete: the finalizer deleted it.
     assert!(secrets.get_opt("orphan-delete").await.unwrap().is_none());
     // Owner + Retain: it stays, ownerless, with its data (give the GC time to act wrongly).
+    // The GC did act on this batch's deletion: it collected owner-delete's Secret above.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let retained = secrets
         .get("owner-retain")
@@ -651,7 +668,11 @@ async fn a_failing_store_never_blanks_the_native_secret() {
     })
     .await;
     assert!(not_ready.unwrap().message.unwrap().contains("Invalid"));
+    // Failing, the ManagedSecret retries in 30 s: two reconciles made now, each reading
+    // the broken store, are the ones that could have blanked the native Secret.
     tokio::time::sleep(Duration::from_secs(3)).await;
+    fx.reconcile_managed("api", 2, &[Work::store_reads(&source)])
+        .await;
     assert_eq!(
         intact().await.as_deref(),
         Some("precious-value-e2e-failing")
@@ -683,18 +704,25 @@ async fn operator_killed_mid_way_creates_no_duplicate_version() {
             &[("value", &format!("first-{i}-e2e-restart"))],
         )
         .await;
-        fx.managed_secret(
-            &format!("ms-{i}"),
-            json!({"profile": profile, "type": "generic",
-            "content": {"fromSecret": {"name": format!("src-{i}")}}, "refreshInterval": "2s"}),
-        )
-        .await;
     }
-    // SIGKILL the operator twice while it works through them.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    fx.op.restart();
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    fx.op.restart();
+    // All at once (16 in flight), so that the operator has a batch to work through.
+    futures::stream::iter(0..N)
+        .for_each_concurrent(16, |i| {
+            let (fx, profile) = (&fx, &profile);
+            async move {
+                fx.managed_secret(
+                    &format!("ms-{i}"),
+                    json!({"profile": profile, "type": "generic",
+                    "content": {"fromSecret": {"name": format!("src-{i}")}}, "refreshInterval": "2s"}),
+                )
+                .await;
+            }
+        })
+        .await;
+    // SIGKILL the operator twice while it works through them: each time once some, not
+    // all, are synced (by this process, for the second).
+    let first = kill_mid_batch(&mut fx, N, 1, 0).await;
+    kill_mid_batch(&mut fx, N, 1, first).await;
     for i in 0..N {
         assert_eq!(
             versions(&fx.wait_synced(&format!("ms-{i}"), 1).await),
@@ -711,8 +739,7 @@ async fn operator_killed_mid_way_creates_no_duplicate_version() {
         )
         .await;
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    fx.op.restart();
+    kill_mid_batch(&mut fx, N, 2, 0).await;
     let internal_backend = fx.internal_store(&internal).await;
     let mirror_backend = KubernetesStore::new(&mirror, fx.client.clone(), &mirror_ns);
     for i in 0..N {
@@ -735,4 +762,47 @@ async fn operator_killed_mid_way_creates_no_duplicate_version() {
             second
         );
     }
+}
+
+/// How many of the ManagedSecrets are Synced at `version`.
+async fn synced_at(fx: &Fixture, version: u64) -> usize {
+    fx.ns_api::<ManagedSecret>(&fx.ns)
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .filter(|m| {
+            m.status.as_ref().is_some_and(|s| {
+                s.phase.as_deref() == Some("Synced") && s.current_version == Some(version)
+            })
+        })
+        .count()
+}
+
+/// Waits until more than `already` of the `n` ManagedSecrets are Synced at `version`, then
+/// SIGKILLs the operator and starts it again; panics if all `n` were done by then (the
+/// kill would have tested nothing). The count at the kill.
+async fn kill_mid_batch(fx: &mut Fixture, n: usize, version: u64, already: usize) -> usize {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let synced = synced_at(fx, version).await;
+        if synced > already {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no progress past {already}/{n} at version {version} in 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    fx.op.kill();
+    let synced = synced_at(fx, version).await;
+    assert!(
+        synced < n,
+        "every ManagedSecret was at version {version} before the kill: nothing was tested"
+    );
+    eprintln!("operator SIGKILLed with {synced}/{n} ManagedSecrets at version {version}");
+    fx.op.restart();
+    synced
 }

@@ -6,7 +6,7 @@ mod e2e;
 
 use e2e::Testbed;
 use e2e::fixture::{Fixture, wait_until};
-use e2e::operator::Operator;
+use e2e::operator::{Operator, Work, http_get, sample};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::ListParams;
@@ -16,26 +16,6 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// `GET path` on `addr`: the status code and body, or None when nothing answers.
-async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
-    let mut conn = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    conn.write_all(request.as_bytes()).await.ok()?;
-    let mut raw = Vec::new();
-    conn.read_to_end(&mut raw).await.ok()?;
-    let text = String::from_utf8_lossy(&raw);
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, text.split_once("\r\n\r\n")?.1.to_owned()))
-}
-
-/// The value of the series `series` (name and labels exactly as exposed) in `text`.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-}
 
 /// The operator's metrics address, once it listens.
 async fn metrics_addr(op: &Operator) -> String {
@@ -224,13 +204,25 @@ async fn two_operators_elect_one_leader_and_fail_over_after_sigkill() {
     let mut fx = Fixture::new("leader").await;
     let (mut old, new, new_addr) = electing_pair(&mut fx).await;
 
-    push_secret(&fx, "leader-v1-Pa55word-e2e").await;
+    let (store, _) = push_secret(&fx, "leader-v1-Pa55word-e2e").await;
     fx.wait_synced("db", 1).await;
     assert!(
         !new.log_text().contains("keyhaven controllers starting"),
         "the standby reconciled"
     );
 
+    // SIGKILL a leader at work, not one idle since its last sync: it refreshes db every
+    // second, and is killed right after a refresh seen on its /metrics read the store.
+    let synced = old.metrics().await;
+    old.wait_work(
+        &synced,
+        &[
+            (Work::reconciles("ManagedSecret"), 1),
+            (Work::store_reads(&store), 1),
+        ],
+        Duration::from_secs(30),
+    )
+    .await;
     let killed = Instant::now();
     old.kill();
     let took_over = wait_leading(&new_addr, killed).await;

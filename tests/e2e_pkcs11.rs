@@ -17,6 +17,7 @@ use e2e::fixture::{Fixture, wait_until};
 use e2e::hsm::{
     PIN_SECRET, TokenKeys, bed_provider, hsm_setup, hsm_store, kek_label, provider, set_pin,
 };
+use e2e::operator::Work;
 use k8s_openapi::api::core::v1::Secret;
 use keyhaven::api::{KekRotationPhase, SecretStore, StorePhase};
 use keyhaven::backend::{Backend, Pkcs11Store};
@@ -366,8 +367,18 @@ async fn a_wrong_pin_seals_the_store_and_never_touches_native_secrets() {
     );
     fx.wait_not_ready("api", "StoreSealed").await;
     fx.wait_event("Sealed", "refused the PIN").await;
-    // Give the 1 s refresh time to do damage; there must be none.
+    // Give the 1 s refresh time to do damage; there must be none. Failing, api retries
+    // only every 30 s: two reconciles made now, each refused by the sealed token.
     tokio::time::sleep(Duration::from_secs(4)).await;
+    fx.reconcile_managed(
+        "api",
+        2,
+        &[
+            Work::failed("ManagedSecret", "StoreSealed"),
+            Work::store_reads(&hsm).outcome("sealed"),
+        ],
+    )
+    .await;
     let native_after = fx.ns_api::<Secret>(&fx.ns).get("api").await.unwrap();
     assert_eq!(
         native_after.data, native_before,

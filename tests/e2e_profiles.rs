@@ -537,7 +537,10 @@ async fn a_store_profiles_reference_is_not_removed_until_released_or_forced() {
         );
     }
     fx.wait_event("DeletionBlocked", &p).await;
+    // Held across reconciles, not just for a while: two made now (a held store is
+    // otherwise looked at every 10 s).
     tokio::time::sleep(Duration::from_secs(2)).await;
+    fx.reconcile_store(&held, 2, &[]).await;
     assert!(stores.get_opt(&held).await.unwrap().is_some());
 
     // Forced: released although the profile still names it.

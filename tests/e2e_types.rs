@@ -6,6 +6,7 @@ mod e2e;
 
 use base64::Engine as _;
 use e2e::fixture::{Fixture, versions, wait_until};
+use e2e::operator::Work;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::Secret;
@@ -222,7 +223,7 @@ async fn every_new_type_renders_its_native_secret_and_bad_content_is_refused() {
 
 #[tokio::test]
 async fn generated_password_and_ssh_key_are_stored_then_materialized() {
-    let fx = Fixture::new("generate").await;
+    let mut fx = Fixture::new("generate").await;
     let internal = fx.store("internal", json!({"internal": {}})).await;
     let profile = fx.profile("p", &internal, &[]).await;
     fx.managed_secret(
@@ -272,7 +273,9 @@ async fn generated_password_and_ssh_key_are_stored_then_materialized() {
             && ssh["ssh-publickey"].trim_end().ends_with(" e2e")
     );
 
-    // A restart of the operator keeps the stored values: no new version.
+    // A restart of the operator keeps the stored values: no new version. The restarted
+    // process reconciles pw again and again (refreshed every second), each time reading
+    // the store (three reconciles and reads at least, ssh's one included, on /metrics).
     fx.ns_api::<ManagedSecret>(&fx.ns)
         .patch(
             "pw",
@@ -281,7 +284,19 @@ async fn generated_password_and_ssh_key_are_stored_then_materialized() {
         )
         .await
         .unwrap();
+    fx.op.restart();
+    let restarted = fx.op.metrics().await;
     tokio::time::sleep(Duration::from_secs(3)).await;
+    fx.op
+        .wait_work(
+            &restarted,
+            &[
+                (Work::reconciles("ManagedSecret"), 3),
+                (Work::store_reads(&internal), 3),
+            ],
+            Duration::from_secs(30),
+        )
+        .await;
     let ms = fx.wait_synced("pw", 1).await;
     assert_eq!(versions(&ms), vec![1]);
     assert_eq!(
@@ -332,8 +347,11 @@ async fn rotation_and_rollback_make_new_versions() {
             .contains("rotated")
     );
     assert_eq!(st.versions[0], v1.status.as_ref().unwrap().versions[0]);
-    // Only once per annotation value.
+    // Only once per annotation value: two reconciles later (made now: key refreshes hourly),
+    // each reading the source, still version 2.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    fx.reconcile_managed("key", 2, &[Work::store_reads(&source)])
+        .await;
     assert_eq!(versions(&fx.wait_synced("key", 2).await), vec![1, 2]);
 
     // Rollback to 1: a NEW version 3 with version 1's content; history kept as it was.

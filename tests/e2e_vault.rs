@@ -12,19 +12,19 @@ mod e2e;
 
 use e2e::Testbed;
 use e2e::fixture::{Fixture, versions, wait_until};
+use e2e::operator::Work;
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::ServiceAccount;
 use keyhaven::api::{ManagedSecret, SecretStore, SecretStoreStatus, StorePhase, VaultProfile};
 use keyhaven::backend::{Backend, KubernetesStore};
 use kube::Api;
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::api::{ListParams, PostParams};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use vaultrs::api::auth::approle::requests::SetAppRoleRequest;
 use vaultrs::api::auth::kubernetes::requests::CreateKubernetesRoleRequest;
@@ -71,18 +71,6 @@ fn kv_policy(mount: &str, v2: bool, prefix: &str) -> String {
     )
 }
 
-/// Bumps an annotation of the SecretStore so its health reconciler runs now instead of at
-/// its next periodic check.
-async fn poke_store(fx: &Fixture, name: &str) {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let n = N.fetch_add(1, Ordering::Relaxed);
-    let patch = json!({"metadata": {"annotations": {"e2e.keyhaven.io/poke": n.to_string()}}});
-    let _ = fx
-        .cluster_api::<SecretStore>()
-        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await;
-}
-
 /// Waits until the SecretStore's status satisfies `ok`, or panics with its last status.
 /// With `poke`, triggers a health check every 3 s; without, relies on the periodic one.
 async fn wait_store(
@@ -113,7 +101,7 @@ async fn wait_store(
             );
         }
         if poke && poked.elapsed() > Duration::from_secs(3) {
-            poke_store(fx, name).await;
+            fx.poke_store(name).await;
             poked = Instant::now();
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -359,18 +347,14 @@ impl PrivateOpenBao {
         let bin = bed.vars.get("KEYHAVEN_OPENBAO_BIN").unwrap_or_else(|| {
             panic!("the bed's env file does not export KEYHAVEN_OPENBAO_BIN: run e2e/testbed down && e2e/testbed up")
         });
-        // The dev server listens on PORT and its cluster listener on PORT+1.
-        let port = loop {
-            let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let port = a.local_addr().unwrap().port();
-            if port < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
-                break port;
-            }
-        };
-        let scheme = if tls { "https" } else { "http" };
-        let addr = format!("{scheme}://127.0.0.1:{port}");
+        // The server binds port 0: the kernel picks a free port, which is then read back
+        // from the process's listening socket (no port chosen here that another process
+        // could take before the server binds it). Clustering off: the dev server would
+        // otherwise listen on port+1 too, a port nobody reserved.
         let log = std::env::temp_dir().join(format!("keyhaven-e2e-{name}-openbao.log"));
         let out = std::fs::File::create(&log).expect("openbao log file");
+        let config = std::env::temp_dir().join(format!("keyhaven-e2e-{name}-openbao.hcl"));
+        std::fs::write(&config, "disable_clustering = true\n").expect("openbao config file");
         let tls_dir = tls.then(|| {
             let dir = std::env::temp_dir().join(format!("keyhaven-e2e-{name}-openbao-tls"));
             let _ = std::fs::remove_dir_all(&dir);
@@ -381,8 +365,9 @@ impl PrivateOpenBao {
             "server".to_owned(),
             "-dev".to_owned(),
             "-dev-root-token-id=root".to_owned(),
-            format!("-dev-listen-address=127.0.0.1:{port}"),
+            "-dev-listen-address=127.0.0.1:0".to_owned(),
             "-dev-no-store-token".to_owned(),
+            format!("-config={}", config.display()),
         ];
         if let Some(dir) = &tls_dir {
             args.push("-dev-tls".to_owned());
@@ -401,7 +386,7 @@ impl PrivateOpenBao {
             .unwrap_or_else(|e| panic!("start {bin}: {e}"));
         let mut bao = PrivateOpenBao {
             child: Some(child),
-            addr,
+            addr: String::new(),
             unseal_key: String::new(),
             log,
             tls_dir,
@@ -419,6 +404,17 @@ impl PrivateOpenBao {
                 bao.log.display()
             )
         });
+        // Listening by now: the listener is bound before the dev server initialises.
+        let pid = bao.child.as_ref().unwrap().id();
+        let ports = listening_ports(pid);
+        let [port] = ports[..] else {
+            panic!(
+                "private OpenBao (pid {pid}) listens on {ports:?}, not on one port; log {}",
+                bao.log.display()
+            )
+        };
+        let scheme = if tls { "https" } else { "http" };
+        bao.addr = format!("{scheme}://127.0.0.1:{port}");
         let root = bao.root();
         let up = wait_until(Duration::from_secs(30), || async {
             let h = vaultrs::sys::health(&root).await.ok()?;
@@ -442,6 +438,35 @@ impl PrivateOpenBao {
         }
         VaultClient::new(settings.build().expect("vault client settings")).expect("vault client")
     }
+}
+
+/// The TCP ports the process `pid` listens on (IPv4): its sockets' inodes, looked up in
+/// /proc/net/tcp.
+fn listening_ports(pid: u32) -> Vec<u16> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/fd: {e}"))
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|target| {
+            let t = target.to_string_lossy();
+            Some(t.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    let mut ports: Vec<u16> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let listening = f.get(3) == Some(&"0A");
+            let ours = f.get(9).is_some_and(|i| inodes.iter().any(|o| o == i));
+            let (_, port) = f.get(1)?.split_once(':')?;
+            (listening && ours).then(|| u16::from_str_radix(port, 16).ok())?
+        })
+        .collect();
+    ports.sort();
+    ports.dedup();
+    ports
 }
 
 impl Drop for PrivateOpenBao {
@@ -1007,6 +1032,28 @@ async fn kubernetes_auth_token_is_renewed_and_rotated_on_schedule() {
         renewals >= 1,
         "a 10 s token was used for {elapsed} s without a renewal"
     );
+    // The renewed token was used: KV requests with it after the first renewal.
+    let first_renewal = entries
+        .iter()
+        .position(|e| {
+            is_response(e)
+                && metadata(e, "role") == Some(renew_role.as_str())
+                && request_path(e).starts_with("auth/token/renew")
+                && e.get("error").is_none()
+        })
+        .unwrap_or(entries.len());
+    let used_after = entries[first_renewal..]
+        .iter()
+        .filter(|e| {
+            is_request(e)
+                && metadata(e, "role") == Some(renew_role.as_str())
+                && request_path(e).starts_with("secret/")
+        })
+        .count();
+    assert!(
+        used_after >= 10,
+        "3 ManagedSecrets refreshed every second made {used_after} KV requests after the first renewal"
+    );
     let denied: Vec<String> = entries
         .iter()
         .filter(|e| {
@@ -1249,8 +1296,27 @@ async fn sealing_openbao_turns_the_store_sealed_and_keeps_native_secrets() {
         })
     })
     .await;
-    // Several failing refreshes later, both native Secrets are intact.
+    // Several failing refreshes later, both native Secrets are intact. Made now, each
+    // refused by the sealed OpenBao: api backs off 30 s after a failure, mirrored 15 s.
     tokio::time::sleep(Duration::from_secs(5)).await;
+    fx.reconcile_managed(
+        "api",
+        2,
+        &[
+            Work::failed("ManagedSecret", "StoreSealed"),
+            Work::store_reads(&vault).outcome("sealed"),
+        ],
+    )
+    .await;
+    fx.reconcile_managed(
+        "mirrored",
+        2,
+        &[
+            Work::store_reads(&internal),
+            Work::store_reads(&vault).outcome("sealed"),
+        ],
+    )
+    .await;
     assert_eq!(
         native("api").await.as_ref(),
         Some(&api_before),
@@ -1306,10 +1372,11 @@ async fn sealing_openbao_turns_the_store_sealed_and_keeps_native_secrets() {
 async fn unreachable_and_bad_credentials_are_reported() {
     let bed = Testbed::load();
     let fx = Fixture::new("vault-bad").await;
-    let closed_port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    // A port bound and never listened on: connections to it are refused, and no other
+    // process can take it while the test holds it (a port merely found free could be).
+    let closed_socket = tokio::net::TcpSocket::new_v4().unwrap();
+    closed_socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let closed_port = closed_socket.local_addr().unwrap().port();
     let wrong_token = "hvs.wrong-token-e2e-vault-bad-0123456789";
     fx.secret(&fx.ns, "tokens", &[("token", wrong_token)]).await;
     let token_auth =
@@ -1460,6 +1527,7 @@ async fn unreachable_and_bad_credentials_are_reported() {
     fx.assert_values_never_leaked(&[value, wrong_token]).await;
     assert_statuses_clean(&fx, &[value, wrong_token]).await;
     drop(hung);
+    drop(closed_socket);
 }
 
 /// A token revoked in OpenBao while keyhaven holds it: the store turns Invalid, whether or
@@ -1535,7 +1603,18 @@ async fn a_revoked_token_turns_the_store_invalid_and_a_new_one_heals_it() {
         invalid.message.as_ref().is_some_and(|m| !m.is_empty()),
         "{invalid:?}"
     );
+    // Two reconciles made now (failing, db retries only every 30 s), each refused by
+    // OpenBao, then the native Secret is as it was.
     tokio::time::sleep(Duration::from_secs(3)).await;
+    fx.reconcile_managed(
+        "db",
+        2,
+        &[
+            Work::failed("ManagedSecret", "StoreInvalid"),
+            Work::store_reads(&used).outcome("invalid"),
+        ],
+    )
+    .await;
     assert_eq!(
         fx.secret_data(&fx.ns, "db").await.as_ref(),
         Some(&native_before),
@@ -1774,16 +1853,24 @@ async fn drift_in_a_vault_target_is_repaired() {
         after_repair,
         "the target is rewritten on every refresh"
     );
-    let writes = audit
+    let entries: Vec<Value> = audit
         .since(mark)
         .into_iter()
         .filter(|e| {
             is_request(e)
                 && metadata(e, "e2e") == Some(fx.ns.as_str())
                 && request_path(e).starts_with("secret/")
-                && is_write(e)
         })
+        .collect();
+    let reads = entries
+        .iter()
+        .filter(|e| !is_write(e) && request_path(e).ends_with(&path))
         .count();
+    assert!(
+        reads >= 2,
+        "the target was not re-read during 6 s of refreshes every 2 s ({reads} reads)"
+    );
+    let writes = entries.iter().filter(|e| is_write(e)).count();
     assert_eq!(writes, 0, "writes to OpenBao after the repair");
 
     fx.assert_values_never_leaked(&[value, tampered, &token])

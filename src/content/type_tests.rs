@@ -4,8 +4,122 @@ use super::*;
 use crate::api::{CharClass, Generate, KeyAlgorithm};
 use base64::Engine as _;
 use pkcs8::{EncodePrivateKey as _, LineEnding};
+use rand::{Rng as _, RngExt as _, SeedableRng as _};
 use rsa::pkcs1::EncodeRsaPrivateKey as _;
-use rsa::rand_core::OsRng;
+use std::sync::OnceLock;
+
+/// The seed of this run's random test inputs: `KEYHAVEN_TEST_SEED` when set (to repeat a
+/// failing run), else a fresh one. Each test derives its own generator from it and its name
+/// ([`TestRng::new`]), so a test's inputs do not depend on which other tests run.
+fn run_seed() -> u64 {
+    static SEED: OnceLock<u64> = OnceLock::new();
+    *SEED.get_or_init(|| match std::env::var("KEYHAVEN_TEST_SEED") {
+        Ok(s) if !s.trim().is_empty() => s
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("KEYHAVEN_TEST_SEED={s:?} is not a u64: {e}")),
+        _ => rand::random(),
+    })
+}
+
+/// A test's seeded generator: every random input of the tests here comes from one (keys,
+/// salts, fuzz choices). It implements the rand_core 0.6 traits the key crates (rsa, p256,
+/// ed25519-dalek, ssh-key, pkcs8) take, and hands out the rand 0.10 generator for the rest.
+///
+/// Randomness the tests do not choose stays unseeded: the generators under test
+/// ([`generate`]) and the PKCS#12 writer's salts draw their own.
+struct TestRng(rand::rngs::StdRng);
+
+impl TestRng {
+    /// The generator of the test `name`. Prints the run's seed: `cargo test` shows it with
+    /// the output of a failing test, and `KEYHAVEN_TEST_SEED=<seed>` repeats its inputs.
+    fn new(name: &str) -> TestRng {
+        let seed = run_seed();
+        eprintln!("{name}: random inputs from KEYHAVEN_TEST_SEED={seed}");
+        // FNV-1a of the name: stable across runs and Rust versions.
+        let salt = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        TestRng(rand::rngs::StdRng::seed_from_u64(seed ^ salt))
+    }
+
+    fn rand(&mut self) -> &mut rand::rngs::StdRng {
+        &mut self.0
+    }
+}
+
+impl rsa::rand_core::RngCore for TestRng {
+    fn next_u32(&mut self) -> u32 {
+        self.0.next_u32()
+    }
+    fn next_u64(&mut self) -> u64 {
+        self.0.next_u64()
+    }
+    fn fill_bytes(&mut self, dest: &mut [u8]) {
+        self.0.fill_bytes(dest)
+    }
+    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rsa::rand_core::Error> {
+        self.0.fill_bytes(dest);
+        Ok(())
+    }
+}
+
+// StdRng (ChaCha12) is a cryptographic generator; seeded, it is predictable, which is what a
+// test wants.
+impl rsa::rand_core::CryptoRng for TestRng {}
+
+/// A P-256 key for rcgen drawn from a [`TestRng`], signing deterministically (RFC 6979)
+/// so that a certificate made with it depends on the seed only.
+struct SeededKey {
+    key: p256::ecdsa::SigningKey,
+    public: Vec<u8>,
+}
+
+impl SeededKey {
+    fn new(rng: &mut TestRng) -> SeededKey {
+        let key = p256::ecdsa::SigningKey::random(rng);
+        let public = key
+            .verifying_key()
+            .to_encoded_point(false)
+            .as_bytes()
+            .to_vec();
+        SeededKey { key, public }
+    }
+
+    /// The private key as PKCS#8 PEM.
+    fn pem(&self) -> String {
+        p256::SecretKey::from(&self.key)
+            .to_pkcs8_pem(LineEnding::LF)
+            .unwrap()
+            .to_string()
+    }
+
+    /// The private key as PKCS#8 DER.
+    fn der(&self) -> Vec<u8> {
+        p256::SecretKey::from(&self.key)
+            .to_pkcs8_der()
+            .unwrap()
+            .as_bytes()
+            .to_vec()
+    }
+}
+
+impl rcgen::PublicKeyData for SeededKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.public
+    }
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    }
+}
+
+impl rcgen::SigningKey for SeededKey {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        use p256::ecdsa::signature::Signer as _;
+        let signature: p256::ecdsa::DerSignature = self.key.sign(msg);
+        Ok(signature.as_bytes().to_vec())
+    }
+}
 
 fn data(kv: &[(&str, &[u8])]) -> SecretData {
     kv.iter().map(|(k, v)| (*k, v.to_vec())).collect()
@@ -18,8 +132,8 @@ fn problem(r: Result<Inspected, ContentError>) -> String {
     }
 }
 
-fn p256_pkcs8() -> String {
-    p256::SecretKey::random(&mut OsRng)
+fn p256_pkcs8(rng: &mut TestRng) -> String {
+    p256::SecretKey::random(rng)
         .to_pkcs8_pem(LineEnding::LF)
         .unwrap()
         .to_string()
@@ -33,18 +147,18 @@ struct Pki {
     leaf_key: String,
 }
 
-fn pki() -> Pki {
+fn pki(rng: &mut TestRng) -> Pki {
     let ca = |cn: &str| {
         let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         p.distinguished_name.push(rcgen::DnType::CommonName, cn);
         p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         p
     };
-    let root_key = rcgen::KeyPair::generate().unwrap();
+    let root_key = SeededKey::new(rng);
     let root = rcgen::CertifiedIssuer::self_signed(ca("root"), root_key).unwrap();
-    let int_key = rcgen::KeyPair::generate().unwrap();
+    let int_key = SeededKey::new(rng);
     let int = rcgen::CertifiedIssuer::signed_by(ca("intermediate"), int_key, &root).unwrap();
-    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf_key = SeededKey::new(rng);
     let leaf = rcgen::CertificateParams::new(vec!["svc.example".to_owned()])
         .unwrap()
         .signed_by(&leaf_key, &int)
@@ -53,7 +167,7 @@ fn pki() -> Pki {
         root: root.pem(),
         intermediate: int.pem(),
         leaf: leaf.pem(),
-        leaf_key: leaf_key.serialize_pem(),
+        leaf_key: leaf_key.pem(),
     }
 }
 
@@ -101,6 +215,7 @@ fn jwt_good_and_bad() {
 
 #[test]
 fn private_key_formats() {
+    let mut rng = TestRng::new("private_key_formats");
     let ok = |pem: &str| {
         let d = data(&[("private-key", pem.as_bytes())]);
         validate(SecretType::PrivateKey, &d).unwrap();
@@ -110,22 +225,22 @@ fn private_key_formats() {
         assert!(public.starts_with("-----BEGIN PUBLIC KEY-----"));
     };
     // PKCS#8: EC P-256, P-384, Ed25519, RSA; SEC1; PKCS#1.
-    let ec = p256::SecretKey::random(&mut OsRng);
+    let ec = p256::SecretKey::random(&mut rng);
     ok(&ec.to_pkcs8_pem(LineEnding::LF).unwrap());
     ok(&ec.to_sec1_pem(LineEnding::LF).unwrap());
-    ok(&p384::SecretKey::random(&mut OsRng)
+    ok(&p384::SecretKey::random(&mut rng)
         .to_pkcs8_pem(LineEnding::LF)
         .unwrap());
-    ok(&ed25519_dalek::SigningKey::generate(&mut OsRng)
+    ok(&ed25519_dalek::SigningKey::generate(&mut rng)
         .to_pkcs8_pem(LineEnding::LF)
         .unwrap());
-    let rsa_key = rsa::RsaPrivateKey::new(&mut OsRng, 2048).unwrap();
+    let rsa_key = rsa::RsaPrivateKey::new(&mut rng, 2048).unwrap();
     ok(&rsa_key.to_pkcs8_pem(LineEnding::LF).unwrap());
     ok(&rsa_key.to_pkcs1_pem(LineEnding::LF).unwrap());
 
     // Encrypted PKCS#8: needs the right passphrase.
     let encrypted = ec
-        .to_pkcs8_encrypted_pem(&mut OsRng, b"open sesame", LineEnding::LF)
+        .to_pkcs8_encrypted_pem(&mut rng, b"open sesame", LineEnding::LF)
         .unwrap();
     let with = |p: &[u8]| {
         validate(
@@ -151,8 +266,8 @@ fn private_key_formats() {
 
     // Refused: legacy encrypted PEM, garbage, two keys, an OpenSSH key, a certificate.
     let legacy = "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,00\n\nAAAA\n-----END RSA PRIVATE KEY-----\n";
-    let two = format!("{}{}", p256_pkcs8(), p256_pkcs8());
-    let ssh = ssh_key::PrivateKey::random(&mut OsRng, ssh_key::Algorithm::Ed25519)
+    let two = format!("{}{}", p256_pkcs8(&mut rng), p256_pkcs8(&mut rng));
+    let ssh = ssh_key::PrivateKey::random(&mut rng, ssh_key::Algorithm::Ed25519)
         .unwrap()
         .to_openssh(ssh_key::LineEnding::LF)
         .unwrap()
@@ -163,7 +278,7 @@ fn private_key_formats() {
         ("hello", "no PEM block"),
         (two.as_str(), "more than one"),
         (ssh.as_str(), "ssh-key"),
-        (pki().leaf.as_str(), "no PEM private key"),
+        (pki(&mut rng).leaf.as_str(), "no PEM private key"),
         (garbage, "not a valid PKCS#8"),
     ] {
         let p = problem(validate(
@@ -192,15 +307,15 @@ fn secret_key_lengths() {
     assert!(validate(SecretType::SecretKey, &data(&[("secret", b"x")])).is_err());
 }
 
-fn p12(password: &str) -> Vec<u8> {
-    let key = rcgen::KeyPair::generate().unwrap();
+fn p12(rng: &mut TestRng, password: &str) -> Vec<u8> {
+    let key = SeededKey::new(rng);
     let cert = rcgen::CertificateParams::new(vec!["a.example".to_owned()])
         .unwrap()
         .self_signed(&key)
         .unwrap();
     let chain = p12_keystore::PrivateKeyChain::new(
         vec![1u8; 20],
-        p12_keystore::PrivateKey::from_der(&key.serialize_der()).unwrap(),
+        p12_keystore::PrivateKey::from_der(&key.der()).unwrap(),
         [p12_keystore::Certificate::from_der(cert.der()).unwrap()],
     );
     let mut store = p12_keystore::KeyStore::new();
@@ -210,7 +325,10 @@ fn p12(password: &str) -> Vec<u8> {
 
 #[test]
 fn keystore_opens_with_its_password() {
-    let store = p12("changeit");
+    let store = p12(
+        &mut TestRng::new("keystore_opens_with_its_password"),
+        "changeit",
+    );
     let with = |pw: &[u8]| {
         validate(
             SecretType::Keystore,
@@ -235,7 +353,8 @@ fn keystore_opens_with_its_password() {
 
 #[test]
 fn certificate_chains() {
-    let pki = pki();
+    let mut rng = TestRng::new("certificate_chains");
+    let pki = pki(&mut rng);
     let chain = format!("{}{}", pki.leaf, pki.intermediate);
     let d = data(&[
         ("tls.crt", chain.as_bytes()),
@@ -276,7 +395,7 @@ fn certificate_chains() {
     assert!(bad(&swapped, &pki.leaf_key).contains("chain order"));
     let wrong_order = format!("{}{}{}", pki.leaf, pki.root, pki.intermediate);
     assert!(bad(&wrong_order, &pki.leaf_key).contains("chain order"));
-    assert!(bad(&pki.leaf, &p256_pkcs8()).contains("does not match the leaf"));
+    assert!(bad(&pki.leaf, &p256_pkcs8(&mut rng)).contains("does not match the leaf"));
     assert!(bad(&pki.leaf_key, &pki.leaf_key).contains("only CERTIFICATE"));
     let junk = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
     assert!(bad(junk, &pki.leaf_key).contains("not a valid X.509"));
@@ -286,19 +405,25 @@ fn certificate_chains() {
         &data(&[("tls.crt", pki.leaf.as_bytes())]),
     ));
     assert!(p.contains("tls.key"), "{p}");
-    // The error never quotes the key.
-    assert!(!bad(&pki.leaf, &pki.leaf_key.replace("PRIVATE KEY", "X")).contains("MII"));
+    // The error never quotes the key (its base64 starts "MIG" for P-256, "MII" for RSA).
+    let key_body = pki.leaf_key.lines().nth(1).unwrap();
+    let quoted = bad(&pki.leaf, &pki.leaf_key.replace("PRIVATE KEY", "X"));
+    assert!(
+        !quoted.contains("MII") && !quoted.contains(&key_body[..16]),
+        "{quoted}"
+    );
 }
 
 #[test]
 fn ssh_keys() {
+    let mut rng = TestRng::new("ssh_keys");
     for algorithm in [
         ssh_key::Algorithm::Ed25519,
         ssh_key::Algorithm::Ecdsa {
             curve: ssh_key::EcdsaCurve::NistP256,
         },
     ] {
-        let key = ssh_key::PrivateKey::random(&mut OsRng, algorithm).unwrap();
+        let key = ssh_key::PrivateKey::random(&mut rng, algorithm).unwrap();
         let pem = key.to_openssh(ssh_key::LineEnding::LF).unwrap();
         let d = data(&[("ssh-privatekey", pem.as_bytes())]);
         validate(SecretType::SshKey, &d).unwrap();
@@ -311,7 +436,7 @@ fn ssh_keys() {
         );
 
         // Encrypted: the passphrase must open it.
-        let enc = key.encrypt(&mut OsRng, "pass phrase").unwrap();
+        let enc = key.encrypt(&mut rng, "pass phrase").unwrap();
         let enc = enc.to_openssh(ssh_key::LineEnding::LF).unwrap();
         let with = |p: Option<&[u8]>| {
             let mut d = data(&[("ssh-privatekey", enc.as_bytes())]);
@@ -324,8 +449,8 @@ fn ssh_keys() {
         assert!(problem(with(Some(b"nope"))).contains("cannot be decrypted"));
         assert!(problem(with(None)).contains("passphrase"));
     }
-    let key = ssh_key::PrivateKey::random(&mut OsRng, ssh_key::Algorithm::Ed25519).unwrap();
-    let other = ssh_key::PrivateKey::random(&mut OsRng, ssh_key::Algorithm::Ed25519).unwrap();
+    let key = ssh_key::PrivateKey::random(&mut rng, ssh_key::Algorithm::Ed25519).unwrap();
+    let other = ssh_key::PrivateKey::random(&mut rng, ssh_key::Algorithm::Ed25519).unwrap();
     let pem = key.to_openssh(ssh_key::LineEnding::LF).unwrap();
     let mismatched = other.public_key().to_openssh().unwrap();
     let p = problem(validate(
@@ -339,7 +464,7 @@ fn ssh_keys() {
     assert!(
         validate(
             SecretType::SshKey,
-            &data(&[("ssh-privatekey", p256_pkcs8().as_bytes())])
+            &data(&[("ssh-privatekey", p256_pkcs8(&mut rng).as_bytes())])
         )
         .is_err()
     );
@@ -476,13 +601,17 @@ fn every_generator_output_parses_back_as_its_type() {
 /// Every type and key, on random bytes and on mutations of valid values: never a panic.
 #[test]
 fn fuzzed_inputs_never_panic() {
-    let pki = pki();
-    let ssh = generate(SecretType::SshKey, &gen_spec(), "n").unwrap();
+    let mut rng = TestRng::new("fuzzed_inputs_never_panic");
+    let pki = pki(&mut rng);
+    // An OpenSSH key like the generator's (Ed25519, comment "keyhaven"), from the seed.
+    let mut ssh = ssh_key::PrivateKey::random(&mut rng, ssh_key::Algorithm::Ed25519).unwrap();
+    ssh.set_comment("keyhaven");
+    let ssh = ssh.to_openssh(ssh_key::LineEnding::LF).unwrap();
     let seeds: Vec<Vec<u8>> = vec![
         pki.leaf.clone().into_bytes(),
         pki.leaf_key.clone().into_bytes(),
-        p12("pw"),
-        ssh.get("ssh-privatekey").unwrap().to_vec(),
+        p12(&mut rng, "pw"),
+        ssh.as_bytes().to_vec(),
         jwt(r#"{"alg":"HS256"}"#, r#"{"exp":1}"#).into_bytes(),
         b"-----BEGIN PRIVATE KEY-----\n".to_vec(),
         b"-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n".to_vec(),
@@ -516,35 +645,36 @@ fn fuzzed_inputs_never_panic() {
         "expires-at",
         "username",
     ];
-    let random_value = || -> Vec<u8> {
-        match rand::random_range(0..3) {
+    let random_value = |rng: &mut rand::rngs::StdRng| -> Vec<u8> {
+        match rng.random_range(0..3) {
             0 => {
-                let mut v = vec![0u8; rand::random_range(0..200)];
-                rand::fill(&mut v[..]);
+                let mut v = vec![0u8; rng.random_range(0..200)];
+                rng.fill(&mut v[..]);
                 v
             }
             1 => {
-                let mut v = seeds[rand::random_range(0..seeds.len())].clone();
-                for _ in 0..rand::random_range(1..8) {
+                let mut v = seeds[rng.random_range(0..seeds.len())].clone();
+                for _ in 0..rng.random_range(1..8) {
                     if v.is_empty() {
                         break;
                     }
-                    let i = rand::random_range(0..v.len());
-                    v[i] = rand::random();
+                    let i = rng.random_range(0..v.len());
+                    v[i] = rng.random();
                 }
                 v
             }
             _ => {
-                let v = &seeds[rand::random_range(0..seeds.len())];
-                v[..rand::random_range(0..=v.len())].to_vec()
+                let v = &seeds[rng.random_range(0..seeds.len())];
+                v[..rng.random_range(0..=v.len())].to_vec()
             }
         }
     };
+    let rng = rng.rand();
     for _ in 0..400 {
         let mut d = SecretData::new();
         for k in keys {
-            if rand::random_bool(0.7) {
-                d.insert(k, random_value());
+            if rng.random_bool(0.7) {
+                d.insert(k, random_value(rng));
             }
         }
         for t in types {

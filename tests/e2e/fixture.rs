@@ -3,7 +3,7 @@
 //! for their status. Everything cluster-scoped it creates carries the scope label and is
 //! deleted when the fixture drops.
 
-use super::operator::{Operator, SCOPE_LABEL};
+use super::operator::{Metrics, Operator, SCOPE_LABEL, Work};
 use futures::Future;
 use k8s_openapi::api::core::v1::{Event, Namespace, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -180,6 +180,80 @@ impl Fixture {
             }),
         )
         .await
+    }
+
+    /// Bumps the annotation `e2e.keyhaven.io/poke` of the ManagedSecret `name`: annotations
+    /// are reconcile inputs, so the operator reconciles it now, and this one means nothing
+    /// to keyhaven.
+    pub async fn poke_managed(&self, name: &str) {
+        let patch = json!({"metadata": {"annotations": {POKE: next_poke()}}});
+        self.ns_api::<ManagedSecret>(&self.ns)
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap_or_else(|e| panic!("poke ManagedSecret {name}: {e}"));
+    }
+
+    /// Bumps the annotation `e2e.keyhaven.io/poke` of the SecretStore `name` (a health check
+    /// now instead of at its next periodic one).
+    pub async fn poke_store(&self, name: &str) {
+        let patch = json!({"metadata": {"annotations": {POKE: next_poke()}}});
+        self.cluster_api::<SecretStore>()
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap_or_else(|e| panic!("poke SecretStore {name}: {e}"));
+    }
+
+    /// Makes the operator reconcile the ManagedSecret `name` `times` times, one after the
+    /// other: each time a poke, then a wait (up to 30 s) until it counts one more
+    /// ManagedSecret reconcile and one more of each of `also` (e.g. a read of the store
+    /// `name` uses, or a failure with the reason its status shows). Returns the scrapes of
+    /// before and after.
+    ///
+    /// For a window in which a test expects nothing to change while the ManagedSecret
+    /// waits out a backoff (a failing store: 30 s) or a long refresh interval: without it,
+    /// "nothing changed" could mean "nothing ran".
+    pub async fn reconcile_managed(
+        &self,
+        name: &str,
+        times: u64,
+        also: &[Work],
+    ) -> (Metrics, Metrics) {
+        self.reconcile_times("ManagedSecret", name, times, also)
+            .await
+    }
+
+    /// Like [`Fixture::reconcile_managed`], for the SecretStore `name`.
+    pub async fn reconcile_store(
+        &self,
+        name: &str,
+        times: u64,
+        also: &[Work],
+    ) -> (Metrics, Metrics) {
+        self.reconcile_times("SecretStore", name, times, also).await
+    }
+
+    async fn reconcile_times(
+        &self,
+        kind: &str,
+        name: &str,
+        times: u64,
+        also: &[Work],
+    ) -> (Metrics, Metrics) {
+        let first = self.op.metrics().await;
+        let mut last = first.clone();
+        let mut work = vec![(Work::reconciles(kind), 1)];
+        work.extend(also.iter().cloned().map(|w| (w, 1)));
+        for _ in 0..times {
+            match kind {
+                "ManagedSecret" => self.poke_managed(name).await,
+                _ => self.poke_store(name).await,
+            }
+            last = self
+                .op
+                .wait_work(&last, &work, Duration::from_secs(30))
+                .await;
+        }
+        (first, last)
     }
 
     /// A plain Secret with string values.
@@ -393,6 +467,15 @@ impl Drop for Fixture {
             Ok(())
         });
     }
+}
+
+/// The annotation [`Fixture::poke_managed`] and [`Fixture::poke_store`] bump.
+const POKE: &str = "e2e.keyhaven.io/poke";
+
+fn next_poke() -> String {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    n.to_string()
 }
 
 /// Polls `probe` every 250 ms until it returns Some, or `timeout` passes.

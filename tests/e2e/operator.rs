@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The label that scopes SecretStores and VaultProfiles to one test's operator.
 pub const SCOPE_LABEL: &str = "keyhaven.io/e2e-scope";
@@ -19,6 +21,8 @@ pub struct Operator {
     pub namespace: String,
     /// Everything it logged, across restarts.
     pub log: PathBuf,
+    /// Where in `log` the latest start's lines begin.
+    log_start: u64,
 }
 
 impl Operator {
@@ -39,6 +43,7 @@ impl Operator {
             scope: scope.to_owned(),
             namespace: format!("{scope}-op"),
             log,
+            log_start: 0,
         };
         op.spawn();
         op
@@ -50,6 +55,7 @@ impl Operator {
             .append(true)
             .open(&self.log)
             .expect("operator log file");
+        self.log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
         let child = Command::new(env!("CARGO_BIN_EXE_keyhaven"))
             .args([
                 "run",
@@ -117,16 +123,79 @@ impl Operator {
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
-    /// The address of its /metrics, /healthz and /readyz, from its log (the latest start's),
-    /// once it listens.
+    /// The address of its /metrics, /healthz and /readyz, from its log (the latest start's
+    /// lines only: a restarted process listens elsewhere), once it listens.
     pub fn metrics_addr(&self) -> Option<String> {
         let log = self.log_text();
         let line = log
+            .get(self.log_start as usize..)?
             .lines()
-            .rev()
             .find(|l| l.contains("metrics and probes listening"))?;
         let addr = line.split("address=").nth(1)?;
         Some(addr.split_whitespace().next()?.trim_matches('"').to_owned())
+    }
+
+    /// The process id of the running process.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// A scrape of its /metrics, once it answers (waits up to 30 s).
+    pub async fn metrics(&self) -> Metrics {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let pid = self.pid();
+            if let Some(addr) = self.metrics_addr()
+                && let Some((200, text)) = http_get(&addr, "/metrics").await
+            {
+                return Metrics { pid, text };
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "the operator's /metrics did not answer in 30 s (address {:?}); log {}",
+                    self.metrics_addr(),
+                    self.log.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Waits until the operator has done at least `n` more of each `work` than the scrape
+    /// `since` (of this same process) shows, and returns the scrape that showed it; panics
+    /// after `timeout` saying what fell short.
+    ///
+    /// The proof a "nothing changed" window needs: the operator did reconcile in it, so
+    /// the absence of writes means something.
+    pub async fn wait_work(
+        &self,
+        since: &Metrics,
+        work: &[(Work, u64)],
+        timeout: Duration,
+    ) -> Metrics {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let now = self.metrics().await;
+            assert_eq!(
+                now.pid, since.pid,
+                "the operator restarted since the scrape this window counts from"
+            );
+            let short: Vec<String> = work
+                .iter()
+                .filter(|(w, n)| now.count(w) < since.count(w) + *n as f64)
+                .map(|(w, n)| format!("{w}: {} of {n}", now.count(w) - since.count(w)))
+                .collect();
+            if short.is_empty() {
+                return now;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "the operator did not do the work expected in {timeout:?}: {short:?}; log {}",
+                    self.log.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
 
     /// Kills and starts again with the same arguments.
@@ -145,4 +214,134 @@ impl Drop for Operator {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Something the operator counts on /metrics: a counter's name and labels its samples must
+/// carry (a sample with more labels counts too: they are summed).
+#[derive(Clone, Debug)]
+pub struct Work {
+    name: &'static str,
+    labels: Vec<(&'static str, String)>,
+}
+
+impl Work {
+    /// Reconciles of `kind` (ManagedSecret, SecretStore, VaultProfile) that ran.
+    pub fn reconciles(kind: &str) -> Work {
+        Work {
+            name: "keyhaven_reconciles_total",
+            labels: vec![("kind", kind.to_owned())],
+        }
+    }
+
+    /// Reconciles of `kind` that failed with `reason` (StoreSealed, StoreInvalid, ...).
+    pub fn failed(kind: &str, reason: &str) -> Work {
+        Work {
+            name: "keyhaven_reconcile_errors_total",
+            labels: vec![("kind", kind.to_owned()), ("reason", reason.to_owned())],
+        }
+    }
+
+    /// Calls of `operation` (read, write, list_versions, delete, health, count) to the
+    /// backend of the SecretStore `store`, whatever their outcome.
+    pub fn store_calls(store: &str, operation: &str) -> Work {
+        Work {
+            name: "keyhaven_backend_calls_total",
+            labels: vec![
+                ("store", store.to_owned()),
+                ("operation", operation.to_owned()),
+            ],
+        }
+    }
+
+    /// Reads from the backend of `store`: every sync reads its source and each sync target.
+    pub fn store_reads(store: &str) -> Work {
+        Work::store_calls(store, "read")
+    }
+
+    /// Only the calls with this outcome (ok, sealed, unreachable, invalid, conflict, error).
+    pub fn outcome(mut self, outcome: &str) -> Work {
+        self.labels.push(("outcome", outcome.to_owned()));
+        self
+    }
+}
+
+impl std::fmt::Display for Work {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let labels: Vec<String> = self
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v:?}"))
+            .collect();
+        write!(f, "{}{{{}}}", self.name, labels.join(","))
+    }
+}
+
+/// One scrape of an operator's /metrics (Prometheus text format).
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    /// The process scraped.
+    pub pid: Option<u32>,
+    pub text: String,
+}
+
+impl Metrics {
+    /// The sum of the samples of `work`'s counter that carry its labels (0 when none).
+    pub fn count(&self, work: &Work) -> f64 {
+        self.text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(parse_sample)
+            .filter(|(name, labels, _)| {
+                *name == work.name
+                    && work
+                        .labels
+                        .iter()
+                        .all(|(k, v)| labels.iter().any(|(lk, lv)| lk == k && lv == v))
+            })
+            .map(|(_, _, value)| value)
+            .sum()
+    }
+
+    /// The value of the series `series` (name and labels exactly as exposed).
+    pub fn sample(&self, series: &str) -> Option<f64> {
+        sample(&self.text, series)
+    }
+}
+
+/// `name{k="v",...} value` (or `name value`): its name, labels and value.
+fn parse_sample(line: &str) -> Option<(&str, Vec<(&str, &str)>, f64)> {
+    let (series, value) = line.rsplit_once(' ')?;
+    let value = value.parse().ok()?;
+    let Some((name, labels)) = series.split_once('{') else {
+        return Some((series, vec![], value));
+    };
+    let labels = labels
+        .strip_suffix('}')?
+        .split("\",")
+        .filter(|l| !l.is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.split_once('=')?;
+            Some((k, v.trim_start_matches('"').trim_end_matches('"')))
+        })
+        .collect();
+    Some((name, labels, value))
+}
+
+/// The value of the series `series` (name and labels exactly as exposed) in `text`.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// `GET path` on `addr`: the status code and body, or None when nothing answers.
+pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut conn = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    conn.write_all(request.as_bytes()).await.ok()?;
+    let mut raw = Vec::new();
+    conn.read_to_end(&mut raw).await.ok()?;
+    let text = String::from_utf8_lossy(&raw);
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, text.split_once("\r\n\r\n")?.1.to_owned()))
 }

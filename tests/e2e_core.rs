@@ -774,7 +774,7 @@ async fn synced_at(fx: &Fixture, version: u64) -> usize {
         .iter()
         .filter(|m| {
             m.status.as_ref().is_some_and(|s| {
-                s.phase.as_deref() == Some("Synced") && s.current_version == Some(version)
+                s.phase.is_some_and(|p| p == "Synced") && s.current_version == Some(version)
             })
         })
         .count()

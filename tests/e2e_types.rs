@@ -574,6 +574,17 @@ async fn rollback_reads_the_store_the_version_was_written_to() {
     .await;
     fx.wait_synced("db", 1).await;
     fx.profile("p", &new, &[]).await;
+    // The operator sees the new source before the value changes: the source shows Pending,
+    // version 1 staying in the old store. (A refresh between the profile's apply and its
+    // watch event would otherwise write version 2 to the old source.)
+    fx.wait_managed("db", "the new source Pending", |m| {
+        m.status.as_ref().is_some_and(|s| {
+            s.targets
+                .iter()
+                .any(|t| t.store == new && t.state == "Pending")
+        })
+    })
+    .await;
     fx.secret(&fx.ns, "src", &[("password", "e2e-rbstore-second")])
         .await;
     let v2 = fx.wait_synced("db", 2).await;

@@ -93,37 +93,45 @@ mod tests {
 
     #[test]
     fn every_phase_state_and_role_the_code_writes_is_in_the_crds() {
-        let ms = ManagedSecret::crd();
-        lists(
-            &ms,
-            &["status", "phase"],
-            &names(ManagedSecretPhase::ALL, ManagedSecretPhase::as_str),
+        let (ms, vp, ss) = (
+            ManagedSecret::crd(),
+            VaultProfile::crd(),
+            SecretStore::crd(),
         );
-        lists(
-            &ms,
-            &["status", "targets", "[]", "state"],
-            &names(TargetState::ALL, TargetState::as_str),
-        );
-        lists(
-            &ms,
-            &["status", "targets", "[]", "role"],
-            &names(TargetRole::ALL, TargetRole::as_str),
-        );
-        let vp = VaultProfile::crd();
-        lists(
-            &vp,
-            &["status", "phase"],
-            &names(ProfilePhase::ALL, ProfilePhase::as_str),
-        );
-        lists(
-            &vp,
-            &["status", "migration", "phase"],
-            &names(MigrationPhase::ALL, MigrationPhase::as_str),
-        );
-        lists(
-            &SecretStore::crd(),
-            &["status", "phase"],
-            &names(StorePhase::ALL, StorePhase::as_str),
-        );
+        let written: [(&CustomResourceDefinition, &[&str], Vec<&str>); 6] = [
+            (
+                &ms,
+                &["status", "phase"],
+                names(ManagedSecretPhase::ALL, ManagedSecretPhase::as_str),
+            ),
+            (
+                &ms,
+                &["status", "targets", "[]", "state"],
+                names(TargetState::ALL, TargetState::as_str),
+            ),
+            (
+                &ms,
+                &["status", "targets", "[]", "role"],
+                names(TargetRole::ALL, TargetRole::as_str),
+            ),
+            (
+                &vp,
+                &["status", "phase"],
+                names(ProfilePhase::ALL, ProfilePhase::as_str),
+            ),
+            (
+                &vp,
+                &["status", "migration", "phase"],
+                names(MigrationPhase::ALL, MigrationPhase::as_str),
+            ),
+            (
+                &ss,
+                &["status", "phase"],
+                names(StorePhase::ALL, StorePhase::as_str),
+            ),
+        ];
+        for (crd, path, values) in &written {
+            lists(crd, path, values);
+        }
     }
 }

@@ -260,3 +260,52 @@ mod tests {
         assert!(rx.try_recv().is_err(), "one pending request is enough");
     }
 }
+
+#[cfg(test)]
+mod cache_tests {
+    use super::*;
+    use kube::runtime::reflector::store::Writer;
+    use kube::runtime::watcher;
+
+    fn store(name: &str) -> SecretStore {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "keyhaven.io/v1alpha1", "kind": "SecretStore",
+            "metadata": {"name": name}, "spec": {"provider": {"internal": {}}},
+        }))
+        .unwrap()
+    }
+
+    /// Caches holding `stores`, and a client of an API server that does not answer.
+    fn caches(stores: &[SecretStore]) -> (Caches, Client) {
+        let mut writer = Writer::<SecretStore>::default();
+        for s in stores {
+            writer.apply_watcher_event(&watcher::Event::Apply(s.clone()));
+        }
+        let caches = Caches {
+            store_selector: Some("team=a".into()),
+            stores: writer.as_reader(),
+            profiles: Writer::default().as_reader(),
+            managed: Writer::default().as_reader(),
+            managed_synced: Default::default(),
+            namespaces: Writer::default().as_reader(),
+        };
+        let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
+        (caches, Client::try_from(config).unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_cached_object_is_read_from_the_cache_and_a_missing_one_from_the_server() {
+        crate::install_crypto_provider();
+        let (caches, client) = caches(&[store("a")]);
+        let hit = caches.get::<SecretStore>(&client, "a").await.unwrap();
+        assert_eq!(
+            hit.unwrap().name_any(),
+            "a",
+            "no request made: the server does not answer"
+        );
+        let miss = caches.get::<SecretStore>(&client, "b").await.unwrap_err();
+        let text = miss.to_string();
+        assert!(text.starts_with("listing SecretStore b: "), "{text}");
+        assert!(!caches.managed_listed());
+    }
+}

@@ -12,6 +12,7 @@ pub mod leader;
 pub mod metrics;
 pub mod profiles;
 pub mod secret_data;
+pub mod tenancy;
 
 /// Selects rustls' crypto provider for the process (ring). Some dependencies enable a
 /// second provider, and rustls then refuses to choose; call this before any TLS client is

@@ -123,6 +123,9 @@ async fn schema_and_cel_reject_bad_specs() {
 #[tokio::test]
 async fn from_store_syncs_every_target_and_follows_source_updates() {
     let fx = Fixture::new("fromstore").await;
+    // The path lies in the namespace's secret space; the kubernetes store names it so.
+    let db = format!("{}/app/db", fx.ns);
+    let db_name = db.replace('/', ".");
     let src_ns = fx.namespace("src").await;
     let mirror_ns = fx.namespace("mirror").await;
     let source = fx
@@ -140,14 +143,14 @@ async fn from_store_syncs_every_target_and_follows_source_updates() {
     );
     fx.secret(
         &src_ns,
-        "app.db",
+        &db_name,
         &[("username", user), ("password", pass1)],
     )
     .await;
 
     fx.managed_secret(
         "db",
-        json!({"profile": profile, "type": "key-value", "path": "app/db",
+        json!({"profile": profile, "type": "key-value", "path": db,
         "content": {"fromStore": {}}, "refreshInterval": "1s"}),
     )
     .await;
@@ -172,7 +175,7 @@ async fn from_store_syncs_every_target_and_follows_source_updates() {
     // Every sync target holds version 1: the mirror as plain Secrets, the internal store sealed.
     let internal_backend = fx.internal_store(&internal).await;
     let v1 = internal_backend
-        .read("app/db", None)
+        .read(&db, None)
         .await
         .unwrap()
         .expect("internal store holds the path");
@@ -181,7 +184,7 @@ async fn from_store_syncs_every_target_and_follows_source_updates() {
     let mirror_backend = KubernetesStore::new(&mirror, fx.client.clone(), &mirror_ns);
     assert_eq!(
         mirror_backend
-            .read("app/db", None)
+            .read(&db, None)
             .await
             .unwrap()
             .unwrap()
@@ -190,14 +193,14 @@ async fn from_store_syncs_every_target_and_follows_source_updates() {
         Some(pass1.as_bytes())
     );
     assert_eq!(
-        mirror_backend.list_versions("app/db").await.unwrap(),
+        mirror_backend.list_versions(&db).await.unwrap(),
         vec![1]
     );
 
     // A source update becomes version 2 everywhere; version 1 stays readable.
     fx.secret(
         &src_ns,
-        "app.db",
+        &db_name,
         &[("username", user), ("password", pass2)],
     )
     .await;
@@ -215,7 +218,7 @@ async fn from_store_syncs_every_target_and_follows_source_updates() {
     );
     assert_eq!(
         internal_backend
-            .read("app/db", None)
+            .read(&db, None)
             .await
             .unwrap()
             .unwrap()
@@ -225,7 +228,7 @@ async fn from_store_syncs_every_target_and_follows_source_updates() {
     );
     assert_eq!(
         internal_backend
-            .read("app/db", Some(1))
+            .read(&db, Some(1))
             .await
             .unwrap()
             .unwrap()
@@ -234,16 +237,16 @@ async fn from_store_syncs_every_target_and_follows_source_updates() {
         Some(pass1.as_bytes())
     );
     assert_eq!(
-        internal_backend.list_versions("app/db").await.unwrap(),
+        internal_backend.list_versions(&db).await.unwrap(),
         vec![1, 2]
     );
     assert_eq!(
-        mirror_backend.list_versions("app/db").await.unwrap(),
+        mirror_backend.list_versions(&db).await.unwrap(),
         vec![1, 2]
     );
     assert_eq!(
         mirror_backend
-            .read("app/db", Some(1))
+            .read(&db, Some(1))
             .await
             .unwrap()
             .unwrap()
@@ -256,14 +259,14 @@ async fn from_store_syncs_every_target_and_follows_source_updates() {
     let mirror_secrets: Api<Secret> = fx.ns_api(&mirror_ns);
     mirror_secrets
         .patch(
-            "app.db",
+            &db_name,
             &PatchParams::default(),
             &Patch::Merge(json!({"stringData": {"password": "tampered-by-hand"}})),
         )
         .await
         .unwrap();
     let repaired = wait_until(Duration::from_secs(30), || async {
-        let d = mirror_backend.read("app/db", None).await.ok()??;
+        let d = mirror_backend.read(&db, None).await.ok()??;
         (d.data.get("password") == Some(pass2.as_bytes())).then_some(())
     })
     .await;
@@ -286,7 +289,7 @@ async fn from_store_syncs_every_target_and_follows_source_updates() {
             .await
             .unwrap()
             .resource_version(),
-        rv(mirror_secrets.get_opt("app.db").await.unwrap()),
+        rv(mirror_secrets.get_opt(&db_name).await.unwrap()),
     );
     tokio::time::sleep(Duration::from_secs(5)).await;
     fx.op
@@ -308,7 +311,7 @@ async fn from_store_syncs_every_target_and_follows_source_updates() {
             .await
             .unwrap()
             .resource_version(),
-        rv(mirror_secrets.get_opt("app.db").await.unwrap()),
+        rv(mirror_secrets.get_opt(&db_name).await.unwrap()),
     );
     assert_eq!(before, after, "an unchanged resync wrote to the API server");
 
@@ -597,6 +600,7 @@ async fn deletion_policies_and_garbage_collection() {
 #[tokio::test]
 async fn a_failing_store_never_blanks_the_native_secret() {
     let fx = Fixture::new("failing").await;
+    let api = format!("{}/app/api", fx.ns);
     let src_ns = fx.namespace("src").await;
     let source = fx
         .store("src", json!({"kubernetes": {"namespace": src_ns}}))
@@ -604,13 +608,13 @@ async fn a_failing_store_never_blanks_the_native_secret() {
     let profile = fx.profile("p", &source, &[]).await;
     fx.secret(
         &src_ns,
-        "app.api",
+        &api.replace('/', "."),
         &[("api-key", "precious-value-e2e-failing")],
     )
     .await;
     fx.managed_secret(
         "api",
-        json!({"profile": profile, "type": "api-key", "path": "app/api",
+        json!({"profile": profile, "type": "api-key", "path": api,
         "content": {"fromStore": {}}, "refreshInterval": "1s"}),
     )
     .await;
@@ -623,11 +627,11 @@ async fn a_failing_store_never_blanks_the_native_secret() {
 
     // The value disappears from the store: an error condition, the native Secret untouched.
     fx.ns_api::<Secret>(&src_ns)
-        .delete("app.api", &DeleteParams::default())
+        .delete(&api.replace('/', "."), &DeleteParams::default())
         .await
         .unwrap();
     fx.wait_not_ready("api", "NotFoundInStore").await;
-    fx.wait_event("NotFoundInStore", "app/api").await;
+    fx.wait_event("NotFoundInStore", &api).await;
     assert_eq!(
         intact().await.as_deref(),
         Some("precious-value-e2e-failing")
@@ -637,7 +641,7 @@ async fn a_failing_store_never_blanks_the_native_secret() {
     // native Secret still intact.
     fx.secret(
         &src_ns,
-        "app.api",
+        &api.replace('/', "."),
         &[("api-key", "precious-value-e2e-failing")],
     )
     .await;

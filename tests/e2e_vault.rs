@@ -492,7 +492,7 @@ async fn token_auth_kv_v2_versions_follow_the_source() {
     let root = bed.vault_root();
     let audit = AuditLog::of(&bed);
     let cleanup = VaultCleanup::new(&bed);
-    let prefix = format!("e2e/{}", fx.ns);
+    let prefix = format!("{}/e2e", fx.ns);
     let policy = format!("e2e-{}", fx.ns);
     cleanup
         .policy(&root, &policy, &kv_policy("secret", true, &prefix))
@@ -743,7 +743,7 @@ async fn kubernetes_auth_logs_in_once_across_many_reconciles() {
     let audit = AuditLog::of(&bed);
     let start = audit.mark();
     let cleanup = VaultCleanup::new(&bed);
-    let prefix = format!("e2e/{}", fx.ns);
+    let prefix = format!("{}/e2e", fx.ns);
     let policy = format!("e2e-{}", fx.ns);
     cleanup
         .policy(&root, &policy, &kv_policy("secret", true, &prefix))
@@ -930,7 +930,7 @@ async fn kubernetes_auth_token_is_renewed_and_rotated_on_schedule() {
     let audit = AuditLog::of(&bed);
     let start = audit.mark();
     let cleanup = VaultCleanup::new(&bed);
-    let prefix = format!("e2e/{}", fx.ns);
+    let prefix = format!("{}/e2e", fx.ns);
     let policy = format!("e2e-{}", fx.ns);
     cleanup
         .policy(&root, &policy, &kv_policy("secret", true, &prefix))
@@ -1090,7 +1090,7 @@ async fn approle_auth_and_kv_v1() {
     let audit = AuditLog::of(&bed);
     let start = audit.mark();
     let cleanup = VaultCleanup::new(&bed);
-    let prefix = format!("e2e/{}", fx.ns);
+    let prefix = format!("{}/e2e", fx.ns);
     let policy = format!("e2e-{}", fx.ns);
     cleanup
         .policy(&root, &policy, &kv_policy("kv", false, &prefix))
@@ -1202,6 +1202,7 @@ async fn approle_auth_and_kv_v1() {
 async fn sealing_openbao_turns_the_store_sealed_and_keeps_native_secrets() {
     let bed = Testbed::load();
     let fx = Fixture::new("vault-seal").await;
+    let (api_path, db_path) = (format!("{}/app/api", fx.ns), format!("{}/app/db", fx.ns));
     let bao = PrivateOpenBao::start(&bed, &fx.ns).await;
     let root = bao.root();
     fx.secret(&fx.ns, "bao-token", &[("token", "root")]).await;
@@ -1225,25 +1226,25 @@ async fn sealing_openbao_turns_the_store_sealed_and_keeps_native_secrets() {
     fx.secret(&fx.ns, "db-src", &[("password", db_pass)]).await;
     fx.managed_secret(
         "api",
-        json!({"profile": source_profile, "type": "api-key", "path": "app/api",
+        json!({"profile": source_profile, "type": "api-key", "path": api_path,
         "content": {"fromSecret": {"name": "api-src"}}, "refreshInterval": "1s"}),
     )
     .await;
     fx.managed_secret(
         "mirrored",
-        json!({"profile": target_profile, "type": "password", "path": "app/db",
+        json!({"profile": target_profile, "type": "password", "path": db_path,
         "content": {"fromSecret": {"name": "db-src"}}, "refreshInterval": "1s"}),
     )
     .await;
     let ms = fx.wait_synced("api", 1).await;
     assert_eq!(store_versions(&ms), vec![Some(1)]);
     fx.wait_synced("mirrored", 1).await;
-    let held: BTreeMap<String, String> = kv2::read(&root, "secret", "app/api").await.unwrap();
+    let held: BTreeMap<String, String> = kv2::read(&root, "secret", &api_path).await.unwrap();
     assert_eq!(
         held,
         BTreeMap::from([("api-key".to_owned(), api_key.to_owned())])
     );
-    let held: BTreeMap<String, String> = kv2::read(&root, "secret", "app/db").await.unwrap();
+    let held: BTreeMap<String, String> = kv2::read(&root, "secret", &db_path).await.unwrap();
     assert_eq!(
         held,
         BTreeMap::from([("password".to_owned(), db_pass.to_owned())])
@@ -1356,7 +1357,7 @@ async fn sealing_openbao_turns_the_store_sealed_and_keeps_native_secrets() {
     assert_eq!(native("api").await.as_ref(), Some(&api_before));
     assert_eq!(native("mirrored").await.as_ref(), Some(&db_before));
     assert_eq!(
-        kv2::read_metadata(&root, "secret", "app/api")
+        kv2::read_metadata(&root, "secret", &api_path)
             .await
             .unwrap()
             .current_version,
@@ -1538,7 +1539,7 @@ async fn a_revoked_token_turns_the_store_invalid_and_a_new_one_heals_it() {
     let fx = Fixture::new("vault-revoked").await;
     let root = bed.vault_root();
     let cleanup = VaultCleanup::new(&bed);
-    let prefix = format!("e2e/{}", fx.ns);
+    let prefix = format!("{}/e2e", fx.ns);
     let policy = format!("e2e-{}", fx.ns);
     cleanup
         .policy(&root, &policy, &kv_policy("secret", true, &prefix))
@@ -1671,6 +1672,7 @@ async fn a_revoked_token_turns_the_store_invalid_and_a_new_one_heals_it() {
 async fn tls_server_is_verified_with_the_ca_provider() {
     let bed = Testbed::load();
     let fx = Fixture::new("vault-tls").await;
+    let db_path = format!("{}/app/db", fx.ns);
     let bao = PrivateOpenBao::start_tls(&bed, &fx.ns).await;
     let root = bao.root();
     let ca = bao.ca_pem();
@@ -1743,13 +1745,13 @@ async fn tls_server_is_verified_with_the_ca_provider() {
     fx.secret(&fx.ns, "src", &[("password", value)]).await;
     fx.managed_secret(
         "db",
-        json!({"profile": profile, "type": "password", "path": "app/db",
+        json!({"profile": profile, "type": "password", "path": db_path,
         "content": {"fromSecret": {"name": "src"}}, "refreshInterval": "1s"}),
     )
     .await;
     let ms = fx.wait_synced("db", 1).await;
     assert_eq!(store_versions(&ms), vec![Some(1)]);
-    let held: BTreeMap<String, String> = kv2::read(&root, "secret", "app/db").await.unwrap();
+    let held: BTreeMap<String, String> = kv2::read(&root, "secret", &db_path).await.unwrap();
     assert_eq!(
         held,
         BTreeMap::from([("password".to_owned(), value.to_owned())])
@@ -1764,7 +1766,7 @@ async fn drift_in_a_vault_target_is_repaired() {
     let root = bed.vault_root();
     let audit = AuditLog::of(&bed);
     let cleanup = VaultCleanup::new(&bed);
-    let prefix = format!("e2e/{}", fx.ns);
+    let prefix = format!("{}/e2e", fx.ns);
     let policy = format!("e2e-{}", fx.ns);
     cleanup
         .policy(&root, &policy, &kv_policy("secret", true, &prefix))

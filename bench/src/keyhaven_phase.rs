@@ -54,7 +54,10 @@ impl Contender for Keyhaven {
             "requestTimeout": "30s",
             "auth": {"tokenSecretRef": {"name": "bench-vault-token", "namespace": op_ns, "key": "token"}}});
         apply_labelled::<SecretStore>(run, store, json!({"provider": {"vault": vault}})).await?;
-        let profile = json!({"source": store, "syncTargets": []});
+        // The values live where ESO and the limit read them too (`bench/<run>/s-<i>`), not
+        // in per-namespace spaces: this single-tenant run turns isolation off.
+        let profile = json!({"source": store, "syncTargets": [],
+            "secretSpace": {"isolation": "Disabled"}});
         apply_labelled::<VaultProfile>(run, &run.id, profile).await
     }
 

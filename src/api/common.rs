@@ -105,6 +105,8 @@ named_enum! {
         Conflict,
         /// SecretStore: its deletion waits until nothing uses it.
         DeletionBlocked,
+        /// VaultProfile: each namespace's secrets are kept in its own secret space.
+        Isolated,
     }
 }
 

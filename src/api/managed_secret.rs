@@ -51,7 +51,11 @@ pub struct ManagedSecretSpec {
     /// What the secret is; decides validation and the native Secret's type and keys.
     #[serde(rename = "type")]
     pub type_: SecretType,
-    /// The secret object's name in the stores. Defaults to `<namespace>/<name>`.
+    /// The secret object's name in the stores. Defaults to `<namespace>/<name>`. It must
+    /// lie in the namespace's secret space of the profile (`<namespace>/` unless the profile's
+    /// `secretSpace` maps it elsewhere), or be a path the profile shares with the namespace
+    /// (read-only: `content.fromStore` only); any other path is refused
+    /// (`PathNotInNamespace`) before anything is read or written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$') && size(self) <= 200").message("path is slash-separated segments of letters, digits, '_', '.' and '-' (a segment may not start with '.' or '-'), at most 200 characters"))]
     #[x_kube(validation = Rule::new("self == oldSelf").message("path is immutable"))]

@@ -33,6 +33,13 @@ named_enum! {
         FallbackProfileConflict,
         NoProfile,
         NamespaceNotFound,
+        // Secret spaces: a path outside the namespace's space, a write to a shared path,
+        // an intermediate CA the profile does not allow; a profile without isolation.
+        PathNotInNamespace,
+        PathReadOnly,
+        IntermediateCANotAllowed,
+        IsolationEnforced,
+        IsolationDisabled,
         // ManagedSecret: a sync that worked.
         SecretSynced,
         AllStoresSynced,

@@ -84,6 +84,73 @@ pub struct VaultProfileSpec {
     /// stored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_policy: Option<PasswordPolicy>,
+    /// Where in this profile's stores each namespace's secrets live: its secret space. A
+    /// ManagedSecret reads, writes, rolls back, migrates and issues from paths in its
+    /// namespace's space only. Default: `{namespace}/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_space: Option<SecretSpace>,
+    /// Paths outside their own space that selected namespaces may read (`content.fromStore`
+    /// only: never written, rolled back or migrated by them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub shared_paths: Vec<SharedPath>,
+    /// Allow `certificate` ManagedSecrets under this profile to be intermediate CAs (`isCA`
+    /// with `issuerRef`): each can then issue certificates chained to its issuer. Default
+    /// false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_intermediate_cas: bool,
+}
+
+/// A namespace's secret space in a profile's stores.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretSpace {
+    /// The path prefix of a namespace's space: slash-terminated segments, one of which is
+    /// `{namespace}` (replaced by the namespace's name), e.g. `apps/{namespace}/` for an
+    /// existing Vault layout. `{namespace}` being a whole segment keeps every namespace's
+    /// space apart from every other's.
+    #[serde(default = "default_prefix")]
+    #[x_kube(validation = Rule::new("self.matches('^([A-Za-z0-9_][A-Za-z0-9_.-]*/)*[{]namespace[}]/([A-Za-z0-9_][A-Za-z0-9_.-]*/)*$') && size(self) <= 120").message("prefix is slash-terminated segments of letters, digits, '_', '.' and '-', one of them {namespace}, at most 120 characters (e.g. apps/{namespace}/)"))]
+    pub prefix: String,
+    /// `Enforced` (the default): paths outside the space are refused. `Disabled`: any path
+    /// of the stores is open to every namespace the profile selects — for a single-tenant
+    /// cluster only; the profile's condition `Isolated` says so.
+    #[serde(default)]
+    pub isolation: Isolation,
+}
+
+/// The default secret space: `{namespace}/`.
+pub fn default_prefix() -> String {
+    "{namespace}/".into()
+}
+
+impl Default for SecretSpace {
+    fn default() -> Self {
+        SecretSpace {
+            prefix: default_prefix(),
+            isolation: Isolation::Enforced,
+        }
+    }
+}
+
+/// Whether a profile keeps namespaces in their own secret spaces.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum Isolation {
+    #[default]
+    Enforced,
+    Disabled,
+}
+
+/// A path (or, ending with `/`, every path under it) that the namespaces a selector picks
+/// may read.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SharedPath {
+    /// The path, or a prefix ending with `/`.
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*/?$') && size(self) <= 200").message("path is slash-separated segments of letters, digits, '_', '.' and '-', at most 200 characters"))]
+    pub path: String,
+    /// The namespaces that may read it (required: sharing is granted explicitly).
+    pub namespace_selector: LabelSelector,
 }
 
 /// The strength a profile asks of passwords.

@@ -159,6 +159,23 @@ pub fn profile_status(
         ),
     };
     set_condition(&mut status.conditions, conflict);
+    let isolated = match crate::tenancy::space(profile, "{namespace}") {
+        Some(prefix) => condition(
+            ConditionType::Isolated,
+            true,
+            Reason::IsolationEnforced,
+            format!("each namespace's ManagedSecrets use paths under {prefix} only"),
+            generation,
+        ),
+        None => condition(
+            ConditionType::Isolated,
+            false,
+            Reason::IsolationDisabled,
+            "secretSpace.isolation is Disabled: every namespace this profile selects may read and write any path of its stores",
+            generation,
+        ),
+    };
+    set_condition(&mut status.conditions, isolated);
     status
 }
 

@@ -11,7 +11,8 @@ use crate::controller::context::Context;
 use crate::controller::migration;
 use crate::crypto::Fingerprint;
 use crate::error::{Error, Result, Verb};
-use crate::profiles::{self, Via};
+use crate::profiles::{self, NamespaceInfo, Via};
+use crate::tenancy::{self, Access};
 use crate::secret_data::SecretData;
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, ResourceExt};
@@ -45,6 +46,8 @@ pub struct Observation {
 pub struct Gathered {
     pub profile: Arc<VaultProfile>,
     pub via: Via,
+    /// What the namespace may do at the path (its own space, or a shared read-only path).
+    pub access: Access,
     /// The profile's `migrateFrom`, while it has versions of this secret to move.
     pub migration: Option<Result<migration::Observed>>,
     /// The source's current value at the path.
@@ -123,8 +126,17 @@ async fn gather(
     migrate: bool,
     now: jiff::Timestamp,
 ) -> Result<Gathered> {
-    let (profile, via) = resolve_profile(ms, ctx).await?;
+    let (profile, via, ns) = resolve_profile(ms, ctx).await?;
     let path = ms.store_path();
+    // The secret space first: a path outside it is refused before anything is read.
+    let access = tenancy::access(&profile, &ns, &path).map_err(refused)?;
+    let reads_only = ms.spec.rollback_to.is_none() && ms.spec.content.from_store.is_some();
+    if !access.may_write() && !reads_only {
+        return Err(refused(tenancy::read_only(&profile, &ns.name, &path)));
+    }
+    if let Some(generate) = &ms.spec.content.generate {
+        tenancy::issuance(&profile, generate).map_err(refused)?;
+    }
     let fingerprint = |data: &SecretData| {
         ctx.keys
             .fingerprinter
@@ -137,7 +149,7 @@ async fn gather(
         store_version: v.store_version,
     };
     let migration = match profile.spec.migrate_from.as_deref() {
-        Some(from) if migrate && migration::pending(Some(status), from) => Some(
+        Some(from) if migrate && access.may_write() && migration::pending(Some(status), from) => Some(
             observe_migration(ctx, &path, status, from, &profile.spec.source, &fingerprint).await,
         ),
         _ => None,
@@ -153,9 +165,15 @@ async fn gather(
         _ => None,
     };
     let fresh_base = carried.as_ref().map_or(current.as_ref(), Option::as_ref);
-    let content = observe_content(ms, ctx, &profile, status, fresh_base, now, &fingerprint).await?;
-    let mut targets = Vec::with_capacity(profile.spec.sync_targets.len());
-    for target in &profile.spec.sync_targets {
+    let content = observe_content(ms, ctx, (&profile, &ns), status, fresh_base, now, &fingerprint)
+        .await?;
+    // A shared path is never written: its copies are the owner's to make.
+    let sync_targets = match access.may_write() {
+        true => profile.spec.sync_targets.as_slice(),
+        false => &[],
+    };
+    let mut targets = Vec::with_capacity(sync_targets.len());
+    for target in sync_targets {
         let seen = match ctx.backend(target).await {
             Ok(backend) => backend.read(&path, None).await.map_err(Error::from),
             Err(e) => Err(e),
@@ -166,6 +184,7 @@ async fn gather(
     Ok(Gathered {
         profile,
         via,
+        access,
         migration,
         source: current,
         carried,
@@ -180,7 +199,7 @@ async fn gather(
 async fn observe_content(
     ms: &ManagedSecret,
     ctx: &Context,
-    profile: &VaultProfile,
+    (profile, ns): (&VaultProfile, &NamespaceInfo),
     status: &ManagedSecretStatus,
     current: Option<&Read>,
     now: jiff::Timestamp,
@@ -217,8 +236,7 @@ async fn observe_content(
                     GenerateDecision::Generate { .. } => {
                         let issuer = match &spec.issuer_ref {
                             Some(r) if ms.spec.type_ == SecretType::Certificate => Some(
-                                issuer_value(ctx, &ms.namespace().unwrap_or_default(), &r.name)
-                                    .await?,
+                                issuer_value(ctx, ns, &r.name).await?,
                             ),
                             _ => None,
                         };
@@ -247,6 +265,11 @@ async fn observe_content(
     )
 }
 
+/// A secret-space refusal as the sync's error.
+fn refused(r: tenancy::Refusal) -> Error {
+    Error::config(r.reason, r.message)
+}
+
 /// A value that no store holds yet (pushed or generated), fingerprinted.
 fn value(data: SecretData, fingerprint: &impl Fn(&SecretData) -> Fingerprint) -> Read {
     Read {
@@ -273,7 +296,10 @@ async fn observe_migration(
 /// The VaultProfile `ms` uses: [`profiles::resolve`] of its `spec.profile`, its namespace's
 /// labels and annotations, and the profiles this operator manages. A refusal is confirmed
 /// on a fresh list of the profiles (the cache may not hold one created a moment ago).
-async fn resolve_profile(ms: &ManagedSecret, ctx: &Context) -> Result<(Arc<VaultProfile>, Via)> {
+async fn resolve_profile(
+    ms: &ManagedSecret,
+    ctx: &Context,
+) -> Result<(Arc<VaultProfile>, Via, NamespaceInfo)> {
     let caches = &ctx.caches;
     let ns = caches
         .namespace_info(&ctx.client, &ms.namespace().unwrap_or_default())
@@ -283,7 +309,7 @@ async fn resolve_profile(ms: &ManagedSecret, ctx: &Context) -> Result<(Arc<Vault
     if let Ok(resolved) = profiles::resolve(requested, &ns, cached.iter().map(|p| p.as_ref()))
         && let Some(p) = cached.iter().find(|p| p.name_any() == resolved.profile)
     {
-        return Ok((p.clone(), resolved.via));
+        return Ok((p.clone(), resolved.via, ns));
     }
     let fresh = caches.list_profiles(&ctx.client).await?;
     let resolved = profiles::resolve(requested, &ns, &fresh)
@@ -297,7 +323,7 @@ async fn resolve_profile(ms: &ManagedSecret, ctx: &Context) -> Result<(Arc<Vault
                 format!("VaultProfile {} does not exist", resolved.profile),
             )
         })?;
-    Ok((Arc::new(profile), resolved.via))
+    Ok((Arc::new(profile), resolved.via, ns))
 }
 
 /// The object `name` of kind `K` in `namespace`, if it exists.
@@ -339,8 +365,8 @@ async fn read_secret(ctx: &Context, namespace: &str, name: &str) -> Result<Secre
 
 /// The current value of the CA ManagedSecret `name` (type certificate), read from its
 /// profile's source store and validated.
-async fn issuer_value(ctx: &Context, namespace: &str, name: &str) -> Result<SecretData> {
-    let issuer: ManagedSecret = get_in(ctx, namespace, name).await?.ok_or_else(|| {
+async fn issuer_value(ctx: &Context, ns: &NamespaceInfo, name: &str) -> Result<SecretData> {
+    let issuer: ManagedSecret = get_in(ctx, &ns.name, name).await?.ok_or_else(|| {
         Error::config(
             Reason::IssuerNotFound,
             format!("issuerRef: ManagedSecret {name} does not exist"),
@@ -368,6 +394,18 @@ async fn issuer_value(ctx: &Context, namespace: &str, name: &str) -> Result<Secr
                 "issuerRef: the VaultProfile of ManagedSecret {name} does not exist"
             ))
         })?;
+    // The issuer's value is read under the same rules as the issuer itself: its profile
+    // must admit this namespace, its path must lie in this namespace's space (or be shared).
+    if profiles::selects(profile.spec.namespace_selector.as_ref(), &ns.labels) != Ok(true) {
+        return Err(Error::config(
+            Reason::ProfileNotAllowed,
+            format!(
+                "issuerRef: ManagedSecret {name}'s VaultProfile {issuer_profile} does not admit namespace {}",
+                ns.name
+            ),
+        ));
+    }
+    tenancy::access(&profile, ns, &issuer.store_path()).map_err(refused)?;
     let store = ctx.backend(&profile.spec.source).await?;
     let value = store
         .read(&issuer.store_path(), None)

@@ -513,6 +513,8 @@ fn sync(
         content: r.fingerprint.clone(),
     };
     let source_action = match kept_in {
+        // Kept elsewhere, or a shared path (read only: never stamped or written).
+        _ if !g.access.may_write() => StoreAction::InSync,
         Some(_) => StoreAction::InSync,
         None => store_action(g.source.as_ref().map(observed).as_ref(), version, &fp),
     };

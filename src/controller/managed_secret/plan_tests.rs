@@ -17,6 +17,7 @@ use crate::crypto::{Fingerprint, Fingerprinter};
 use crate::error::Error;
 use crate::profiles::Via;
 use crate::secret_data::SecretData;
+use crate::tenancy::Access;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use std::sync::Arc;
@@ -95,6 +96,7 @@ fn gathered(profile: Arc<VaultProfile>, source: Option<Read>) -> Gathered {
     Gathered {
         profile,
         via: Via::Spec,
+        access: Access::Own,
         migration: None,
         source,
         carried: None,
@@ -538,4 +540,16 @@ fn the_author_is_the_newest_spec_writer_other_than_keyhaven() {
         {"manager": "status-writer", "operation": "Apply", "time": "2026-11-04T00:00:00Z", "subresource": "status"},
     ])).unwrap());
     assert_eq!(author(&m), "argocd");
+}
+
+#[test]
+fn a_shared_path_is_read_and_never_written() {
+    let ms = ms(serde_json::json!({"path": "shared/ca"}));
+    let mut g = gathered(profile(serde_json::json!({"syncTargets": ["dr"]})), Some(held("pw", None)));
+    g.access = Access::SharedRead;
+    let p = sync_plan(&ms, observe(Default::default(), g));
+    assert_eq!(p.decision, VersionDecision::New(1), "recorded in the reader's own status");
+    assert!(!p.source.write, "an unstamped shared value is not stamped by a reader");
+    assert!(p.targets.is_empty(), "the reader makes no copies");
+    assert!(p.native.apply.is_some(), "its own native Secret is written");
 }

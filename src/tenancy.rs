@@ -1,0 +1,181 @@
+//! Secret spaces (pure): which paths of a profile's stores the ManagedSecrets of a namespace
+//! may use. A namespace owns the paths under its space's prefix (`{namespace}/` unless the
+//! profile maps it elsewhere); it may read, never write, the paths the profile shares with
+//! it; every other path is refused before anything is read.
+
+use crate::api::{Generate, Isolation, Reason, SecretSpace, VaultProfile};
+use crate::profiles::{NamespaceInfo, selects};
+use kube::ResourceExt;
+
+/// What a namespace may do at a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// In its own space: read and write.
+    Own,
+    /// A path the profile shares with the namespace: read only.
+    SharedRead,
+    /// The profile turns isolation off: any path.
+    Unisolated,
+}
+
+impl Access {
+    pub fn may_write(self) -> bool {
+        !matches!(self, Access::SharedRead)
+    }
+}
+
+/// Why a path is refused; never a value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: Reason,
+    pub message: String,
+}
+
+/// The prefix of `namespace`'s space in `profile`, or None when isolation is off.
+pub fn space(profile: &VaultProfile, namespace: &str) -> Option<String> {
+    let default = SecretSpace::default();
+    let space = profile.spec.secret_space.as_ref().unwrap_or(&default);
+    (space.isolation == Isolation::Enforced).then(|| space.prefix.replace("{namespace}", namespace))
+}
+
+/// What the namespace `ns` may do at `path` of `profile`'s stores.
+pub fn access(profile: &VaultProfile, ns: &NamespaceInfo, path: &str) -> Result<Access, Refusal> {
+    let Some(prefix) = space(profile, &ns.name) else {
+        return Ok(Access::Unisolated);
+    };
+    if path.starts_with(&prefix) {
+        return Ok(Access::Own);
+    }
+    let shared = profile.spec.shared_paths.iter().any(|s| {
+        let covers = match s.path.strip_suffix('/') {
+            Some(dir) => path.starts_with(&s.path) || path == dir,
+            None => path == s.path,
+        };
+        // An invalid selector selects nothing.
+        covers && selects(Some(&s.namespace_selector), &ns.labels) == Ok(true)
+    });
+    if shared {
+        return Ok(Access::SharedRead);
+    }
+    Err(Refusal {
+        reason: Reason::PathNotInNamespace,
+        message: format!(
+            "path {path} is outside the secret space {prefix} of namespace {} (VaultProfile {}); nothing was read or written",
+            ns.name,
+            profile.name_any()
+        ),
+    })
+}
+
+/// The refusal of a write (push, generation, rotation, rollback) to a shared read-only path.
+pub fn read_only(profile: &VaultProfile, ns: &str, path: &str) -> Refusal {
+    Refusal {
+        reason: Reason::PathReadOnly,
+        message: format!(
+            "path {path} is shared read-only with namespace {ns} by VaultProfile {}: only content.fromStore may use it (no push, generation, rotation or rollback)",
+            profile.name_any()
+        ),
+    }
+}
+
+/// Whether `profile` lets a generated certificate be what `generate` asks: an intermediate
+/// CA (`isCA` with `issuerRef`) only with the profile's `allowIntermediateCAs`.
+pub fn issuance(profile: &VaultProfile, generate: &Generate) -> Result<(), Refusal> {
+    if generate.is_ca && generate.issuer_ref.is_some() && !profile.spec.allow_intermediate_cas {
+        return Err(Refusal {
+            reason: Reason::IntermediateCANotAllowed,
+            message: format!(
+                "isCA with issuerRef makes an intermediate CA, and VaultProfile {} does not allow them (allowIntermediateCAs)",
+                profile.name_any()
+            ),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn profile(spec: serde_json::Value) -> VaultProfile {
+        let mut full = serde_json::json!({"source": "s"});
+        full.as_object_mut()
+            .unwrap()
+            .extend(spec.as_object().unwrap().clone());
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "keyhaven.io/v1alpha1", "kind": "VaultProfile",
+            "metadata": {"name": "p"}, "spec": full,
+        }))
+        .unwrap()
+    }
+
+    fn ns(name: &str, labels: &[(&str, &str)]) -> NamespaceInfo {
+        NamespaceInfo {
+            name: name.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            annotations: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_namespace_owns_its_space_and_nothing_else() {
+        let p = profile(serde_json::json!({}));
+        let a = ns("team-a", &[]);
+        assert_eq!(access(&p, &a, "team-a/db"), Ok(Access::Own));
+        assert_eq!(access(&p, &a, "team-a/x/y"), Ok(Access::Own));
+        for other in ["team-b/db", "team-a", "team-ab/db", "db", "app/db"] {
+            let refused = access(&p, &a, other).unwrap_err();
+            assert_eq!(refused.reason, Reason::PathNotInNamespace, "{other}");
+            assert!(refused.message.contains(other) && refused.message.contains("team-a/"));
+        }
+    }
+
+    #[test]
+    fn a_profile_maps_the_space_elsewhere() {
+        let p = profile(serde_json::json!({"secretSpace": {"prefix": "apps/{namespace}/"}}));
+        let a = ns("a", &[]);
+        assert_eq!(access(&p, &a, "apps/a/db"), Ok(Access::Own));
+        assert!(access(&p, &a, "a/db").is_err());
+        assert!(access(&p, &a, "apps/ab/db").is_err(), "a whole segment");
+    }
+
+    #[test]
+    fn shared_paths_are_read_only_and_only_for_the_namespaces_selected() {
+        let p = profile(serde_json::json!({"sharedPaths": [
+            {"path": "shared/ca", "namespaceSelector": {"matchLabels": {"tier": "prod"}}},
+            {"path": "shared/certs/", "namespaceSelector": {"matchLabels": {"tier": "prod"}}},
+        ]}));
+        let prod = ns("a", &[("tier", "prod")]);
+        let dev = ns("b", &[("tier", "dev")]);
+        assert_eq!(access(&p, &prod, "shared/ca"), Ok(Access::SharedRead));
+        assert_eq!(access(&p, &prod, "shared/certs/web"), Ok(Access::SharedRead));
+        assert!(access(&p, &prod, "shared/cab").is_err(), "an exact path, not a prefix");
+        assert!(access(&p, &dev, "shared/ca").is_err(), "not selected");
+        assert!(!Access::SharedRead.may_write());
+        assert!(Access::Own.may_write());
+    }
+
+    #[test]
+    fn an_intermediate_ca_needs_the_profiles_permission() {
+        let generate = |v: serde_json::Value| -> Generate { serde_json::from_value(v).unwrap() };
+        let intermediate = generate(serde_json::json!({"isCA": true, "issuerRef": {"name": "root"}}));
+        let refused = issuance(&profile(serde_json::json!({})), &intermediate).unwrap_err();
+        assert_eq!(refused.reason, Reason::IntermediateCANotAllowed);
+        let allowing = profile(serde_json::json!({"allowIntermediateCAs": true}));
+        assert_eq!(issuance(&allowing, &intermediate), Ok(()));
+        let root = generate(serde_json::json!({"isCA": true}));
+        assert_eq!(issuance(&profile(serde_json::json!({})), &root), Ok(()));
+        let leaf = generate(serde_json::json!({"issuerRef": {"name": "root"}}));
+        assert_eq!(issuance(&profile(serde_json::json!({})), &leaf), Ok(()));
+    }
+
+    #[test]
+    fn isolation_off_is_said_in_the_spec() {
+        let p = profile(serde_json::json!({"secretSpace": {"isolation": "Disabled"}}));
+        assert_eq!(access(&p, &ns("a", &[]), "anything/at/all"), Ok(Access::Unisolated));
+        assert_eq!(space(&p, "a"), None);
+    }
+}

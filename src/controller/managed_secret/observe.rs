@@ -33,9 +33,12 @@ pub struct Observation {
     pub now: jiff::Timestamp,
     /// The factor (0.9–1.1) the refresh interval is multiplied by.
     pub jitter: f64,
-    /// The status as stored (the cached one when it holds this process's last status
-    /// write, else read from the API server).
+    /// The status decided on.
     pub status: ManagedSecretStatus,
+    /// It is the cached status, and the cache may predate this process's last status write:
+    /// a plan that records a version, restarts workloads, migrates or reports a failure is
+    /// made again on the stored status.
+    pub stale: bool,
     /// What the sync reads; the first failure.
     pub gathered: Result<Gathered>,
 }
@@ -83,37 +86,36 @@ pub enum Content {
 pub async fn observe(
     ms: &ManagedSecret,
     ctx: &Context,
-    written: Option<ManagedSecretStatus>,
+    status: StatusSeen,
     migrate: bool,
 ) -> Observation {
     let now = jiff::Timestamp::now();
     let jitter = 0.9 + rand::random::<f64>() * 0.2;
-    let status = match written {
-        Some(status) => Ok(status),
-        None => stored_status(ms, ctx).await,
+    let (status, stale) = match status {
+        StatusSeen::Cached => (
+            ms.status.clone().unwrap_or_default(),
+            !ctx.status_writes.holds_last(ms),
+        ),
+        StatusSeen::Stored(status) => (status, false),
     };
-    let (status, gathered) = match status {
-        Ok(status) => {
-            let gathered = gather(ms, ctx, &status, migrate, now).await;
-            (status, gathered)
-        }
-        Err(e) => (ms.status.clone().unwrap_or_default(), Err(e)),
-    };
+    let gathered = gather(ms, ctx, &status, migrate, now).await;
     Observation {
         now,
         jitter,
         status,
+        stale,
         gathered,
     }
 }
 
-/// The status as stored, not as cached: the cached one when it holds this process's last
-/// status write, else read from the API server.
-async fn stored_status(ms: &ManagedSecret, ctx: &Context) -> Result<ManagedSecretStatus> {
-    if ctx.status_writes.holds_last(ms) {
-        return Ok(ms.status.clone().unwrap_or_default());
-    }
-    crate::controller::status::read(&ctx.client, ms).await
+/// Which status an observation decides on.
+#[derive(Debug)]
+pub enum StatusSeen {
+    /// The cached object's: it may predate this process's last status write (a watch event
+    /// of the native Secret can arrive before the one of our status), which `stale` says.
+    Cached,
+    /// As the API server holds it (read, or just written by this reconcile).
+    Stored(ManagedSecretStatus),
 }
 
 async fn gather(

@@ -83,7 +83,8 @@ async fn sync(ms: &ManagedSecret, ctx: &Context) -> Result<Action> {
             let (status, failed) =
                 super::migration::apply(ctx, &with_status(ms, status.clone()), status, moves)
                     .await?;
-            let again = observe::observe(ms, ctx, StatusSeen::Stored(status), false).await;
+            let again =
+                observe::observe(ms, ctx, StatusSeen::Stored(Box::new(status)), false).await;
             match plan::plan(ms, again) {
                 Plan::Sync(mut p) => {
                     p.migration_failed |= failed;
@@ -137,7 +138,7 @@ async fn first_plan(ms: &ManagedSecret, ctx: &Context) -> Result<Plan> {
         Plan::Fail(f) => Plan::Fail(plan::failure(ms, stored, f.error)),
         _ => plan::plan(
             ms,
-            observe::observe(ms, ctx, StatusSeen::Stored(stored), true).await,
+            observe::observe(ms, ctx, StatusSeen::Stored(Box::new(stored)), true).await,
         ),
     })
 }

@@ -96,7 +96,7 @@ pub async fn observe(
             ms.status.clone().unwrap_or_default(),
             !ctx.status_writes.holds_last(ms),
         ),
-        StatusSeen::Stored(status) => (status, false),
+        StatusSeen::Stored(status) => (*status, false),
     };
     let gathered = gather(ms, ctx, &status, migrate, now).await;
     Observation {
@@ -115,7 +115,7 @@ pub enum StatusSeen {
     /// of the native Secret can arrive before the one of our status), which `stale` says.
     Cached,
     /// As the API server holds it (read, or just written by this reconcile).
-    Stored(ManagedSecretStatus),
+    Stored(Box<ManagedSecretStatus>),
 }
 
 async fn gather(

@@ -151,8 +151,14 @@ mod tests {
         let prod = ns("a", &[("tier", "prod")]);
         let dev = ns("b", &[("tier", "dev")]);
         assert_eq!(access(&p, &prod, "shared/ca"), Ok(Access::SharedRead));
-        assert_eq!(access(&p, &prod, "shared/certs/web"), Ok(Access::SharedRead));
-        assert!(access(&p, &prod, "shared/cab").is_err(), "an exact path, not a prefix");
+        assert_eq!(
+            access(&p, &prod, "shared/certs/web"),
+            Ok(Access::SharedRead)
+        );
+        assert!(
+            access(&p, &prod, "shared/cab").is_err(),
+            "an exact path, not a prefix"
+        );
         assert!(access(&p, &dev, "shared/ca").is_err(), "not selected");
         assert!(!Access::SharedRead.may_write());
         assert!(Access::Own.may_write());
@@ -161,7 +167,8 @@ mod tests {
     #[test]
     fn an_intermediate_ca_needs_the_profiles_permission() {
         let generate = |v: serde_json::Value| -> Generate { serde_json::from_value(v).unwrap() };
-        let intermediate = generate(serde_json::json!({"isCA": true, "issuerRef": {"name": "root"}}));
+        let intermediate =
+            generate(serde_json::json!({"isCA": true, "issuerRef": {"name": "root"}}));
         let refused = issuance(&profile(serde_json::json!({})), &intermediate).unwrap_err();
         assert_eq!(refused.reason, Reason::IntermediateCANotAllowed);
         let allowing = profile(serde_json::json!({"allowIntermediateCAs": true}));
@@ -175,7 +182,10 @@ mod tests {
     #[test]
     fn isolation_off_is_said_in_the_spec() {
         let p = profile(serde_json::json!({"secretSpace": {"isolation": "Disabled"}}));
-        assert_eq!(access(&p, &ns("a", &[]), "anything/at/all"), Ok(Access::Unisolated));
+        assert_eq!(
+            access(&p, &ns("a", &[]), "anything/at/all"),
+            Ok(Access::Unisolated)
+        );
         assert_eq!(space(&p, "a"), None);
     }
 }

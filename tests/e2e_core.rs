@@ -192,10 +192,7 @@ async fn from_store_syncs_every_target_and_follows_source_updates() {
             .get("password"),
         Some(pass1.as_bytes())
     );
-    assert_eq!(
-        mirror_backend.list_versions(&db).await.unwrap(),
-        vec![1]
-    );
+    assert_eq!(mirror_backend.list_versions(&db).await.unwrap(), vec![1]);
 
     // A source update becomes version 2 everywhere; version 1 stays readable.
     fx.secret(
@@ -240,10 +237,7 @@ async fn from_store_syncs_every_target_and_follows_source_updates() {
         internal_backend.list_versions(&db).await.unwrap(),
         vec![1, 2]
     );
-    assert_eq!(
-        mirror_backend.list_versions(&db).await.unwrap(),
-        vec![1, 2]
-    );
+    assert_eq!(mirror_backend.list_versions(&db).await.unwrap(), vec![1, 2]);
     assert_eq!(
         mirror_backend
             .read(&db, Some(1))

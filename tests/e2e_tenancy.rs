@@ -39,7 +39,13 @@ async fn held(root: &VaultClient, path: &str) -> (BTreeMap<String, String>, u64)
 /// never made.
 async fn refused(fx: &Fixture, name: &str, reason: &str, path: &str) {
     let ms = fx.wait_not_ready(name, reason).await;
-    let ready = ms.status.as_ref().unwrap().conditions.iter().find(|c| c.type_ == "Ready");
+    let ready = ms
+        .status
+        .as_ref()
+        .unwrap()
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready");
     assert!(ready.unwrap().message.contains(path), "{ready:?}");
     fx.wait_event(reason, path).await;
     assert!(
@@ -68,28 +74,46 @@ async fn a_tenant_reaches_only_its_own_secret_space() {
     let before = held(&root, &b_path).await;
 
     // Read: fromStore of B's path.
-    fx.managed_secret("steal", ms(&profile, "password", &b_path, json!({"fromStore": {}})))
-        .await;
+    fx.managed_secret(
+        "steal",
+        ms(&profile, "password", &b_path, json!({"fromStore": {}})),
+    )
+    .await;
     refused(&fx, "steal", "PathNotInNamespace", &b_path).await;
     // Write: a push and a generation to B's path.
     fx.secret(&fx.ns, "mine", &[("password", "a-chosen-e2e-tenancy")])
         .await;
     fx.managed_secret(
         "overwrite",
-        ms(&profile, "password", &b_path, json!({"fromSecret": {"name": "mine"}})),
+        ms(
+            &profile,
+            "password",
+            &b_path,
+            json!({"fromSecret": {"name": "mine"}}),
+        ),
     )
     .await;
     refused(&fx, "overwrite", "PathNotInNamespace", &b_path).await;
     fx.managed_secret(
         "regenerate",
-        ms(&profile, "password", &b_path, json!({"generate": {"length": 24}})),
+        ms(
+            &profile,
+            "password",
+            &b_path,
+            json!({"generate": {"length": 24}}),
+        ),
     )
     .await;
     refused(&fx, "regenerate", "PathNotInNamespace", &b_path).await;
     // Issue from B's CA: the issuer itself points outside A's space.
     fx.managed_secret(
         "ca",
-        ms(&profile, "certificate", &format!("{other}/ca"), json!({"fromStore": {}})),
+        ms(
+            &profile,
+            "certificate",
+            &format!("{other}/ca"),
+            json!({"fromStore": {}}),
+        ),
     )
     .await;
     fx.managed_secret(
@@ -112,7 +136,12 @@ async fn a_tenant_reaches_only_its_own_secret_space() {
     // A's own space works as before: the default path and any path under `<ns>/`.
     fx.managed_secret(
         "own",
-        ms(&profile, "password", &format!("{}/app/db", fx.ns), json!({"fromSecret": {"name": "mine"}})),
+        ms(
+            &profile,
+            "password",
+            &format!("{}/app/db", fx.ns),
+            json!({"fromSecret": {"name": "mine"}}),
+        ),
     )
     .await;
     fx.wait_synced("own", 1).await;
@@ -123,9 +152,14 @@ async fn a_tenant_reaches_only_its_own_secret_space() {
 
     // A path B's owner shares with A (by the namespace's name label): read, never written.
     let shared = format!("{other}/shared/flags");
-    kv2::set(&root, "secret", &shared, &json!({"password": "shared-e2e-tenancy"}))
-        .await
-        .unwrap();
+    kv2::set(
+        &root,
+        "secret",
+        &shared,
+        &json!({"password": "shared-e2e-tenancy"}),
+    )
+    .await
+    .unwrap();
     let sharing = fx
         .profile_spec(
             "sharing",
@@ -133,17 +167,29 @@ async fn a_tenant_reaches_only_its_own_secret_space() {
                 "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": fx.ns}}}]}),
         )
         .await;
-    fx.managed_secret("reader", ms(&sharing, "password", &shared, json!({"fromStore": {}})))
-        .await;
+    fx.managed_secret(
+        "reader",
+        ms(&sharing, "password", &shared, json!({"fromStore": {}})),
+    )
+    .await;
     fx.wait_synced("reader", 1).await;
     assert_eq!(
         fx.secret_data(&fx.ns, "reader").await.unwrap()["password"],
         "shared-e2e-tenancy"
     );
-    assert_eq!(held(&root, &shared).await.1, 1, "the reader wrote nothing there");
+    assert_eq!(
+        held(&root, &shared).await.1,
+        1,
+        "the reader wrote nothing there"
+    );
     fx.managed_secret(
         "pusher",
-        ms(&sharing, "password", &shared, json!({"fromSecret": {"name": "mine"}})),
+        ms(
+            &sharing,
+            "password",
+            &shared,
+            json!({"fromSecret": {"name": "mine"}}),
+        ),
     )
     .await;
     refused(&fx, "pusher", "PathReadOnly", &shared).await;
@@ -157,12 +203,25 @@ async fn a_tenant_reaches_only_its_own_secret_space() {
         )
         .await;
     let apps = format!("apps/{}/db", fx.ns);
-    fx.managed_secret("mapped", ms(&mapped, "password", &apps, json!({"fromSecret": {"name": "mine"}})))
-        .await;
+    fx.managed_secret(
+        "mapped",
+        ms(
+            &mapped,
+            "password",
+            &apps,
+            json!({"fromSecret": {"name": "mine"}}),
+        ),
+    )
+    .await;
     fx.wait_synced("mapped", 1).await;
     fx.managed_secret(
         "unmapped",
-        ms(&mapped, "password", &format!("{}/db", fx.ns), json!({"fromSecret": {"name": "mine"}})),
+        ms(
+            &mapped,
+            "password",
+            &format!("{}/db", fx.ns),
+            json!({"fromSecret": {"name": "mine"}}),
+        ),
     )
     .await;
     fx.wait_not_ready("unmapped", "PathNotInNamespace").await;
@@ -174,7 +233,11 @@ async fn a_tenant_reaches_only_its_own_secret_space() {
         .await;
     let isolated = e2e::fixture::wait_until(std::time::Duration::from_secs(60), || async {
         let p: VaultProfile = fx.cluster_api::<VaultProfile>().get(&open).await.ok()?;
-        let c = p.status?.conditions.into_iter().find(|c| c.type_ == "Isolated")?;
+        let c = p
+            .status?
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "Isolated")?;
         (c.status == "False").then_some(c)
     })
     .await

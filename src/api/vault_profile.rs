@@ -97,7 +97,11 @@ pub struct VaultProfileSpec {
     /// Allow `certificate` ManagedSecrets under this profile to be intermediate CAs (`isCA`
     /// with `issuerRef`): each can then issue certificates chained to its issuer. Default
     /// false.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[serde(
+        default,
+        rename = "allowIntermediateCAs",
+        skip_serializing_if = "std::ops::Not::not"
+    )]
     pub allow_intermediate_cas: bool,
 }
 

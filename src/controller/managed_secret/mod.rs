@@ -26,6 +26,7 @@ use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::{Api, ResourceExt};
 use native::Cleanup;
+use observe::StatusSeen;
 use plan::Plan;
 use std::sync::Arc;
 use std::time::Duration;
@@ -76,13 +77,14 @@ async fn sync(ms: &ManagedSecret, ctx: &Context) -> Result<Action> {
             YIELD.mul_f64(0.9 + rand::random::<f64>() * 0.2),
         ));
     }
-    let observed = observe::observe(ms, ctx, None, true).await;
-    let observed = match plan::plan(ms, observed) {
+    let observed = first_plan(ms, ctx).await?;
+    let observed = match observed {
         Plan::Migrate { moves, status } => {
             let (status, failed) =
                 super::migration::apply(ctx, &with_status(ms, status.clone()), status, moves)
                     .await?;
-            let again = observe::observe(ms, ctx, Some(status), false).await;
+            let again =
+                observe::observe(ms, ctx, StatusSeen::Stored(Box::new(status)), false).await;
             match plan::plan(ms, again) {
                 Plan::Sync(mut p) => {
                     p.migration_failed |= failed;
@@ -118,6 +120,27 @@ async fn sync(ms: &ManagedSecret, ctx: &Context) -> Result<Action> {
             "a second migration step in one reconcile",
         )),
     }
+}
+
+/// The first plan of a sync, on the cached status; made again on the stored status when
+/// the cache may predate this process's last status write and the plan acts on history
+/// (one GET in that case only: an idle refresh reads no status).
+async fn first_plan(ms: &ManagedSecret, ctx: &Context) -> Result<Plan> {
+    let observed = observe::observe(ms, ctx, StatusSeen::Cached, true).await;
+    let stale = observed.stale;
+    let planned = plan::plan(ms, observed);
+    if !(stale && planned.decides_on_history()) {
+        return Ok(planned);
+    }
+    let stored = super::status::read(&ctx.client, ms).await?;
+    Ok(match planned {
+        // A failure is recorded on the stored status, not observed again (its reads failed).
+        Plan::Fail(f) => Plan::Fail(plan::failure(ms, stored, f.error)),
+        _ => plan::plan(
+            ms,
+            observe::observe(ms, ctx, StatusSeen::Stored(Box::new(stored)), true).await,
+        ),
+    })
 }
 
 /// Records a failed sync: its status, an Event, a health check when a store failed.

@@ -12,8 +12,8 @@ use crate::controller::migration;
 use crate::crypto::Fingerprint;
 use crate::error::{Error, Result, Verb};
 use crate::profiles::{self, NamespaceInfo, Via};
-use crate::tenancy::{self, Access};
 use crate::secret_data::SecretData;
+use crate::tenancy::{self, Access};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, ResourceExt};
 use std::sync::Arc;
@@ -34,9 +34,12 @@ pub struct Observation {
     pub now: jiff::Timestamp,
     /// The factor (0.9–1.1) the refresh interval is multiplied by.
     pub jitter: f64,
-    /// The status as stored (the cached one when it holds this process's last status
-    /// write, else read from the API server).
+    /// The status decided on.
     pub status: ManagedSecretStatus,
+    /// It is the cached status, and the cache may predate this process's last status write:
+    /// a plan that records a version, restarts workloads, migrates or reports a failure is
+    /// made again on the stored status.
+    pub stale: bool,
     /// What the sync reads; the first failure.
     pub gathered: Result<Gathered>,
 }
@@ -86,37 +89,36 @@ pub enum Content {
 pub async fn observe(
     ms: &ManagedSecret,
     ctx: &Context,
-    written: Option<ManagedSecretStatus>,
+    status: StatusSeen,
     migrate: bool,
 ) -> Observation {
     let now = jiff::Timestamp::now();
     let jitter = 0.9 + rand::random::<f64>() * 0.2;
-    let status = match written {
-        Some(status) => Ok(status),
-        None => stored_status(ms, ctx).await,
+    let (status, stale) = match status {
+        StatusSeen::Cached => (
+            ms.status.clone().unwrap_or_default(),
+            !ctx.status_writes.holds_last(ms),
+        ),
+        StatusSeen::Stored(status) => (*status, false),
     };
-    let (status, gathered) = match status {
-        Ok(status) => {
-            let gathered = gather(ms, ctx, &status, migrate, now).await;
-            (status, gathered)
-        }
-        Err(e) => (ms.status.clone().unwrap_or_default(), Err(e)),
-    };
+    let gathered = gather(ms, ctx, &status, migrate, now).await;
     Observation {
         now,
         jitter,
         status,
+        stale,
         gathered,
     }
 }
 
-/// The status as stored, not as cached: the cached one when it holds this process's last
-/// status write, else read from the API server.
-async fn stored_status(ms: &ManagedSecret, ctx: &Context) -> Result<ManagedSecretStatus> {
-    if ctx.status_writes.holds_last(ms) {
-        return Ok(ms.status.clone().unwrap_or_default());
-    }
-    crate::controller::status::read(&ctx.client, ms).await
+/// Which status an observation decides on.
+#[derive(Debug)]
+pub enum StatusSeen {
+    /// The cached object's: it may predate this process's last status write (a watch event
+    /// of the native Secret can arrive before the one of our status), which `stale` says.
+    Cached,
+    /// As the API server holds it (read, or just written by this reconcile).
+    Stored(Box<ManagedSecretStatus>),
 }
 
 async fn gather(
@@ -149,9 +151,12 @@ async fn gather(
         store_version: v.store_version,
     };
     let migration = match profile.spec.migrate_from.as_deref() {
-        Some(from) if migrate && access.may_write() && migration::pending(Some(status), from) => Some(
-            observe_migration(ctx, &path, status, from, &profile.spec.source, &fingerprint).await,
-        ),
+        Some(from) if migrate && access.may_write() && migration::pending(Some(status), from) => {
+            Some(
+                observe_migration(ctx, &path, status, from, &profile.spec.source, &fingerprint)
+                    .await,
+            )
+        }
         _ => None,
     };
     let source_name = profile.spec.source.as_str();
@@ -165,8 +170,16 @@ async fn gather(
         _ => None,
     };
     let fresh_base = carried.as_ref().map_or(current.as_ref(), Option::as_ref);
-    let content = observe_content(ms, ctx, (&profile, &ns), status, fresh_base, now, &fingerprint)
-        .await?;
+    let content = observe_content(
+        ms,
+        ctx,
+        (&profile, &ns),
+        status,
+        fresh_base,
+        now,
+        &fingerprint,
+    )
+    .await?;
     // A shared path is never written: its copies are the owner's to make.
     let sync_targets = match access.may_write() {
         true => profile.spec.sync_targets.as_slice(),
@@ -235,9 +248,9 @@ async fn observe_content(
                     GenerateDecision::UseStored => None,
                     GenerateDecision::Generate { .. } => {
                         let issuer = match &spec.issuer_ref {
-                            Some(r) if ms.spec.type_ == SecretType::Certificate => Some(
-                                issuer_value(ctx, ns, &r.name).await?,
-                            ),
+                            Some(r) if ms.spec.type_ == SecretType::Certificate => {
+                                Some(issuer_value(ctx, ns, &r.name).await?)
+                            }
                             _ => None,
                         };
                         let data = crate::content::generate_with(

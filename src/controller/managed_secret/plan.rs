@@ -40,6 +40,19 @@ pub enum Plan {
     Sync(Box<SyncPlan>),
 }
 
+impl Plan {
+    /// Whether the plan acts on the status's history: it records a version, restarts
+    /// workloads, migrates, or records a failure (which must not drop what the last status
+    /// write recorded). Such a plan is made on the stored status, never on a cache that may
+    /// predate this process's last write.
+    pub fn decides_on_history(&self) -> bool {
+        match self {
+            Plan::Migrate { .. } | Plan::Fail(_) => true,
+            Plan::Sync(p) => p.record.is_some() || p.restart == RestartDecision::Restart,
+        }
+    }
+}
+
 /// A sync that fails: the status to record, and why.
 #[derive(Debug)]
 pub struct Failure {
@@ -246,6 +259,7 @@ pub fn plan(ms: &ManagedSecret, obs: Observation) -> Plan {
         jitter,
         status,
         gathered,
+        ..
     } = obs;
     let mut gathered = match gathered {
         Ok(g) => g,

@@ -111,6 +111,7 @@ fn observe(status: ManagedSecretStatus, g: Gathered) -> Observation {
         now: now(),
         jitter: 1.0,
         status,
+        stale: false,
         gathered: Ok(g),
     }
 }
@@ -221,25 +222,22 @@ fn a_profile_that_cannot_be_resolved_is_forgotten_in_status() {
         profile: Some("p".into()),
         ..Default::default()
     };
-    let obs = Observation {
+    let failed = |reason| Observation {
         now: now(),
         jitter: 1.0,
-        status,
-        gathered: Err(Error::config(Reason::ProfileNotAllowed, "not allowed")),
-    };
-    let (status, _) = failure(&ms, obs);
-    assert_eq!(status.profile, None);
-    let obs = Observation {
-        now: now(),
-        jitter: 1.0,
-        status: ManagedSecretStatus {
-            profile: Some("p".into()),
-            ..Default::default()
-        },
-        gathered: Err(Error::config(Reason::StoreNotFound, "gone")),
+        status: status.clone(),
+        stale: false,
+        gathered: Err(Error::config(reason, "cannot")),
     };
     assert_eq!(
-        failure(&ms, obs).0.profile.as_deref(),
+        failure(&ms, failed(Reason::ProfileNotAllowed)).0.profile,
+        None
+    );
+    assert_eq!(
+        failure(&ms, failed(Reason::StoreNotFound))
+            .0
+            .profile
+            .as_deref(),
         Some("p"),
         "a store failure keeps it"
     );
@@ -545,11 +543,53 @@ fn the_author_is_the_newest_spec_writer_other_than_keyhaven() {
 #[test]
 fn a_shared_path_is_read_and_never_written() {
     let ms = ms(serde_json::json!({"path": "shared/ca"}));
-    let mut g = gathered(profile(serde_json::json!({"syncTargets": ["dr"]})), Some(held("pw", None)));
+    let mut g = gathered(
+        profile(serde_json::json!({"syncTargets": ["dr"]})),
+        Some(held("pw", None)),
+    );
     g.access = Access::SharedRead;
     let p = sync_plan(&ms, observe(Default::default(), g));
-    assert_eq!(p.decision, VersionDecision::New(1), "recorded in the reader's own status");
-    assert!(!p.source.write, "an unstamped shared value is not stamped by a reader");
+    assert_eq!(
+        p.decision,
+        VersionDecision::New(1),
+        "recorded in the reader's own status"
+    );
+    assert!(
+        !p.source.write,
+        "an unstamped shared value is not stamped by a reader"
+    );
     assert!(p.targets.is_empty(), "the reader makes no copies");
     assert!(p.native.apply.is_some(), "its own native Secret is written");
+}
+
+#[test]
+fn only_a_plan_that_acts_on_history_needs_the_stored_status() {
+    let ms = ms(serde_json::json!({}));
+    let first = first_sync(&ms);
+    assert!(
+        Plan::Sync(first).decides_on_history(),
+        "a new version is recorded"
+    );
+    let status = {
+        let p = first_sync(&ms);
+        report(&ms, &p, &done(&p)).status
+    };
+    let mut g = gathered(profile(serde_json::json!({})), Some(held("pw", Some(1))));
+    g.native = Some(native(&ms, "pw", 1));
+    let idle = plan(&ms, observe(status, g));
+    assert!(
+        !idle.decides_on_history(),
+        "an idle refresh decides on the cached status"
+    );
+    let obs = Observation {
+        now: now(),
+        jitter: 1.0,
+        status: Default::default(),
+        stale: true,
+        gathered: Err(Error::config(Reason::StoreNotFound, "gone")),
+    };
+    assert!(
+        plan(&ms, obs).decides_on_history(),
+        "a failure must not drop a version"
+    );
 }

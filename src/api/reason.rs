@@ -42,6 +42,7 @@ named_enum! {
         DriftRepaired,
         RolloutRestarted,
         RolloutTargetNotFound,
+        RolloutRestartForbidden,
         // ManagedSecret: the value's expiry.
         NoExpiry,
         NotExpiring,

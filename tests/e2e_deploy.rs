@@ -1,17 +1,21 @@
 //! End-to-end tests of what a production install relies on: `/metrics` and the probes, leader
 //! election with failover, and the Helm chart (lint, the rendered `manifests/`, and an
-//! install whose RBAC is enough for the operator and no more).
+//! install whose RBAC is enough for the operator and no more, and whose roles for people
+//! let each level do its part and no more).
 
 mod e2e;
 
-use e2e::Testbed;
 use e2e::fixture::{Fixture, wait_until};
-use e2e::operator::{Operator, Work, http_get, sample};
+use e2e::operator::{Operator, SCOPE_LABEL, Work, http_get, sample};
+use e2e::{Testbed, cleanup_blocking};
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::ListParams;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, RoleBinding};
+use keyhaven::api::{ManagedSecret, SecretStore, VaultProfile};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -380,6 +384,67 @@ fn chart_lints_and_manifests_are_the_rendered_chart() {
         "{confined}"
     );
     assert!(confined.contains("name: keyhaven-secrets\n  namespace: apps"));
+    assert!(confined.contains("name: keyhaven-workloads\n  namespace: apps"));
+    assert!(!confined.contains("name: keyhaven-workloads\n  labels"));
+    roles_for_people_grant_keyhaven_kinds_only(&rendered);
+    let off = run_helm(&[
+        "template",
+        "keyhaven",
+        chart,
+        "--set",
+        "rbac.aggregateRoles=false",
+        "--set",
+        "rbac.platformAdminRole=false",
+        "--set",
+        "rbac.rolloutRestart=false",
+    ]);
+    for name in ["aggregate-to-", "platform-admin", "keyhaven-workloads"] {
+        assert!(!off.contains(name), "{name} with the values off:\n{off}");
+    }
+}
+
+/// The chart's ClusterRoles for people: aggregated into view, edit and admin (the platform
+/// admin's into nothing), and only on keyhaven's kinds: nothing on Secrets.
+fn roles_for_people_grant_keyhaven_kinds_only(rendered: &str) {
+    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(rendered)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    let role = |name: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no ClusterRole {name} in the rendered chart"))
+    };
+    let aggregation = "rbac.authorization.k8s.io/aggregate-to-";
+    for (name, level) in [
+        ("keyhaven-view", Some("view")),
+        ("keyhaven-edit", Some("edit")),
+        ("keyhaven-admin", Some("admin")),
+        ("keyhaven-platform-admin", None),
+    ] {
+        let role = role(name);
+        let labels = role["metadata"]["labels"].as_mapping().unwrap();
+        let aggregated: Vec<_> = labels
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str()?.strip_prefix(aggregation)?, v.as_str()?)))
+            .collect();
+        assert_eq!(
+            aggregated,
+            level.map(|l| (l, "true")).into_iter().collect::<Vec<_>>()
+        );
+        for rule in role["rules"].as_sequence().unwrap() {
+            assert_eq!(
+                rule["apiGroups"],
+                serde_yaml::to_value(["keyhaven.io"]).unwrap()
+            );
+            let resources = rule["resources"].as_sequence().unwrap();
+            assert!(
+                resources
+                    .iter()
+                    .all(|r| r.as_str().is_some_and(|r| r != "*")),
+                "{name}: {rule:?}"
+            );
+        }
+    }
 }
 
 /// Uninstalls a Helm release when dropped.
@@ -463,7 +528,7 @@ async fn helm_install_grants_the_operator_enough_and_no_more() {
         ],
     );
     let value = "helm-rbac-Pa55word-e2e";
-    push_secret(&fx, value).await;
+    let (_, profile) = push_secret(&fx, value).await;
     fx.wait_synced("db", 1).await;
     assert_eq!(
         fx.secret_data(&fx.ns, "db")
@@ -472,6 +537,7 @@ async fn helm_install_grants_the_operator_enough_and_no_more() {
             .as_deref(),
         Some(value)
     );
+    restarts_a_deployment(&fx, &profile).await;
     let log = op.log_text();
     assert!(
         !log.contains("forbidden"),
@@ -491,8 +557,6 @@ async fn helm_install_grants_the_operator_enough_and_no_more() {
         .unwrap(),
     )
     .unwrap();
-    let forbidden =
-        |r: Result<_, kube::Error>| matches!(r, Err(kube::Error::Api(s)) if s.code == 403);
     assert!(forbidden(
         Api::<Secret>::namespaced(sa_client.clone(), &other)
             .get("private")
@@ -516,5 +580,242 @@ async fn helm_install_grants_the_operator_enough_and_no_more() {
         .get("src")
         .await
         .expect("the ServiceAccount reads Secrets of the watched namespace");
-    assert_not_leaked(&fx, &[&op], &[value]).await;
+    people_under_the_chart_roles(&fx, &release, &profile).await;
+    assert_not_leaked(
+        &fx,
+        &[&op],
+        &[value, "helm-rollout-one", "helm-rollout-two"],
+    )
+    .await;
+}
+
+fn forbidden<T>(r: Result<T, kube::Error>) -> bool {
+    matches!(r, Err(kube::Error::Api(s)) if s.code == 403)
+}
+
+/// The chart's RBAC lets the operator restart a Deployment named in rolloutRestartTargets
+/// (an object is enough: the bed runs no kubelet).
+async fn restarts_a_deployment(fx: &Fixture, profile: &str) {
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "app", "namespace": fx.ns},
+        "spec": {
+            "selector": {"matchLabels": {"app": "app"}},
+            "template": {
+                "metadata": {"labels": {"app": "app"}},
+                "spec": {"containers": [{"name": "app", "image": "registry.invalid/app:1"}]}
+            }
+        }
+    }))
+    .unwrap();
+    fx.ns_api::<Deployment>(&fx.ns)
+        .create(&PostParams::default(), &deployment)
+        .await
+        .unwrap();
+    fx.secret(&fx.ns, "cfg-src", &[("MODE", "helm-rollout-one")])
+        .await;
+    fx.managed_secret(
+        "cfg",
+        json!({"profile": profile, "type": "key-value", "refreshInterval": "1s",
+            "content": {"fromSecret": {"name": "cfg-src"}},
+            "rolloutRestartTargets": [{"kind": "Deployment", "name": "app"}]}),
+    )
+    .await;
+    fx.wait_synced("cfg", 1).await;
+    fx.secret(&fx.ns, "cfg-src", &[("MODE", "helm-rollout-two")])
+        .await;
+    let v2 = fx.wait_synced("cfg", 2).await;
+    assert_eq!(v2.status.unwrap().restarted_version, Some(2));
+    let d = fx.ns_api::<Deployment>(&fx.ns).get("app").await.unwrap();
+    let annotations = d
+        .spec
+        .and_then(|s| s.template.metadata)
+        .and_then(|m| m.annotations)
+        .unwrap_or_default();
+    assert!(
+        annotations.contains_key("keyhaven.io/restartedAt"),
+        "{annotations:?}"
+    );
+    fx.wait_event("RolloutRestarted", "Deployment/app").await;
+}
+
+/// A client of the bed's admin impersonating `user` (authenticated, in no other group).
+async fn client_as(user: &str) -> Client {
+    let mut config = Testbed::load().kube_config().await;
+    config.auth_info.impersonate = Some(user.to_owned());
+    config.auth_info.impersonate_groups = Some(vec!["system:authenticated".to_owned()]);
+    Client::try_from(config).unwrap()
+}
+
+/// Whether ClusterRole `role` has a keyhaven.io rule on managedsecrets with `verb`.
+async fn grants(roles: &Api<ClusterRole>, role: &str, verb: &str) -> bool {
+    let rules = roles.get(role).await.ok().and_then(|r| r.rules);
+    rules.unwrap_or_default().iter().any(|r| {
+        let has = |list: &Option<Vec<String>>, x: &str| list.iter().flatten().any(|v| v == x);
+        has(&r.api_groups, "keyhaven.io")
+            && r.resources.iter().flatten().any(|v| v == "managedsecrets")
+            && r.verbs.iter().any(|v| v == verb)
+    })
+}
+
+/// The ClusterRoles a namespace's viewer and developer are bound to: the built-in view and
+/// edit, once the chart's roles are aggregated into them (and into admin, with approve). A
+/// bed whose kube-controller-manager aggregates nothing (started before e2e/testbed ran the
+/// clusterrole-aggregation controller: its view has no rules) gets the chart's roles bound
+/// directly.
+async fn viewer_and_developer_roles(fx: &Fixture, release: &str) -> [String; 2] {
+    let roles: Api<ClusterRole> = fx.cluster_api();
+    let view = roles.get("view").await.unwrap();
+    if view.rules.is_none_or(|r| r.is_empty()) {
+        eprintln!(
+            "this bed aggregates no ClusterRoles (restart it for the aggregation check): \
+             binding {release}-view and {release}-edit directly"
+        );
+        return [format!("{release}-view"), format!("{release}-edit")];
+    }
+    for (role, verb) in [("view", "list"), ("edit", "create"), ("admin", "approve")] {
+        let aggregated = wait_until(Duration::from_secs(30), || async {
+            grants(&roles, role, verb).await.then_some(())
+        })
+        .await;
+        assert!(
+            aggregated.is_some(),
+            "{verb} on managedsecrets never reached {role}"
+        );
+    }
+    assert!(!grants(&roles, "view", "create").await);
+    ["view".to_owned(), "edit".to_owned()]
+}
+
+/// Deletes a ClusterRoleBinding when dropped.
+struct ClusterBinding(String);
+
+impl Drop for ClusterBinding {
+    fn drop(&mut self) {
+        let name = std::mem::take(&mut self.0);
+        cleanup_blocking(&Testbed::load().kubeconfig, move |client| async move {
+            Api::<ClusterRoleBinding>::all(client)
+                .delete(&name, &DeleteParams::default())
+                .await
+                .map(drop)
+                .map_err(|e| format!("delete ClusterRoleBinding {name}: {e}"))
+        });
+    }
+}
+
+/// A RoleBinding in `namespace` (a ClusterRoleBinding without) of ClusterRole `role` to `user`.
+fn binding(name: &str, namespace: Option<&str>, role: &str, user: &str) -> serde_json::Value {
+    let mut b = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+        "metadata": {"name": name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+    });
+    if let Some(ns) = namespace {
+        b["kind"] = "RoleBinding".into();
+        b["metadata"]["namespace"] = ns.into();
+    }
+    b
+}
+
+/// People, impersonated, under the chart's roles: a viewer of the namespace lists its
+/// ManagedSecrets but reads no Secret; a developer creates ManagedSecrets but writes no
+/// status; neither writes a SecretStore (nor a VaultProfile), which a platform admin does.
+async fn people_under_the_chart_roles(fx: &Fixture, release: &str, profile: &str) {
+    let [view, edit] = viewer_and_developer_roles(fx, release).await;
+    let user = |level: &str| format!("{}-{level}", fx.ns);
+    for (level, role) in [("viewer", &view), ("developer", &edit)] {
+        let rb = binding(level, Some(&fx.ns), role, &user(level));
+        fx.apply::<RoleBinding>(fx.ns_api(&fx.ns), rb).await;
+    }
+    let platform_binding = ClusterBinding(fx.scoped("platform-admin"));
+    let crb = binding(
+        &platform_binding.0,
+        None,
+        &format!("{release}-platform-admin"),
+        &user("platform"),
+    );
+    fx.apply::<ClusterRoleBinding>(fx.cluster_api(), crb).await;
+    let viewer = client_as(&user("viewer")).await;
+    let developer = client_as(&user("developer")).await;
+    let platform = client_as(&user("platform")).await;
+    let managed = |c: &Client| Api::<ManagedSecret>::namespaced(c.clone(), &fx.ns);
+    let stores = |c: &Client| Api::<SecretStore>::all(c.clone());
+    let pp = PostParams::default();
+    let ms: ManagedSecret = serde_json::from_value(json!({
+        "apiVersion": "keyhaven.io/v1alpha1", "kind": "ManagedSecret",
+        "metadata": {"name": "by-developer"},
+        "spec": {"profile": profile, "type": "password", "content": {"fromSecret": {"name": "src"}}},
+    }))
+    .unwrap();
+    let store = |name: &str| -> SecretStore {
+        serde_json::from_value(json!({
+            "apiVersion": "keyhaven.io/v1alpha1", "kind": "SecretStore",
+            "metadata": {"name": fx.scoped(name), "labels": {SCOPE_LABEL: fx.ns}},
+            "spec": {"provider": {"internal": {}}},
+        }))
+        .unwrap()
+    };
+    let profile_obj: VaultProfile = serde_json::from_value(json!({
+        "apiVersion": "keyhaven.io/v1alpha1", "kind": "VaultProfile",
+        "metadata": {"name": fx.scoped("by-developer"), "labels": {SCOPE_LABEL: fx.ns}},
+        "spec": {"source": fx.scoped("internal")},
+    }))
+    .unwrap();
+
+    // Bindings take effect within moments: the first success of each is waited for.
+    let secs = Duration::from_secs(15);
+    let listed = wait_until(secs, || async {
+        managed(&viewer).list(&ListParams::default()).await.ok()
+    })
+    .await
+    .expect("the viewer lists the namespace's ManagedSecrets");
+    assert!(listed.items.iter().any(|m| m.name_any() == "db"));
+    let db = managed(&viewer).get("db").await.unwrap();
+    assert!(
+        db.status.is_some_and(|s| !s.versions.is_empty()),
+        "the viewer sees the history"
+    );
+    assert!(forbidden(
+        Api::<Secret>::namespaced(viewer.clone(), &fx.ns)
+            .get("db")
+            .await
+    ));
+    assert!(forbidden(
+        Api::<Secret>::namespaced(viewer.clone(), &fx.ns)
+            .list(&ListParams::default())
+            .await
+    ));
+    assert!(forbidden(managed(&viewer).create(&pp, &ms).await));
+    assert!(forbidden(
+        stores(&viewer).create(&pp, &store("by-viewer")).await
+    ));
+
+    wait_until(secs, || async {
+        managed(&developer).create(&pp, &ms).await.ok()
+    })
+    .await
+    .expect("the developer creates a ManagedSecret");
+    let forged = Patch::Merge(json!({"status": {"currentVersion": 99}}));
+    assert!(forbidden(
+        managed(&developer)
+            .patch_status("db", &PatchParams::default(), &forged)
+            .await
+    ));
+    assert!(forbidden(
+        stores(&developer).create(&pp, &store("by-developer")).await
+    ));
+    assert!(forbidden(
+        Api::<VaultProfile>::all(developer.clone())
+            .create(&pp, &profile_obj)
+            .await
+    ));
+
+    wait_until(secs, || async {
+        stores(&platform)
+            .create(&pp, &store("by-platform"))
+            .await
+            .ok()
+    })
+    .await
+    .expect("the platform admin creates a SecretStore");
 }

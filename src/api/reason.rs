@@ -49,6 +49,7 @@ named_enum! {
         DriftRepaired,
         RolloutRestarted,
         RolloutTargetNotFound,
+        RolloutRestartForbidden,
         // ManagedSecret: the value's expiry.
         NoExpiry,
         NotExpiring,

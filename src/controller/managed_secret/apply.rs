@@ -1,7 +1,8 @@
 //! The apply stage: carries a [`SyncPlan`] out in order — the source first (a version
 //! exists once the source holds it), then each sync target (a failure there is reported,
 //! not raised, so one store that is down does not hold back the others), the native
-//! Secret, the restarts. The first failure of the others stops the sync.
+//! Secret, the restarts. The first failure of the others stops the sync (a workload that is
+//! missing, or that RBAC forbids restarting, is reported instead).
 
 use super::plan::{SyncPlan, TargetStep};
 use super::report::Outcome;
@@ -13,7 +14,7 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
-use tracing::info;
+use tracing::{info, warn};
 
 /// Carries out `plan` for `ms`.
 pub async fn apply(ms: &ManagedSecret, ctx: &Context, plan: &SyncPlan) -> Result<Outcome> {
@@ -49,11 +50,17 @@ pub async fn apply(ms: &ManagedSecret, ctx: &Context, plan: &SyncPlan) -> Result
         let namespace = ms.namespace().unwrap_or_default();
         for target in &ms.spec.rollout_restart_targets {
             let name = format!("{:?}/{}", target.kind, target.name);
-            if restart_workload(ctx, &namespace, target, &at).await? {
-                info!(workload = %name, version = plan.stamp.version, "rollout restarted");
-                outcome.restarted.push(name);
-            } else {
-                outcome.missing_workloads.push(name);
+            match restart_workload(ctx, &namespace, target, &at).await? {
+                Restart::Done => {
+                    info!(workload = %name, version = plan.stamp.version, "rollout restarted");
+                    outcome.restarted.push(name);
+                }
+                Restart::Missing => outcome.missing_workloads.push(name),
+                Restart::Forbidden => {
+                    warn!(workload = %name, version = plan.stamp.version,
+                        "rollout restart forbidden: the operator may not patch it");
+                    outcome.forbidden_workloads.push(name);
+                }
             }
         }
     }
@@ -80,14 +87,24 @@ async fn apply_secret(ms: &ManagedSecret, ctx: &Context, desired: &Secret) -> Re
     Ok(())
 }
 
+/// What became of one workload's restart.
+enum Restart {
+    Done,
+    /// The workload does not exist.
+    Missing,
+    /// The operator's RBAC does not let it patch the workload (403). Retrying would not
+    /// help: reported, like a missing workload, and the version is recorded.
+    Forbidden,
+}
+
 /// Sets the restart annotation on a workload's pod template (as `kubectl rollout restart`
-/// does). False when the workload does not exist.
+/// does). Any other failure than a missing or forbidden workload is an error (retried).
 async fn restart_workload(
     ctx: &Context,
     namespace: &str,
     target: &RolloutRestartTarget,
     at: &str,
-) -> Result<bool> {
+) -> Result<Restart> {
     let patch = Patch::Merge(serde_json::json!({
         "spec": {"template": {"metadata": {"annotations": {RESTARTED_AT_ANNOTATION: at}}}}
     }));
@@ -111,8 +128,9 @@ async fn restart_workload(
             .map(drop),
     };
     match result {
-        Ok(()) => Ok(true),
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
+        Ok(()) => Ok(Restart::Done),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(Restart::Missing),
+        Err(kube::Error::Api(e)) if e.code == 403 => Ok(Restart::Forbidden),
         Err(e) => Err(Error::kube(
             Verb::Patch,
             format!("{:?} {namespace}/{}", target.kind, target.name),

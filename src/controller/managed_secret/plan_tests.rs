@@ -481,6 +481,51 @@ fn workloads_restart_when_the_content_they_run_with_changes() {
 }
 
 #[test]
+fn a_restart_rbac_forbids_is_reported_and_the_version_recorded() {
+    let ms = ms(serde_json::json!({"rolloutRestartTargets": [
+        {"kind": "Deployment", "name": "api"}, {"kind": "StatefulSet", "name": "db"}]}));
+    let status = ManagedSecretStatus {
+        versions: vec![record(1, "old", "src")],
+        restarted_version: Some(1),
+        ..Default::default()
+    };
+    let mut g = gathered(profile(serde_json::json!({})), Some(held("new", None)));
+    g.native = Some(native(&ms, "old", 1));
+    let p = sync_plan(&ms, observe(status, g));
+    assert_eq!(p.restart, RestartDecision::Restart);
+    let outcome = Outcome {
+        restarted: vec!["Deployment/api".into()],
+        forbidden_workloads: vec!["StatefulSet/db".into()],
+        ..done(&p)
+    };
+    let r = report(&ms, &p, &outcome);
+    // The sync completes: version 2 recorded, restarts done for it, no retry on a timer.
+    assert_eq!(r.status.current_version, Some(2));
+    assert_eq!(r.status.restarted_version, Some(2));
+    assert_eq!(r.status.phase, Some(ManagedSecretPhase::Synced));
+    assert!(!r.check_stores);
+    assert_eq!(r.requeue, super::report::wake_after(&ms, &p));
+    let forbidden: Vec<_> = r
+        .notes
+        .iter()
+        .filter(|n| n.reason == Reason::RolloutRestartForbidden)
+        .collect();
+    assert_eq!(forbidden.len(), 1, "{:?}", r.notes);
+    assert_eq!(
+        forbidden[0].type_,
+        kube::runtime::events::EventType::Warning
+    );
+    assert!(
+        forbidden[0].text.contains("StatefulSet/db") && forbidden[0].text.contains("RBAC"),
+        "{}",
+        forbidden[0].text
+    );
+    assert!(r.notes.iter().any(|n| n.reason == Reason::RolloutRestarted
+        && n.text.contains("Deployment/api")
+        && !n.text.contains("StatefulSet/db")));
+}
+
+#[test]
 fn an_expiry_warns_once_and_wakes_the_reconcile_in_time() {
     let ms = ms(serde_json::json!({"type": "api-key", "expiryWarning": "24h"}));
     let soon = now()

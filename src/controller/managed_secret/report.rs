@@ -29,9 +29,11 @@ pub struct Outcome {
     /// Each sync target's write, in the plan's order; an error is reported, not raised.
     pub targets: Vec<Result<(), Error>>,
     pub native_written: bool,
-    /// Workloads restarted (`Kind/name`), and those that do not exist.
+    /// Workloads restarted (`Kind/name`), those that do not exist, and those the operator's
+    /// RBAC forbids it to patch (403).
     pub restarted: Vec<String>,
     pub missing_workloads: Vec<String>,
+    pub forbidden_workloads: Vec<String>,
 }
 
 fn note(type_: EventType, reason: Reason, text: impl Into<String>) -> Note {
@@ -190,6 +192,15 @@ fn sync_notes(plan: &SyncPlan, outcome: &Outcome, status: &ManagedSecretStatus) 
             EventType::Warning,
             Reason::RolloutTargetNotFound,
             format!("rolloutRestartTargets: {w} does not exist"),
+        ));
+    }
+    for w in &outcome.forbidden_workloads {
+        notes.push(note(
+            EventType::Warning,
+            Reason::RolloutRestartForbidden,
+            format!(
+                "rolloutRestartTargets: {w} not restarted for version {version}: RBAC forbids the operator to patch it (grant it patch on that kind in this namespace)"
+            ),
         ));
     }
     if let Some(c) = find_condition(&status.conditions, ConditionType::Expiring)

@@ -109,12 +109,18 @@ pub struct VaultProfileSpec {
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretSpace {
-    /// The path prefix of a namespace's space: slash-terminated segments, one of which is
-    /// `{namespace}` (replaced by the namespace's name), e.g. `apps/{namespace}/` for an
-    /// existing Vault layout. `{namespace}` being a whole segment keeps every namespace's
-    /// space apart from every other's.
+    /// The path prefix of a namespace's space: slash-terminated segments (letters, digits,
+    /// '_', '.', '-'; at most 120 characters), one of which is `{namespace}` (replaced by the
+    /// namespace's name), e.g. `apps/{namespace}/` for an existing Vault layout.
+    /// `{namespace}` being a whole segment keeps every namespace's space apart from every
+    /// other's.
     #[serde(default = "default_prefix")]
-    #[x_kube(validation = Rule::new("self.matches('^([A-Za-z0-9_][A-Za-z0-9_.-]*/)*[{]namespace[}]/([A-Za-z0-9_][A-Za-z0-9_.-]*/)*$') && size(self) <= 120").message("prefix is slash-terminated segments of letters, digits, '_', '.' and '-', one of them {namespace}, at most 120 characters (e.g. apps/{namespace}/)"))]
+    #[schemars(
+        regex(
+            pattern = r"^([A-Za-z0-9_][A-Za-z0-9_.-]*/)*[{]namespace[}]/([A-Za-z0-9_][A-Za-z0-9_.-]*/)*$"
+        ),
+        length(max = 120)
+    )]
     pub prefix: String,
     /// `Enforced` (the default): paths outside the space are refused. `Disabled`: any path
     /// of the stores is open to every namespace the profile selects — for a single-tenant
@@ -150,8 +156,12 @@ pub enum Isolation {
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct SharedPath {
-    /// The path, or a prefix ending with `/`.
-    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*/?$') && size(self) <= 200").message("path is slash-separated segments of letters, digits, '_', '.' and '-', at most 200 characters"))]
+    /// The path, or a prefix ending with `/`: slash-separated segments of letters, digits,
+    /// '_', '.' and '-' (a segment may not start with '.' or '-'), at most 200 characters.
+    #[schemars(
+        regex(pattern = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*/?$"),
+        length(max = 200)
+    )]
     pub path: String,
     /// The namespaces that may read it (required: sharing is granted explicitly).
     pub namespace_selector: LabelSelector,

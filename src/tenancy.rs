@@ -78,6 +78,58 @@ pub fn read_only(profile: &VaultProfile, ns: &str, path: &str) -> Refusal {
     }
 }
 
+/// The profiles sharing a store with `profile` whose secret spaces could overlap its own:
+/// a different prefix template (namespace `x` of `{namespace}/` owns every space of
+/// `x/{namespace}/`), or isolation turned off (any path). Secrets of a profile with such a
+/// conflict are refused until the platform team gives the profiles one template or
+/// separate stores.
+/// `backend` says where a store keeps its data (two SecretStores over one Vault mount share
+/// it); a store it knows nothing of is only itself.
+pub fn space_conflicts<'a>(
+    profile: &VaultProfile,
+    all: impl IntoIterator<Item = &'a VaultProfile>,
+    backend: impl Fn(&str) -> Option<String>,
+) -> Vec<Refusal> {
+    let name = profile.name_any();
+    let ours = template(profile);
+    let data_of = |store: &str| backend(store).unwrap_or_else(|| format!("store {store}"));
+    let mine: Vec<(String, String)> = profile
+        .spec
+        .stores()
+        .map(|s| (s.to_owned(), data_of(s)))
+        .collect();
+    let mut out: Vec<Refusal> = all
+        .into_iter()
+        .filter(|other| other.name_any() != name)
+        .filter_map(|other| {
+            let shared = mine.iter().find_map(|(store, data)| {
+                other
+                    .spec
+                    .stores()
+                    .any(|o| data_of(o) == *data)
+                    .then_some(store.clone())
+            })?;
+            let theirs = template(other);
+            (theirs != ours).then(|| Refusal {
+                reason: Reason::SecretSpaceConflict,
+                message: format!(
+                    "VaultProfile {} shares store {shared} with this profile and keeps namespaces' secrets under {} (this one: {}): their secret spaces could overlap; give them one secretSpace or separate stores",
+                    other.name_any(),
+                    theirs.as_deref().unwrap_or("any path (isolation Disabled)"),
+                    ours.as_deref().unwrap_or("any path (isolation Disabled)"),
+                ),
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.message.cmp(&b.message));
+    out
+}
+
+/// A profile's space template, or None when its isolation is off.
+fn template(profile: &VaultProfile) -> Option<String> {
+    space(profile, "{namespace}")
+}
+
 /// Whether `profile` lets a generated certificate be what `generate` asks: an intermediate
 /// CA (`isCA` with `issuerRef`) only with the profile's `allowIntermediateCAs`.
 pub fn issuance(profile: &VaultProfile, generate: &Generate) -> Result<(), Refusal> {
@@ -177,6 +229,66 @@ mod tests {
         assert_eq!(issuance(&profile(serde_json::json!({})), &root), Ok(()));
         let leaf = generate(serde_json::json!({"issuerRef": {"name": "root"}}));
         assert_eq!(issuance(&profile(serde_json::json!({})), &leaf), Ok(()));
+    }
+
+    fn named(name: &str, spec: serde_json::Value) -> VaultProfile {
+        let mut p = profile(spec);
+        p.metadata.name = Some(name.into());
+        p
+    }
+
+    #[test]
+    fn profiles_sharing_a_store_must_share_one_space_template() {
+        let a = named("a", serde_json::json!({"source": "bao"}));
+        let same = named(
+            "same",
+            serde_json::json!({"source": "other", "syncTargets": ["bao"]}),
+        );
+        let nested = named(
+            "nested",
+            serde_json::json!({"source": "bao",
+            "secretSpace": {"prefix": "teams/{namespace}/"}}),
+        );
+        let open = named(
+            "open",
+            serde_json::json!({"source": "bao",
+            "secretSpace": {"isolation": "Disabled"}}),
+        );
+        let apart = named(
+            "apart",
+            serde_json::json!({"source": "hsm",
+            "secretSpace": {"prefix": "teams/{namespace}/"}}),
+        );
+        let none = |_: &str| None;
+        assert!(space_conflicts(&a, [&a, &same, &apart], none).is_empty());
+        let found = space_conflicts(&a, [&a, &nested, &open, &apart], none);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(
+            found
+                .iter()
+                .all(|r| r.reason == Reason::SecretSpaceConflict)
+        );
+        assert!(
+            found[0].message.contains("VaultProfile nested")
+                || found[1].message.contains("VaultProfile nested")
+        );
+        assert_eq!(
+            space_conflicts(&nested, [&a], none).len(),
+            1,
+            "said on both"
+        );
+        // Two SecretStores over one Vault mount are one place.
+        let elsewhere = named(
+            "elsewhere",
+            serde_json::json!({"source": "bao-again",
+            "secretSpace": {"prefix": "teams/{namespace}/"}}),
+        );
+        assert!(space_conflicts(&a, [&elsewhere], none).is_empty());
+        let one_mount = |s: &str| {
+            s.starts_with("bao")
+                .then(|| "vault http://bao secret".to_owned())
+        };
+        assert_eq!(space_conflicts(&a, [&elsewhere], one_mount).len(), 1);
     }
 
     #[test]

@@ -195,11 +195,19 @@ async fn a_tenant_reaches_only_its_own_secret_space() {
     refused(&fx, "pusher", "PathReadOnly", &shared).await;
     assert_eq!(held(&root, &shared).await.1, 1);
 
-    // A profile maps the space elsewhere; one without isolation says so.
+    // A profile maps the space elsewhere (a store of its own: OpenBao's KV v1 mount).
+    let kv1 = fx
+        .store(
+            "kv1",
+            json!({"vault": {"server": bed.vault_addr, "mount": "kv", "version": "v1",
+                "requestTimeout": "5s",
+                "auth": {"tokenSecretRef": {"name": "bao-token", "key": "token"}}}}),
+        )
+        .await;
     let mapped = fx
         .profile_spec(
             "mapped",
-            json!({"source": bao, "secretSpace": {"prefix": "apps/{namespace}/"}}),
+            json!({"source": kv1, "secretSpace": {"prefix": "apps/{namespace}/"}}),
         )
         .await;
     let apps = format!("apps/{}/db", fx.ns);
@@ -225,25 +233,61 @@ async fn a_tenant_reaches_only_its_own_secret_space() {
     )
     .await;
     fx.wait_not_ready("unmapped", "PathNotInNamespace").await;
+    // A profile without isolation says so (on a store of its own).
+    let scratch = fx.namespace("scratch").await;
+    let alone = fx
+        .store("alone", json!({"kubernetes": {"namespace": scratch}}))
+        .await;
     let open = fx
         .profile_spec(
             "open",
-            json!({"source": bao, "secretSpace": {"isolation": "Disabled"}}),
+            json!({"source": alone, "secretSpace": {"isolation": "Disabled"}}),
         )
         .await;
-    let isolated = e2e::fixture::wait_until(std::time::Duration::from_secs(60), || async {
-        let p: VaultProfile = fx.cluster_api::<VaultProfile>().get(&open).await.ok()?;
-        let c = p
-            .status?
-            .conditions
-            .into_iter()
-            .find(|c| c.type_ == "Isolated")?;
-        (c.status == "False").then_some(c)
-    })
-    .await
-    .expect("the open profile says isolation is off");
-    assert_eq!(isolated.reason, "IsolationDisabled");
-    for p in [&b_path, &shared, &apps, &format!("{}/app/db", fx.ns)] {
+    let condition = |name: String, type_: &'static str, status: &'static str| {
+        let fx = &fx;
+        async move {
+            e2e::fixture::wait_until(std::time::Duration::from_secs(60), || async {
+                let p: VaultProfile = fx.cluster_api::<VaultProfile>().get(&name).await.ok()?;
+                let c = p
+                    .status?
+                    .conditions
+                    .into_iter()
+                    .find(|c| c.type_ == type_)?;
+                (c.status == status).then_some(c)
+            })
+            .await
+            .unwrap_or_else(|| panic!("VaultProfile {name}: {type_} is not {status}"))
+        }
+    };
+    assert_eq!(
+        condition(open, "Isolated", "False").await.reason,
+        "IsolationDisabled"
+    );
+    assert_eq!(
+        condition(profile.clone(), "Isolated", "True").await.reason,
+        "IsolationEnforced"
+    );
+    // Another space template over the same OpenBao mount (another SecretStore object) could
+    // overlap A's space: both profiles say so and their secrets are refused.
+    let bao_again = fx
+        .store(
+            "bao-again",
+            json!({"vault": {"server": bed.vault_addr, "mount": "secret", "version": "v2",
+                "requestTimeout": "5s",
+                "auth": {"tokenSecretRef": {"name": "bao-token", "key": "token"}}}}),
+        )
+        .await;
+    fx.profile_spec(
+        "nested",
+        json!({"source": bao_again, "secretSpace": {"prefix": "teams/{namespace}/"}}),
+    )
+    .await;
+    let c = condition(profile.clone(), "Conflict", "True").await;
+    assert_eq!(c.reason, "SecretSpaceConflict", "{}", c.message);
+    fx.poke_managed("own").await;
+    fx.wait_not_ready("own", "SecretSpaceConflict").await;
+    for p in [&b_path, &shared, &format!("{}/app/db", fx.ns)] {
         let _ = kv2::delete_metadata(&root, "secret", p).await;
     }
 }

@@ -40,6 +40,7 @@ named_enum! {
         IntermediateCANotAllowed,
         IsolationEnforced,
         IsolationDisabled,
+        SecretSpaceConflict,
         // ManagedSecret: a sync that worked.
         SecretSynced,
         AllStoresSynced,

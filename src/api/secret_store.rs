@@ -338,6 +338,22 @@ pub enum KekRotationPhase {
 }
 
 impl SecretStoreSpec {
+    /// Where the store keeps its data, as far as two stores can share it: a Vault server's
+    /// mount (and Vault namespace), a Kubernetes namespace; None for stores whose records
+    /// are their own (internal, pkcs11: keyed by the store's name).
+    pub fn backend_identity(&self) -> Option<String> {
+        if let Some(v) = &self.provider.vault {
+            let server = v.server.trim_end_matches('/');
+            let mount = v.mount.as_deref().unwrap_or("secret").trim_matches('/');
+            let ns = v.namespace.as_deref().unwrap_or("");
+            return Some(format!("vault {server} {ns} {mount}"));
+        }
+        self.provider
+            .kubernetes
+            .as_ref()
+            .map(|k| format!("kubernetes {}", k.namespace))
+    }
+
     /// The provider kind's name, as shown in the TYPE column.
     pub fn provider_type(&self) -> &'static str {
         match &self.provider {

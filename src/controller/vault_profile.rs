@@ -40,7 +40,20 @@ pub async fn reconcile(profile: Arc<VaultProfile>, ctx: Arc<Context>) -> Result<
             .map(|ns| NamespaceInfo::from_meta(&ns.metadata))
             .collect();
         let all = ctx.caches.profiles.state();
-        let conflicts = conflicts(&profile, &namespaces, all.iter().map(|p| p.as_ref()));
+        let mut conflicts = conflicts(&profile, &namespaces, all.iter().map(|p| p.as_ref()));
+        let stores = ctx.caches.stores.state();
+        let backend = |name: &str| {
+            let store = stores.iter().find(|s| s.name_any() == name)?;
+            store.spec.backend_identity()
+        };
+        conflicts.extend(
+            crate::tenancy::space_conflicts(&profile, all.iter().map(|p| p.as_ref()), backend)
+                .into_iter()
+                .map(|r| crate::profiles::Refused {
+                    reason: r.reason,
+                    message: r.message,
+                }),
+        );
         let previous = profile.status.clone().unwrap_or_default();
         let status = profile_status(&profile, &problems, &mine, &conflicts);
         let notes = migration_notes(previous.migration.as_ref(), status.migration.as_ref());

@@ -130,7 +130,21 @@ async fn gather(
 ) -> Result<Gathered> {
     let (profile, via, ns) = resolve_profile(ms, ctx).await?;
     let path = ms.store_path();
-    // The secret space first: a path outside it is refused before anything is read.
+    // The secret space first: a path outside it is refused before anything is read, and so
+    // is every path of a profile whose space may overlap another's in a shared store.
+    let all = ctx.caches.profiles.state();
+    let stores = ctx.caches.stores.state();
+    let backend = |name: &str| {
+        let store = stores.iter().find(|s| s.name_any() == name)?;
+        store.spec.backend_identity()
+    };
+    if let Some(conflict) =
+        tenancy::space_conflicts(&profile, all.iter().map(|p| p.as_ref()), backend)
+            .into_iter()
+            .next()
+    {
+        return Err(refused(conflict));
+    }
     let access = tenancy::access(&profile, &ns, &path).map_err(refused)?;
     let reads_only = ms.spec.rollback_to.is_none() && ms.spec.content.from_store.is_some();
     if !access.may_write() && !reads_only {

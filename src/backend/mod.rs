@@ -127,6 +127,14 @@ pub enum BackendError {
         path: String,
         message: String,
     },
+    /// The object at the path is not the store's (a Secret without its labels): keyhaven
+    /// neither writes over it nor deletes it.
+    #[error("store {store}, path {path}: {message}")]
+    Foreign {
+        store: String,
+        path: String,
+        message: String,
+    },
 }
 
 impl BackendError {

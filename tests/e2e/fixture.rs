@@ -258,19 +258,46 @@ impl Fixture {
 
     /// A plain Secret with string values.
     pub async fn secret(&self, namespace: &str, name: &str, values: &[(&str, &str)]) -> Secret {
+        self.secret_labelled(namespace, name, json!({}), values)
+            .await
+    }
+
+    /// A plain Secret with string values and `labels`, replacing any Secret of that name.
+    async fn secret_labelled(
+        &self,
+        namespace: &str,
+        name: &str,
+        labels: Value,
+        values: &[(&str, &str)],
+    ) -> Secret {
         let data: BTreeMap<&str, &str> = values.iter().copied().collect();
         // Replace, not merge: keys absent from `values` go.
         let api = self.ns_api::<Secret>(namespace);
         let _ = api.delete(name, &DeleteParams::default()).await;
         api.create(
             &PostParams::default(),
-            &serde_json::from_value(
-                json!({"metadata": {"name": name, "namespace": namespace}, "stringData": data}),
-            )
+            &serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": namespace, "labels": labels},
+                "stringData": data,
+            }))
             .unwrap(),
         )
         .await
         .unwrap_or_else(|e| panic!("create Secret {namespace}/{name}: {e}"))
+    }
+
+    /// A plain Secret made by hand for the kubernetes store `store`: it carries the store's
+    /// labels, without which the store ignores it.
+    pub async fn store_secret(
+        &self,
+        store: &str,
+        namespace: &str,
+        name: &str,
+        values: &[(&str, &str)],
+    ) -> Secret {
+        let labels =
+            json!({"app.kubernetes.io/managed-by": "keyhaven", "keyhaven.io/store": store});
+        self.secret_labelled(namespace, name, labels, values).await
     }
 
     /// Waits until the ManagedSecret `name` satisfies `ok`, or panics with its last status.

@@ -1,7 +1,7 @@
 //! Turns SecretStore objects into live backends, one per store, rebuilt when the store's
 //! spec changes and shared by every reconcile that uses the store.
 
-use crate::api::SecretStore;
+use crate::api::{Reason, SecretStore};
 use crate::backend::{
     Backend, InternalStore, KubernetesStore, Pkcs11Store, SessionSource, VaultStore,
 };
@@ -87,6 +87,7 @@ impl StoreRegistry {
             )));
         }
         if let Some(k) = &provider.kubernetes {
+            kubernetes_namespace_allowed(name, &k.namespace, &self.operator_namespace)?;
             return Ok(Arc::new(KubernetesStore::new(
                 name,
                 self.client.clone(),
@@ -115,7 +116,7 @@ impl StoreRegistry {
             return Ok(Arc::new(VaultStore::new(name, v, source)?));
         }
         Err(Error::config(
-            crate::api::Reason::InvalidProvider,
+            Reason::InvalidProvider,
             format!("SecretStore {name} sets no provider"),
         ))
     }
@@ -157,5 +158,44 @@ impl StoreRegistry {
             .map(|(_, (_, b))| b)
             .collect();
         futures::future::join_all(backends.iter().map(|b| b.shutdown())).await;
+    }
+}
+
+/// A kubernetes store may not keep its Secrets in the operator's namespace: the operator's
+/// master and fingerprint keys (`keyhaven-keys`) and the sealed stores' records live there,
+/// and a store over it would let whoever may use the store read or overwrite them.
+fn kubernetes_namespace_allowed(
+    store: &str,
+    namespace: &str,
+    operator_namespace: &str,
+) -> Result<()> {
+    if namespace == operator_namespace {
+        return Err(Error::config(
+            Reason::InvalidProvider,
+            format!(
+                "SecretStore {store}: provider.kubernetes.namespace {namespace} is the operator's \
+                 namespace, which holds its keys and the sealed stores' records; \
+                 a kubernetes store must use another namespace"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kubernetes_store_may_not_use_the_operators_namespace() {
+        assert!(kubernetes_namespace_allowed("k", "team-secrets", "keyhaven-system").is_ok());
+        let refused =
+            kubernetes_namespace_allowed("k", "keyhaven-system", "keyhaven-system").unwrap_err();
+        assert_eq!(refused.reason(), Reason::InvalidProvider);
+        let text = refused.to_string();
+        assert!(
+            text.starts_with("SecretStore k: provider.kubernetes.namespace keyhaven-system is the operator's namespace"),
+            "{text}"
+        );
     }
 }

@@ -13,7 +13,7 @@ mod vault;
 
 pub use internal::{InternalStore, MasterKey};
 pub use kubernetes::KubernetesStore;
-pub use pkcs11::{HsmKek, Pkcs11Store, RotationStep};
+pub use pkcs11::{HsmKek, ModuleAllowList, Pkcs11Store, RotationStep};
 pub use sealed_store::{SealedStore, SealingKey};
 pub use vault::{SessionSource, VaultStore};
 

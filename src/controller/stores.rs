@@ -3,7 +3,8 @@
 
 use crate::api::{Reason, SecretStore};
 use crate::backend::{
-    Backend, InternalStore, KubernetesStore, Pkcs11Store, SessionSource, VaultStore,
+    Backend, InternalStore, KubernetesStore, ModuleAllowList, Pkcs11Store, SessionSource,
+    VaultStore,
 };
 use crate::crypto::OperatorKeys;
 use crate::error::{Error, Result};
@@ -17,6 +18,8 @@ pub struct StoreRegistry {
     operator_namespace: String,
     service_account: String,
     keys: OperatorKeys,
+    /// The PKCS#11 modules pkcs11 stores may load (`--pkcs11-modules`).
+    pkcs11_modules: ModuleAllowList,
     cache: Mutex<HashMap<String, CachedBackend>>,
     /// The pkcs11 backends again, typed: their KEK rotation is driven by the SecretStore
     /// reconciler, which the `Backend` trait knows nothing of.
@@ -48,12 +51,14 @@ impl StoreRegistry {
         operator_namespace: &str,
         service_account: &str,
         keys: OperatorKeys,
+        pkcs11_modules: ModuleAllowList,
     ) -> Self {
         StoreRegistry {
             client,
             operator_namespace: operator_namespace.to_owned(),
             service_account: service_account.to_owned(),
             keys,
+            pkcs11_modules,
             cache: Mutex::default(),
             pkcs11: Mutex::default(),
         }
@@ -100,6 +105,7 @@ impl StoreRegistry {
                 self.client.clone(),
                 &self.operator_namespace,
                 p,
+                &self.pkcs11_modules,
             )?);
             self.pkcs11
                 .lock()

@@ -54,13 +54,18 @@ impl Fixture {
 
     /// Installs the CRDs, creates a namespace for the test and starts an operator for it.
     pub async fn new(name: &str) -> Fixture {
+        Fixture::new_with(name, &[]).await
+    }
+
+    /// Like [`Fixture::new`], with `extra_args` appended to the operator's command line.
+    pub async fn new_with(name: &str, extra_args: &[&str]) -> Fixture {
         keyhaven::install_crypto_provider();
         let bed = super::Testbed::load();
         let client = bed.client().await;
         install_crds(&client).await;
         let ns = format!("{name}-{}", super::unique_suffix());
         create_namespace(&client, &ns).await;
-        let op = Operator::start(&bed.kubeconfig, &ns);
+        let op = Operator::start_with(&bed.kubeconfig, &ns, "", extra_args);
         Fixture {
             client,
             ns,

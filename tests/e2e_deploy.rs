@@ -380,6 +380,21 @@ fn chart_lints_and_manifests_are_the_rendered_chart() {
         "{confined}"
     );
     assert!(confined.contains("name: keyhaven-secrets\n  namespace: apps"));
+    // No PKCS#11 module is allowed unless listed; the list reaches the operator's env.
+    assert!(!rendered.contains("KEYHAVEN_PKCS11_MODULES"));
+    let hsm = run_helm(&[
+        "template",
+        "keyhaven",
+        chart,
+        "--set",
+        "pkcs11Modules={/usr/lib/softhsm/libsofthsm2.so,/opt/hsm/lib.so}",
+    ]);
+    assert!(
+        hsm.contains(
+            "- name: KEYHAVEN_PKCS11_MODULES\n              value: \"/usr/lib/softhsm/libsofthsm2.so,/opt/hsm/lib.so\""
+        ),
+        "{hsm}"
+    );
 }
 
 /// Uninstalls a Helm release when dropped.

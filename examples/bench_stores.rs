@@ -21,7 +21,7 @@ use cryptoki::types::AuthPin;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use keyhaven::api::Pkcs11Provider;
-use keyhaven::backend::{Backend, InternalStore, Pkcs11Store, VersionStamp};
+use keyhaven::backend::{Backend, InternalStore, ModuleAllowList, Pkcs11Store, VersionStamp};
 use keyhaven::crypto::{Fingerprinter, KeyWrapper, SoftwareKek, open, seal};
 use keyhaven::secret_data::SecretData;
 use kube::api::{DeleteParams, PostParams};
@@ -77,7 +77,8 @@ async fn main() -> anyhow::Result<()> {
         "module": module, "tokenLabel": token, "kekLabel": kek_label,
         "pinSecretRef": {"name": "pin", "key": "pin"}, "maxSessions": 16,
     }))?;
-    let hsm = Pkcs11Store::new("bench-hsm", client.clone(), &ns, &spec)?;
+    let modules = ModuleAllowList::parse(&[&module]).map_err(anyhow::Error::msg)?;
+    let hsm = Pkcs11Store::new("bench-hsm", client.clone(), &ns, &spec, &modules)?;
     let health = hsm.health().await;
     anyhow::ensure!(
         health.phase == keyhaven::api::StorePhase::Active,

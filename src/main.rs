@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 use keyhaven::api::{crd_file_name, crd_yaml, crds};
+use keyhaven::backend::ModuleAllowList;
 use keyhaven::controller::{self, Config, Runtime, Stopped};
 use keyhaven::http::{self, Probes};
 use keyhaven::leader::LeaderElection;
@@ -62,6 +63,15 @@ struct RunArgs {
     /// a token of it (TokenRequest) unless a SecretStore names another.
     #[arg(long, env = "KEYHAVEN_SERVICE_ACCOUNT", default_value = "keyhaven")]
     service_account: String,
+    /// The PKCS#11 modules (absolute paths, comma-separated) pkcs11 SecretStores may load;
+    /// a store naming another is Invalid and nothing is loaded. Default: none.
+    #[arg(
+        long,
+        env = "KEYHAVEN_PKCS11_MODULES",
+        value_delimiter = ',',
+        value_name = "PATHS"
+    )]
+    pkcs11_modules: Vec<String>,
     /// Log format.
     #[arg(long, env = "KEYHAVEN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -123,6 +133,11 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let pkcs11_modules =
+        ModuleAllowList::parse(&args.pkcs11_modules).map_err(anyhow::Error::msg)?;
+    if !pkcs11_modules.modules().is_empty() {
+        info!(modules = ?pkcs11_modules.modules(), "PKCS#11 modules pkcs11 stores may load");
+    }
     let metrics = Metrics::global();
     let probes = Arc::new(Probes::default());
     let (shutdown_tx, shutdown) = watch::channel(false);
@@ -160,6 +175,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         field_manager: args.field_manager,
         concurrency: args.concurrency,
         service_account: args.service_account,
+        pkcs11_modules,
     };
     let runtime = Runtime {
         metrics,

@@ -141,7 +141,8 @@ async fn from_store_syncs_every_target_and_follows_source_updates() {
         "first-Pa55word-e2e-fromstore",
         "second-Pa55word-e2e-fromstore",
     );
-    fx.secret(
+    fx.store_secret(
+        &source,
         &src_ns,
         &db_name,
         &[("username", user), ("password", pass1)],
@@ -195,7 +196,8 @@ async fn from_store_syncs_every_target_and_follows_source_updates() {
     assert_eq!(mirror_backend.list_versions(&db).await.unwrap(), vec![1]);
 
     // A source update becomes version 2 everywhere; version 1 stays readable.
-    fx.secret(
+    fx.store_secret(
+        &source,
         &src_ns,
         &db_name,
         &[("username", user), ("password", pass2)],
@@ -600,7 +602,8 @@ async fn a_failing_store_never_blanks_the_native_secret() {
         .store("src", json!({"kubernetes": {"namespace": src_ns}}))
         .await;
     let profile = fx.profile("p", &source, &[]).await;
-    fx.secret(
+    fx.store_secret(
+        &source,
         &src_ns,
         &api.replace('/', "."),
         &[("api-key", "precious-value-e2e-failing")],
@@ -633,7 +636,8 @@ async fn a_failing_store_never_blanks_the_native_secret() {
 
     // The whole store breaks (its namespace is deleted): store Invalid, profile NotReady,
     // native Secret still intact.
-    fx.secret(
+    fx.store_secret(
+        &source,
         &src_ns,
         &api.replace('/', "."),
         &[("api-key", "precious-value-e2e-failing")],

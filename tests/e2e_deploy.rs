@@ -401,6 +401,21 @@ fn chart_lints_and_manifests_are_the_rendered_chart() {
     for name in ["aggregate-to-", "platform-admin", "keyhaven-workloads"] {
         assert!(!off.contains(name), "{name} with the values off:\n{off}");
     }
+    // No PKCS#11 module is allowed unless listed; the list reaches the operator's env.
+    assert!(!rendered.contains("KEYHAVEN_PKCS11_MODULES"));
+    let hsm = run_helm(&[
+        "template",
+        "keyhaven",
+        chart,
+        "--set",
+        "pkcs11Modules={/usr/lib/softhsm/libsofthsm2.so,/opt/hsm/lib.so}",
+    ]);
+    assert!(
+        hsm.contains(
+            "- name: KEYHAVEN_PKCS11_MODULES\n              value: \"/usr/lib/softhsm/libsofthsm2.so,/opt/hsm/lib.so\""
+        ),
+        "{hsm}"
+    );
 }
 
 /// The chart's ClusterRoles for people: aggregated into view, edit and admin (the platform

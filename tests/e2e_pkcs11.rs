@@ -333,7 +333,13 @@ async fn the_kek_is_created_sensitive_and_never_leaves_the_token() {
 #[tokio::test]
 async fn a_wrong_pin_seals_the_store_and_never_touches_native_secrets() {
     let mut keys = TokenKeys(vec![]);
-    let fx = Fixture::new("pkcs11-pin").await;
+    // The missing module below is on the operator's allow-list, so it is tried (and fails
+    // to load); a module not on the list is refused unloaded (e2e_kubernetes_store).
+    let fx = Fixture::new_with(
+        "pkcs11-pin",
+        &["--pkcs11-modules", "/nonexistent/libpkcs11-e2e.so"],
+    )
+    .await;
     let bed = Testbed::load();
     let (hsm, kek) = hsm_setup(&fx, &mut keys).await;
     let profile = fx.profile("p", &hsm, &[]).await;

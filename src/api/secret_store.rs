@@ -69,7 +69,9 @@ pub struct InternalProvider {}
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct KubernetesProvider {
-    /// The namespace holding the store's Secrets. It must exist.
+    /// The namespace holding the store's Secrets. It must exist and must not be the
+    /// operator's namespace. The store reads, replaces and deletes only Secrets carrying its
+    /// labels (`app.kubernetes.io/managed-by: keyhaven`, `keyhaven.io/store: <store>`).
     #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$') && size(self) <= 63").message("must be a namespace name"))]
     pub namespace: String,
 }
@@ -116,7 +118,9 @@ pub struct VaultProvider {
 )]
 pub struct Pkcs11Provider {
     /// Absolute path of the PKCS#11 module (a shared library) in the operator's filesystem,
-    /// e.g. `/usr/lib/softhsm/libsofthsm2.so`. It is loaded once per operator process.
+    /// e.g. `/usr/lib/softhsm/libsofthsm2.so`. It must be on the operator's `--pkcs11-modules`
+    /// list (the store is Invalid otherwise, and nothing is loaded); it is loaded once per
+    /// operator process.
     #[x_kube(validation = Rule::new("self.startsWith('/')").message("module is an absolute path"))]
     pub module: String,
     /// The label of the token holding the key-encryption key.

@@ -4,6 +4,10 @@
 //! paths that cannot name a Secret use `kh-<hash>`), so a user can create one by hand and
 //! a ManagedSecret can read it with `fromStore`. Each version keyhaven writes is also kept
 //! in an immutable copy `<name>.v<N>`.
+//!
+//! The store touches only its own Secrets: those carrying its labels ([`is_store_secret`]).
+//! Any other Secret at a path's name reads as absent and is never replaced or deleted, so
+//! a store over a namespace cannot be used to read or overwrite what else lives there.
 
 use super::labels::*;
 use super::{
@@ -15,12 +19,40 @@ use crate::secret_data::SecretData;
 use async_trait::async_trait;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
-use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams};
+use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams, Preconditions};
 use kube::{Api, Client, ResourceExt};
 use std::collections::BTreeMap;
 
 const ROLE_CURRENT: &str = "current";
 const ROLE_HISTORY: &str = "history";
+
+/// Whether a Secret with `labels` is the store `store`'s object for `path` in `role`: it
+/// carries the store's labels (`app.kubernetes.io/managed-by: keyhaven` and
+/// `keyhaven.io/store: <store>`, all a Secret made by hand for keyhaven needs), and the
+/// object and role labels keyhaven writes, where present, name this path and role.
+pub fn is_store_secret(
+    labels: &BTreeMap<String, String>,
+    store: &str,
+    path: &str,
+    role: &str,
+) -> bool {
+    let is = |key: &str, value: &str| labels.get(key).is_some_and(|v| v == value);
+    let absent_or = |key: &str, value: &str| labels.get(key).is_none_or(|v| v == value);
+    is(MANAGED_BY, MANAGED_BY_VALUE)
+        && is(STORE, store)
+        && absent_or(OBJECT, &super::object_id(path))
+        && absent_or(ROLE, role)
+}
+
+/// Selects the store's own Secrets in `role` (with `path`: that path's): the object
+/// selector, narrowed to Secrets keyhaven manages.
+fn store_selector(store: &str, role: &str, path: Option<&str>) -> ListParams {
+    let mut lp = object_selector(store, role, path);
+    lp.label_selector = lp
+        .label_selector
+        .map(|s| format!("{MANAGED_BY}={MANAGED_BY_VALUE},{s}"));
+    lp
+}
 
 /// Plain Secrets in one namespace.
 pub struct KubernetesStore {
@@ -42,6 +74,61 @@ impl KubernetesStore {
 
     fn err(&self, what: &'static str) -> impl Fn(kube::Error) -> BackendError + '_ {
         move |e| BackendError::from_kube(&self.store, what, e)
+    }
+
+    /// The Secret `name`, if it exists, and whether it is this store's object for `path`
+    /// in `role` ([`is_store_secret`]).
+    async fn existing(
+        &self,
+        name: &str,
+        path: &str,
+        role: &str,
+        what: &'static str,
+    ) -> Result<Option<(Secret, bool)>, BackendError> {
+        let found = self.secrets.get_opt(name).await.map_err(self.err(what))?;
+        Ok(found.map(|secret| {
+            let ours = is_store_secret(secret.labels(), &self.store, path, role);
+            (secret, ours)
+        }))
+    }
+
+    /// The Secret `name` when it is this store's object for `path` in `role`: any other
+    /// Secret reads as absent.
+    async fn own(
+        &self,
+        name: &str,
+        path: &str,
+        role: &str,
+        what: &'static str,
+    ) -> Result<Option<Secret>, BackendError> {
+        Ok(match self.existing(name, path, role, what).await? {
+            Some((secret, true)) => Some(secret),
+            Some((_, false)) => {
+                tracing::debug!(store = %self.store, path, secret = name,
+                    "a Secret without the store's labels reads as absent");
+                None
+            }
+            None => None,
+        })
+    }
+
+    /// The refusal to carry out `operation` on the Secret `name` of `path`, not the store's.
+    fn foreign(&self, path: &str, name: &str, operation: &str) -> BackendError {
+        refusal(&self.store, &self.namespace, path, name, operation)
+    }
+}
+
+/// The refusal to carry out `operation` (e.g. "writing") at `path` of the store `store`,
+/// whose Secret `namespace/name` is not the store's: names the store, the path, the Secret
+/// and the labels it lacks; never a value.
+fn refusal(store: &str, namespace: &str, path: &str, name: &str, operation: &str) -> BackendError {
+    BackendError::Foreign {
+        store: store.to_owned(),
+        path: path.to_owned(),
+        message: format!(
+            "{operation}: Secret {namespace}/{name} exists without the store's labels \
+             ({MANAGED_BY}={MANAGED_BY_VALUE}, {STORE}={store}); keyhaven leaves it as it is"
+        ),
     }
 }
 
@@ -109,10 +196,8 @@ impl Backend for KubernetesStore {
     ) -> Result<Option<StoredVersion>, BackendError> {
         let name = secret_name_for_path(path);
         let current = self
-            .secrets
-            .get_opt(&name)
-            .await
-            .map_err(self.err("reading the current Secret"))?;
+            .own(&name, path, ROLE_CURRENT, "reading the current Secret")
+            .await?;
         let Some(version) = version else {
             return Ok(current.as_ref().map(from_secret));
         };
@@ -122,10 +207,13 @@ impl Backend for KubernetesStore {
             return Ok(Some(stored));
         }
         let copy = self
-            .secrets
-            .get_opt(&format!("{name}.v{version}"))
-            .await
-            .map_err(self.err("reading a version copy"))?;
+            .own(
+                &format!("{name}.v{version}"),
+                path,
+                ROLE_HISTORY,
+                "reading a version copy",
+            )
+            .await?;
         Ok(copy.as_ref().map(from_secret))
     }
 
@@ -136,6 +224,17 @@ impl Backend for KubernetesStore {
         data: &SecretData,
     ) -> Result<Option<u64>, BackendError> {
         let name = secret_name_for_path(path);
+        // A Secret at the name that is not the store's stops the write before anything is
+        // written. The replace below carries this read's resourceVersion, so a Secret
+        // swapped in meanwhile is not overwritten either.
+        let existing = self
+            .existing(&name, path, ROLE_CURRENT, "reading the current Secret")
+            .await?;
+        let existing = match existing {
+            Some((_, false)) => return Err(self.foreign(path, &name, "writing")),
+            Some((secret, true)) => Some(secret),
+            None => None,
+        };
         let annotations = BTreeMap::from([
             (PATH_ANNOTATION.to_owned(), path.to_owned()),
             (VERSION_ANNOTATION.to_owned(), stamp.version.to_string()),
@@ -145,9 +244,10 @@ impl Backend for KubernetesStore {
             ),
         ]);
         // The immutable copy of the version first, so the history never lags the current value.
+        let copy_name = format!("{name}.v{}", stamp.version);
         let copy = Secret {
             metadata: ObjectMeta {
-                name: Some(format!("{name}.v{}", stamp.version)),
+                name: Some(copy_name.clone()),
                 labels: Some(object_labels(
                     &self.store,
                     path,
@@ -163,7 +263,15 @@ impl Backend for KubernetesStore {
         };
         match self.secrets.create(&PostParams::default(), &copy).await {
             Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 409 => {} // written before a restart: immutable, same version
+            // Written before a restart (immutable, same version), unless it is not the store's.
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                let found = self
+                    .existing(&copy_name, path, ROLE_HISTORY, "reading a version copy")
+                    .await?;
+                if let Some((_, false)) = found {
+                    return Err(self.foreign(path, &copy_name, "writing a version copy"));
+                }
+            }
             Err(e) => {
                 return Err(BackendError::from_kube(
                     &self.store,
@@ -173,11 +281,6 @@ impl Backend for KubernetesStore {
             }
         }
         // Then the current value: replaced whole, so keys edited in by hand are repaired.
-        let existing = self
-            .secrets
-            .get_opt(&name)
-            .await
-            .map_err(self.err("reading the current Secret"))?;
         let mut current = existing.clone().unwrap_or_default();
         current.metadata.name = Some(name.clone());
         current
@@ -207,7 +310,7 @@ impl Backend for KubernetesStore {
     }
 
     async fn list_versions(&self, path: &str) -> Result<Vec<u64>, BackendError> {
-        let lp = object_selector(&self.store, ROLE_HISTORY, Some(path));
+        let lp = store_selector(&self.store, ROLE_HISTORY, Some(path));
         let list = self
             .secrets
             .list_metadata(&lp)
@@ -217,16 +320,33 @@ impl Backend for KubernetesStore {
     }
 
     async fn delete(&self, path: &str) -> Result<(), BackendError> {
-        let lp = object_selector(&self.store, ROLE_HISTORY, Some(path));
+        let name = secret_name_for_path(path);
+        // Refused before anything goes when the current Secret is not the store's.
+        let current = match self
+            .existing(&name, path, ROLE_CURRENT, "reading the current Secret")
+            .await?
+        {
+            Some((_, false)) => return Err(self.foreign(path, &name, "deleting")),
+            Some((secret, true)) => Some(secret),
+            None => None,
+        };
+        let lp = store_selector(&self.store, ROLE_HISTORY, Some(path));
         self.secrets
             .delete_collection(&DeleteParams::default(), &lp)
             .await
             .map_err(self.err("deleting version copies"))?;
-        match self
-            .secrets
-            .delete(&secret_name_for_path(path), &DeleteParams::default())
-            .await
-        {
+        let Some(current) = current else {
+            return Ok(());
+        };
+        // Only the Secret just checked: one swapped in meanwhile fails the precondition.
+        let dp = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: current.metadata.uid.clone(),
+                resource_version: current.metadata.resource_version.clone(),
+            }),
+            ..DeleteParams::default()
+        };
+        match self.secrets.delete(&name, &dp).await {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
             Err(e) => Err(BackendError::from_kube(
@@ -262,7 +382,7 @@ impl Backend for KubernetesStore {
     }
 
     async fn count(&self) -> Result<u64, BackendError> {
-        let lp = object_selector(&self.store, ROLE_CURRENT, None);
+        let lp = store_selector(&self.store, ROLE_CURRENT, None);
         let list = self
             .secrets
             .list_metadata(&lp)
@@ -288,5 +408,87 @@ mod tests {
             );
         }
         assert_ne!(secret_name_for_path("A/b"), secret_name_for_path("a_b"));
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn only_secrets_with_the_stores_labels_are_the_stores() {
+        let path = "team-a/db";
+        // What the store writes is its own, in the role it was written in.
+        let current = object_labels("kstore", path, ROLE_CURRENT, None);
+        assert!(is_store_secret(&current, "kstore", path, ROLE_CURRENT));
+        let copy = object_labels("kstore", path, ROLE_HISTORY, Some(3));
+        assert!(is_store_secret(&copy, "kstore", path, ROLE_HISTORY));
+        assert!(!is_store_secret(&copy, "kstore", path, ROLE_CURRENT));
+        // Made by hand for keyhaven: the two store labels are enough.
+        let by_hand = labels(&[(MANAGED_BY, MANAGED_BY_VALUE), (STORE, "kstore")]);
+        assert!(is_store_secret(&by_hand, "kstore", path, ROLE_CURRENT));
+
+        let refused = [
+            ("no labels", labels(&[])),
+            (
+                "another tool's",
+                labels(&[(MANAGED_BY, "helm"), (STORE, "kstore")]),
+            ),
+            ("no managed-by", labels(&[(STORE, "kstore")])),
+            ("no store", labels(&[(MANAGED_BY, MANAGED_BY_VALUE)])),
+            (
+                "another store's",
+                object_labels("other", path, ROLE_CURRENT, None),
+            ),
+            (
+                "another path's",
+                object_labels("kstore", "team-b/db", ROLE_CURRENT, None),
+            ),
+            (
+                "an empty store label",
+                labels(&[(MANAGED_BY, MANAGED_BY_VALUE), (STORE, "")]),
+            ),
+        ];
+        for (what, l) in refused {
+            assert!(!is_store_secret(&l, "kstore", path, ROLE_CURRENT), "{what}");
+        }
+    }
+
+    #[test]
+    fn a_refusal_names_the_store_the_path_and_the_secret() {
+        let e = refusal("kstore", "team-x", "team-a/db", "team-a.db", "writing");
+        assert_eq!(
+            e.to_string(),
+            "store kstore, path team-a/db: writing: Secret team-x/team-a.db exists without the \
+             store's labels (app.kubernetes.io/managed-by=keyhaven, keyhaven.io/store=kstore); \
+             keyhaven leaves it as it is"
+        );
+        assert_eq!(
+            e.phase(),
+            crate::api::StorePhase::Active,
+            "the store stays usable"
+        );
+    }
+
+    #[test]
+    fn the_stores_selectors_ask_for_keyhavens_secrets_only() {
+        let lp = store_selector("kstore", ROLE_HISTORY, Some("a/b"));
+        assert_eq!(
+            lp.label_selector.as_deref(),
+            Some(
+                format!(
+                    "{MANAGED_BY}={MANAGED_BY_VALUE},{STORE}=kstore,{ROLE}=history,{OBJECT}={}",
+                    object_id("a/b")
+                )
+                .as_str()
+            )
+        );
+        let count = store_selector("kstore", ROLE_CURRENT, None);
+        assert_eq!(
+            count.label_selector.as_deref(),
+            Some(format!("{MANAGED_BY}={MANAGED_BY_VALUE},{STORE}=kstore,{ROLE}=current").as_str())
+        );
     }
 }

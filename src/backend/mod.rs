@@ -13,7 +13,7 @@ mod vault;
 
 pub use internal::{InternalStore, MasterKey};
 pub use kubernetes::KubernetesStore;
-pub use pkcs11::{HsmKek, Pkcs11Store, RotationStep};
+pub use pkcs11::{HsmKek, ModuleAllowList, Pkcs11Store, RotationStep};
 pub use sealed_store::{SealedStore, SealingKey};
 pub use vault::{SessionSource, VaultStore};
 
@@ -123,6 +123,14 @@ pub enum BackendError {
     },
     #[error("store {store}, path {path}: stored data is malformed: {message}")]
     Corrupt {
+        store: String,
+        path: String,
+        message: String,
+    },
+    /// The object at the path is not the store's (a Secret without its labels): keyhaven
+    /// neither writes over it nor deletes it.
+    #[error("store {store}, path {path}: {message}")]
+    Foreign {
         store: String,
         path: String,
         message: String,

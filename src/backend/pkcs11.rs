@@ -40,6 +40,82 @@ const REWRAP_PARALLEL: usize = 4;
 /// A store whose data keys an HSM wraps.
 pub type Pkcs11Store = SealedStore<HsmKek>;
 
+/// The longest allow-list `--pkcs11-modules` may give, and the longest path on it.
+const MAX_MODULES: usize = 32;
+const MAX_MODULE_PATH: usize = 4096;
+
+/// The PKCS#11 modules the operator may load (`--pkcs11-modules`): whoever may write a
+/// SecretStore chooses its `module`, so only the libraries the operator was started with
+/// are ever loaded. Empty (the default): no pkcs11 store can be used.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ModuleAllowList(Vec<PathBuf>);
+
+impl ModuleAllowList {
+    /// The list from the flag's entries (comma-separated on the command line): each an
+    /// absolute path of at most 4096 bytes, at most 32 of them; empty entries are skipped.
+    pub fn parse<S: AsRef<str>>(entries: &[S]) -> Result<Self, String> {
+        let mut modules: Vec<PathBuf> = vec![];
+        for entry in entries.iter().map(|e| e.as_ref().trim()) {
+            if entry.is_empty() {
+                continue;
+            }
+            if entry.len() > MAX_MODULE_PATH {
+                return Err(format!(
+                    "--pkcs11-modules: a path is longer than {MAX_MODULE_PATH} bytes"
+                ));
+            }
+            let path = PathBuf::from(entry);
+            if !path.is_absolute() {
+                return Err(format!(
+                    "--pkcs11-modules: {entry:?} is not an absolute path"
+                ));
+            }
+            if !modules.contains(&path) {
+                modules.push(path);
+            }
+        }
+        if modules.len() > MAX_MODULES {
+            return Err(format!(
+                "--pkcs11-modules: {} modules, at most {MAX_MODULES}",
+                modules.len()
+            ));
+        }
+        Ok(ModuleAllowList(modules))
+    }
+
+    /// The modules on the list.
+    pub fn modules(&self) -> &[PathBuf] {
+        &self.0
+    }
+
+    /// Whether a store may load `module`, and why not: the message names the module and
+    /// the flag.
+    pub fn check(&self, module: &str) -> Result<(), String> {
+        if module.len() > MAX_MODULE_PATH {
+            return Err(format!(
+                "PKCS#11 module path longer than {MAX_MODULE_PATH} bytes; not loaded"
+            ));
+        }
+        if self
+            .0
+            .iter()
+            .any(|m| m.as_path() == std::path::Path::new(module))
+        {
+            return Ok(());
+        }
+        let allowed = if self.0.is_empty() {
+            "the list is empty: no module is allowed".to_owned()
+        } else {
+            let names: Vec<_> = self.0.iter().map(|m| m.display().to_string()).collect();
+            format!("allowed: {}", names.join(", "))
+        };
+        Err(format!(
+            "PKCS#11 module {module} is not on the operator's allow-list \
+             (--pkcs11-modules / KEYHAVEN_PKCS11_MODULES; {allowed}); it was not loaded"
+        ))
+    }
+}
+
 /// The pkcs11 store's key: the KEK on the token, and how moving records under it went.
 pub struct HsmKek {
     kek: Arc<Pkcs11Kek>,
@@ -74,13 +150,21 @@ pub struct RotationStep {
 
 impl Pkcs11Store {
     /// The store `store`, keeping its records in `operator_namespace`, its KEK on the
-    /// token `spec` names. Nothing is loaded until first use.
+    /// token `spec` names. Nothing is loaded until first use; a module not on `modules` is
+    /// refused here, so it is never loaded.
     pub fn new(
         store: &str,
         client: Client,
         operator_namespace: &str,
         spec: &Pkcs11Provider,
+        modules: &ModuleAllowList,
     ) -> Result<Self, BackendError> {
+        modules
+            .check(&spec.module)
+            .map_err(|message| BackendError::Invalid {
+                store: store.to_owned(),
+                message,
+            })?;
         let selector = match (&spec.token_label, spec.slot_id) {
             (Some(label), None) => TokenSelector::Label(label.clone()),
             (None, Some(slot)) => TokenSelector::Slot(slot),
@@ -263,5 +347,84 @@ impl BackendError {
             crate::api::StorePhase::Invalid => BackendError::Invalid { store, message },
             _ => BackendError::Unreachable { store, message },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SOFTHSM: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
+    #[test]
+    fn the_allow_list_takes_absolute_paths_and_skips_empty_entries() {
+        let none = ModuleAllowList::parse::<&str>(&[]).unwrap();
+        assert!(none.modules().is_empty());
+        assert_eq!(ModuleAllowList::parse(&["", " "]).unwrap(), none);
+        let list =
+            ModuleAllowList::parse(&[SOFTHSM, "", "/opt/luna/libCryptoki2.so", SOFTHSM]).unwrap();
+        assert_eq!(
+            list.modules(),
+            [
+                PathBuf::from(SOFTHSM),
+                PathBuf::from("/opt/luna/libCryptoki2.so")
+            ]
+        );
+        let relative = ModuleAllowList::parse(&["libsofthsm2.so"]).unwrap_err();
+        assert!(
+            relative.contains("\"libsofthsm2.so\" is not an absolute path"),
+            "{relative}"
+        );
+        let long = format!("/{}", "x".repeat(MAX_MODULE_PATH));
+        assert!(ModuleAllowList::parse(&[long]).is_err());
+        let many: Vec<String> = (0..=MAX_MODULES).map(|i| format!("/lib/m{i}.so")).collect();
+        assert!(ModuleAllowList::parse(&many).is_err());
+        let most: Vec<String> = (0..MAX_MODULES).map(|i| format!("/lib/m{i}.so")).collect();
+        assert_eq!(
+            ModuleAllowList::parse(&most).unwrap().modules().len(),
+            MAX_MODULES
+        );
+    }
+
+    #[test]
+    fn only_modules_on_the_list_may_be_loaded() {
+        let list = ModuleAllowList::parse(&[SOFTHSM]).unwrap();
+        assert_eq!(list.check(SOFTHSM), Ok(()));
+        assert_eq!(list.check("/usr/lib/softhsm//libsofthsm2.so"), Ok(()));
+        for other in [
+            "/usr/lib/x86_64-linux-gnu/libc.so.6",
+            "/usr/lib/softhsm/../softhsm/libsofthsm2.so",
+            "/tmp/keyhaven-ca-0123.pem",
+        ] {
+            let refused = list.check(other).unwrap_err();
+            assert!(refused.contains(other), "{refused}");
+            assert!(refused.contains("--pkcs11-modules"), "{refused}");
+            assert!(refused.contains(SOFTHSM), "{refused}");
+        }
+        let empty = ModuleAllowList::default().check(SOFTHSM).unwrap_err();
+        assert!(empty.contains("no module is allowed"), "{empty}");
+        let long = format!("/{}", "x".repeat(MAX_MODULE_PATH));
+        assert!(!list.check(&long).unwrap_err().contains(&long));
+    }
+
+    #[tokio::test]
+    async fn a_store_naming_a_module_off_the_list_is_invalid_and_loads_nothing() {
+        crate::install_crypto_provider();
+        let client =
+            Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap();
+        let module = "/usr/lib/x86_64-linux-gnu/libc.so.6";
+        let spec: Pkcs11Provider = serde_json::from_value(serde_json::json!({
+            "module": module, "tokenLabel": "keyhaven", "kekLabel": "kek",
+            "pinSecretRef": {"name": "pin", "key": "pin"},
+        }))
+        .unwrap();
+        let allowed = ModuleAllowList::parse(&[SOFTHSM]).unwrap();
+        let Err(e) = Pkcs11Store::new("hsm", client, "keyhaven-system", &spec, &allowed) else {
+            panic!("a module off the list was accepted");
+        };
+        assert_eq!(e.phase(), crate::api::StorePhase::Invalid);
+        let text = e.to_string();
+        assert!(text.starts_with("store hsm is misconfigured: PKCS#11 module /usr/lib/x86_64-linux-gnu/libc.so.6 is not on"), "{text}");
+        assert!(!token::is_loaded(std::path::Path::new(module)));
     }
 }

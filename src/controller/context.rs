@@ -38,6 +38,8 @@ pub struct Config {
     /// The operator's own ServiceAccount (in `operator_namespace`): the identity Vault's
     /// kubernetes auth method sees unless a store names another.
     pub service_account: String,
+    /// The PKCS#11 modules pkcs11 stores may load (`--pkcs11-modules`); empty: none.
+    pub pkcs11_modules: crate::backend::ModuleAllowList,
 }
 
 /// What every reconcile shares.

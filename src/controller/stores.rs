@@ -1,9 +1,10 @@
 //! Turns SecretStore objects into live backends, one per store, rebuilt when the store's
 //! spec changes and shared by every reconcile that uses the store.
 
-use crate::api::SecretStore;
+use crate::api::{Reason, SecretStore};
 use crate::backend::{
-    Backend, InternalStore, KubernetesStore, Pkcs11Store, SessionSource, VaultStore,
+    Backend, InternalStore, KubernetesStore, ModuleAllowList, Pkcs11Store, SessionSource,
+    VaultStore,
 };
 use crate::crypto::OperatorKeys;
 use crate::error::{Error, Result};
@@ -17,6 +18,8 @@ pub struct StoreRegistry {
     operator_namespace: String,
     service_account: String,
     keys: OperatorKeys,
+    /// The PKCS#11 modules pkcs11 stores may load (`--pkcs11-modules`).
+    pkcs11_modules: ModuleAllowList,
     cache: Mutex<HashMap<String, CachedBackend>>,
     /// The pkcs11 backends again, typed: their KEK rotation is driven by the SecretStore
     /// reconciler, which the `Backend` trait knows nothing of.
@@ -48,12 +51,14 @@ impl StoreRegistry {
         operator_namespace: &str,
         service_account: &str,
         keys: OperatorKeys,
+        pkcs11_modules: ModuleAllowList,
     ) -> Self {
         StoreRegistry {
             client,
             operator_namespace: operator_namespace.to_owned(),
             service_account: service_account.to_owned(),
             keys,
+            pkcs11_modules,
             cache: Mutex::default(),
             pkcs11: Mutex::default(),
         }
@@ -87,6 +92,7 @@ impl StoreRegistry {
             )));
         }
         if let Some(k) = &provider.kubernetes {
+            kubernetes_namespace_allowed(name, &k.namespace, &self.operator_namespace)?;
             return Ok(Arc::new(KubernetesStore::new(
                 name,
                 self.client.clone(),
@@ -99,6 +105,7 @@ impl StoreRegistry {
                 self.client.clone(),
                 &self.operator_namespace,
                 p,
+                &self.pkcs11_modules,
             )?);
             self.pkcs11
                 .lock()
@@ -115,7 +122,7 @@ impl StoreRegistry {
             return Ok(Arc::new(VaultStore::new(name, v, source)?));
         }
         Err(Error::config(
-            crate::api::Reason::InvalidProvider,
+            Reason::InvalidProvider,
             format!("SecretStore {name} sets no provider"),
         ))
     }
@@ -157,5 +164,44 @@ impl StoreRegistry {
             .map(|(_, (_, b))| b)
             .collect();
         futures::future::join_all(backends.iter().map(|b| b.shutdown())).await;
+    }
+}
+
+/// A kubernetes store may not keep its Secrets in the operator's namespace: the operator's
+/// master and fingerprint keys (`keyhaven-keys`) and the sealed stores' records live there,
+/// and a store over it would let whoever may use the store read or overwrite them.
+fn kubernetes_namespace_allowed(
+    store: &str,
+    namespace: &str,
+    operator_namespace: &str,
+) -> Result<()> {
+    if namespace == operator_namespace {
+        return Err(Error::config(
+            Reason::InvalidProvider,
+            format!(
+                "SecretStore {store}: provider.kubernetes.namespace {namespace} is the operator's \
+                 namespace, which holds its keys and the sealed stores' records; \
+                 a kubernetes store must use another namespace"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kubernetes_store_may_not_use_the_operators_namespace() {
+        assert!(kubernetes_namespace_allowed("k", "team-secrets", "keyhaven-system").is_ok());
+        let refused =
+            kubernetes_namespace_allowed("k", "keyhaven-system", "keyhaven-system").unwrap_err();
+        assert_eq!(refused.reason(), Reason::InvalidProvider);
+        let text = refused.to_string();
+        assert!(
+            text.starts_with("SecretStore k: provider.kubernetes.namespace keyhaven-system is the operator's namespace"),
+            "{text}"
+        );
     }
 }

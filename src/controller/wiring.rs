@@ -322,6 +322,7 @@ pub(super) async fn run_controllers(
             &config.operator_namespace,
             &config.service_account,
             keys.clone(),
+            config.pkcs11_modules.clone(),
         ),
         events: Events::new(client.clone(), reporter),
         keys,

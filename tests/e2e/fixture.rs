@@ -54,13 +54,18 @@ impl Fixture {
 
     /// Installs the CRDs, creates a namespace for the test and starts an operator for it.
     pub async fn new(name: &str) -> Fixture {
+        Fixture::new_with(name, &[]).await
+    }
+
+    /// Like [`Fixture::new`], with `extra_args` appended to the operator's command line.
+    pub async fn new_with(name: &str, extra_args: &[&str]) -> Fixture {
         keyhaven::install_crypto_provider();
         let bed = super::Testbed::load();
         let client = bed.client().await;
         install_crds(&client).await;
         let ns = format!("{name}-{}", super::unique_suffix());
         create_namespace(&client, &ns).await;
-        let op = Operator::start(&bed.kubeconfig, &ns);
+        let op = Operator::start_with(&bed.kubeconfig, &ns, "", extra_args);
         Fixture {
             client,
             ns,
@@ -258,19 +263,46 @@ impl Fixture {
 
     /// A plain Secret with string values.
     pub async fn secret(&self, namespace: &str, name: &str, values: &[(&str, &str)]) -> Secret {
+        self.secret_labelled(namespace, name, json!({}), values)
+            .await
+    }
+
+    /// A plain Secret with string values and `labels`, replacing any Secret of that name.
+    async fn secret_labelled(
+        &self,
+        namespace: &str,
+        name: &str,
+        labels: Value,
+        values: &[(&str, &str)],
+    ) -> Secret {
         let data: BTreeMap<&str, &str> = values.iter().copied().collect();
         // Replace, not merge: keys absent from `values` go.
         let api = self.ns_api::<Secret>(namespace);
         let _ = api.delete(name, &DeleteParams::default()).await;
         api.create(
             &PostParams::default(),
-            &serde_json::from_value(
-                json!({"metadata": {"name": name, "namespace": namespace}, "stringData": data}),
-            )
+            &serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": namespace, "labels": labels},
+                "stringData": data,
+            }))
             .unwrap(),
         )
         .await
         .unwrap_or_else(|e| panic!("create Secret {namespace}/{name}: {e}"))
+    }
+
+    /// A plain Secret made by hand for the kubernetes store `store`: it carries the store's
+    /// labels, without which the store ignores it.
+    pub async fn store_secret(
+        &self,
+        store: &str,
+        namespace: &str,
+        name: &str,
+        values: &[(&str, &str)],
+    ) -> Secret {
+        let labels =
+            json!({"app.kubernetes.io/managed-by": "keyhaven", "keyhaven.io/store": store});
+        self.secret_labelled(namespace, name, labels, values).await
     }
 
     /// Waits until the ManagedSecret `name` satisfies `ok`, or panics with its last status.

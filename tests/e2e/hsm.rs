@@ -6,7 +6,7 @@ use super::fixture::Fixture;
 use cryptoki::object::Attribute;
 use k8s_openapi::api::core::v1::Namespace;
 use keyhaven::api::Pkcs11Provider;
-use keyhaven::backend::Pkcs11Store;
+use keyhaven::backend::{ModuleAllowList, Pkcs11Store};
 use kube::Api;
 use kube::api::PostParams;
 use serde_json::{Value, json};
@@ -79,7 +79,8 @@ pub fn bed_provider(kek: &str) -> Value {
 /// The store `name` as the operator sees it (same token, same records), in this process.
 pub fn hsm_store(fx: &Fixture, name: &str, kek: &str) -> Pkcs11Store {
     let spec: Pkcs11Provider = serde_json::from_value(bed_provider(kek)["pkcs11"].clone()).unwrap();
-    Pkcs11Store::new(name, fx.client.clone(), &fx.op.namespace, &spec).unwrap()
+    let modules = ModuleAllowList::parse(&[&spec.module]).unwrap();
+    Pkcs11Store::new(name, fx.client.clone(), &fx.op.namespace, &spec, &modules).unwrap()
 }
 
 /// The usual start of a pkcs11 test: the PIN Secret, and a SecretStore `hsm` on the bed's

@@ -67,6 +67,9 @@ impl Operator {
             .args(["--store-selector", &format!("{SCOPE_LABEL}={}", self.scope)])
             // Operators run side by side: each takes a free port, and logs which.
             .args(["--metrics-addr", "127.0.0.1:0"])
+            // The bed's PKCS#11 module is the one pkcs11 stores may load.
+            .arg("--pkcs11-modules")
+            .arg(&super::Testbed::load().pkcs11_module)
             .args(&self.extra_args)
             .env("KUBECONFIG", &self.kubeconfig)
             .env("KEYHAVEN_LOG", "info,keyhaven=debug,kube=warn")

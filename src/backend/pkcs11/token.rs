@@ -222,6 +222,15 @@ fn module(path: &Path) -> Result<Pkcs11, HsmError> {
     Ok(pkcs11)
 }
 
+/// Whether this process loaded the module at `path`.
+#[cfg(test)]
+pub(super) fn is_loaded(path: &Path) -> bool {
+    MODULES
+        .lock()
+        .expect("pkcs11 module registry")
+        .contains_key(path)
+}
+
 /// Tokens by module and slot id.
 type Tokens = Mutex<HashMap<(PathBuf, u64), Arc<Token>>>;
 static TOKENS: LazyLock<Tokens> = LazyLock::new(Default::default);

@@ -38,7 +38,14 @@ async fn a_kubernetes_store_leaves_secrets_without_its_labels_alone() {
     let store = fx
         .store("kstore", json!({"kubernetes": {"namespace": ns}}))
         .await;
-    let profile = fx.profile("p", &store, &[]).await;
+    // Isolation off: the store's own guard is what is tested here (secret spaces would
+    // refuse these paths before the store is asked: tests/e2e_tenancy.rs).
+    let profile = fx
+        .profile_spec(
+            "p",
+            json!({"source": store, "secretSpace": {"isolation": "Disabled"}}),
+        )
+        .await;
     fx.wait_store(
         &store,
         "Active, counting nothing",
@@ -126,7 +133,12 @@ async fn stores_over_the_operators_namespace_or_an_unlisted_module_are_invalid()
         "{message}"
     );
     // A ManagedSecret whose path names the operator's key Secret gets nothing.
-    let profile = fx.profile("p", &opns, &[]).await;
+    let profile = fx
+        .profile_spec(
+            "p",
+            json!({"source": opns, "secretSpace": {"isolation": "Disabled"}}),
+        )
+        .await;
     fx.managed_secret(
         "keys",
         json!({"profile": profile, "type": "key-value", "path": "keyhaven-keys",

@@ -30,6 +30,19 @@ pub struct NamespaceInfo {
 }
 
 impl NamespaceInfo {
+    /// A namespace `name` with `labels` (tests).
+    #[cfg(test)]
+    pub fn labelled(name: &str, labels: &[(&str, &str)]) -> NamespaceInfo {
+        NamespaceInfo {
+            name: name.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            annotations: Default::default(),
+        }
+    }
+
     /// From any object's metadata (a Namespace, or its metadata-only form).
     pub fn from_meta(meta: &kube::api::ObjectMeta) -> NamespaceInfo {
         NamespaceInfo {
@@ -320,15 +333,11 @@ mod tests {
 
     fn ns(name: &str, labels: &[(&str, &str)], profile: Option<&str>) -> NamespaceInfo {
         NamespaceInfo {
-            name: name.into(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
             annotations: profile
                 .map(|p| (PROFILE_ANNOTATION.to_owned(), p.to_owned()))
                 .into_iter()
                 .collect(),
+            ..NamespaceInfo::labelled(name, labels)
         }
     }
 

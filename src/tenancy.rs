@@ -162,14 +162,7 @@ mod tests {
     }
 
     fn ns(name: &str, labels: &[(&str, &str)]) -> NamespaceInfo {
-        NamespaceInfo {
-            name: name.into(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            annotations: Default::default(),
-        }
+        NamespaceInfo::labelled(name, labels)
     }
 
     #[test]

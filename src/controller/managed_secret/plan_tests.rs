@@ -458,18 +458,23 @@ fn a_failing_sync_target_degrades_without_holding_back_the_others() {
     assert!(synced.message.ends_with("down"), "{}", synced.message);
 }
 
-#[test]
-fn workloads_restart_when_the_content_they_run_with_changes() {
-    let ms =
-        ms(serde_json::json!({"rolloutRestartTargets": [{"kind": "Deployment", "name": "api"}]}));
+/// A sync of `ms` that changes the content its workloads last restarted for (version 1).
+fn restarting(ms: &ManagedSecret) -> Box<SyncPlan> {
     let status = ManagedSecretStatus {
         versions: vec![record(1, "old", "src")],
         restarted_version: Some(1),
         ..Default::default()
     };
     let mut g = gathered(profile(serde_json::json!({})), Some(held("new", None)));
-    g.native = Some(native(&ms, "old", 1));
-    let p = sync_plan(&ms, observe(status, g));
+    g.native = Some(native(ms, "old", 1));
+    sync_plan(ms, observe(status, g))
+}
+
+#[test]
+fn workloads_restart_when_the_content_they_run_with_changes() {
+    let ms =
+        ms(serde_json::json!({"rolloutRestartTargets": [{"kind": "Deployment", "name": "api"}]}));
+    let p = restarting(&ms);
     assert_eq!(p.restart, RestartDecision::Restart);
     let outcome = Outcome {
         restarted: vec!["Deployment/api".into()],
@@ -484,14 +489,7 @@ fn workloads_restart_when_the_content_they_run_with_changes() {
 fn a_restart_rbac_forbids_is_reported_and_the_version_recorded() {
     let ms = ms(serde_json::json!({"rolloutRestartTargets": [
         {"kind": "Deployment", "name": "api"}, {"kind": "StatefulSet", "name": "db"}]}));
-    let status = ManagedSecretStatus {
-        versions: vec![record(1, "old", "src")],
-        restarted_version: Some(1),
-        ..Default::default()
-    };
-    let mut g = gathered(profile(serde_json::json!({})), Some(held("new", None)));
-    g.native = Some(native(&ms, "old", 1));
-    let p = sync_plan(&ms, observe(status, g));
+    let p = restarting(&ms);
     assert_eq!(p.restart, RestartDecision::Restart);
     let outcome = Outcome {
         restarted: vec!["Deployment/api".into()],

@@ -38,8 +38,20 @@ pub fn space(profile: &VaultProfile, namespace: &str) -> Option<String> {
     (space.isolation == Isolation::Enforced).then(|| space.prefix.replace("{namespace}", namespace))
 }
 
+/// The first path segment keyhaven keeps its own bookkeeping under in a store (the vault
+/// store's version records and history): no ManagedSecret may use it, whatever its space.
+pub const RESERVED_SEGMENT: &str = "keyhaven";
+
 /// What the namespace `ns` may do at `path` of `profile`'s stores.
 pub fn access(profile: &VaultProfile, ns: &NamespaceInfo, path: &str) -> Result<Access, Refusal> {
+    if path.split('/').next() == Some(RESERVED_SEGMENT) {
+        return Err(Refusal {
+            reason: Reason::PathReserved,
+            message: format!(
+                "path {path}: paths under {RESERVED_SEGMENT}/ hold keyhaven's own bookkeeping in the stores and are never a ManagedSecret's"
+            ),
+        });
+    }
     let Some(prefix) = space(profile, &ns.name) else {
         return Ok(Access::Unisolated);
     };
@@ -282,6 +294,25 @@ mod tests {
                 .then(|| "vault http://bao secret".to_owned())
         };
         assert_eq!(space_conflicts(&a, [&elsewhere], one_mount).len(), 1);
+    }
+
+    #[test]
+    fn keyhavens_bookkeeping_is_nobodys_space() {
+        let open = profile(serde_json::json!({"secretSpace": {"isolation": "Disabled"}}));
+        let default = profile(serde_json::json!({}));
+        let ns_keyhaven = ns("keyhaven", &[]);
+        for (p, path) in [
+            (&open, "keyhaven/objects/abc"),
+            (&default, "keyhaven/history/abc"),
+            (&default, "keyhaven"),
+        ] {
+            let refused = access(p, &ns_keyhaven, path).unwrap_err();
+            assert_eq!(refused.reason, Reason::PathReserved, "{path}");
+        }
+        assert_eq!(
+            access(&open, &ns_keyhaven, "keyhavenx/a"),
+            Ok(Access::Unisolated)
+        );
     }
 
     #[test]

@@ -37,6 +37,7 @@ named_enum! {
         // an intermediate CA the profile does not allow; a profile without isolation.
         PathNotInNamespace,
         PathReadOnly,
+        PathReserved,
         IntermediateCANotAllowed,
         IsolationEnforced,
         IsolationDisabled,

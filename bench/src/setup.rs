@@ -112,14 +112,13 @@ pub async fn wait_namespaces_gone(client: &Client, names: &[String], timeout: Du
     false
 }
 
-/// Installs keyhaven's CRDs when the bed does not have them yet.
+/// Installs keyhaven's CRDs as this build defines them: a bed that holds another build's
+/// (an older bench run) is brought to this one, so the operator's fields are never pruned.
 pub async fn ensure_crds(client: &Client) -> anyhow::Result<()> {
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
     for crd in keyhaven::api::crds() {
         let name = crd.name_any();
-        if api.get_opt(&name).await?.is_none() {
-            apply(&api, &name, &crd).await?;
-        }
+        apply(&api, &name, &crd).await?;
     }
     Ok(())
 }

@@ -59,24 +59,8 @@ async fn wait_profile_condition(
     type_: &str,
     status: &str,
 ) -> (String, String) {
-    let api: Api<VaultProfile> = fx.cluster_api();
-    let found = wait_until(Duration::from_secs(60), || async {
-        let p = api.get(profile).await.ok()?;
-        let st = p.status?;
-        let c = st
-            .conditions
-            .into_iter()
-            .find(|c| c.type_ == type_ && c.status == status)?;
-        Some((c.message, st.message.unwrap_or_default()))
-    })
-    .await;
-    match found {
-        Some(found) => found,
-        None => panic!(
-            "VaultProfile {profile}: no {type_}={status} in 60s; status: {:#?}",
-            api.get(profile).await.ok().and_then(|p| p.status)
-        ),
-    }
+    let (c, message) = fx.wait_profile_condition(profile, type_, status).await;
+    (c.message, message)
 }
 
 #[tokio::test]

@@ -7,7 +7,6 @@ mod e2e;
 
 use e2e::Testbed;
 use e2e::fixture::Fixture;
-use keyhaven::api::VaultProfile;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use vaultrs::client::VaultClient;
@@ -246,19 +245,7 @@ async fn a_tenant_reaches_only_its_own_secret_space() {
         .await;
     let condition = |name: String, type_: &'static str, status: &'static str| {
         let fx = &fx;
-        async move {
-            e2e::fixture::wait_until(std::time::Duration::from_secs(60), || async {
-                let p: VaultProfile = fx.cluster_api::<VaultProfile>().get(&name).await.ok()?;
-                let c = p
-                    .status?
-                    .conditions
-                    .into_iter()
-                    .find(|c| c.type_ == type_)?;
-                (c.status == status).then_some(c)
-            })
-            .await
-            .unwrap_or_else(|| panic!("VaultProfile {name}: {type_} is not {status}"))
-        }
+        async move { fx.wait_profile_condition(&name, type_, status).await.0 }
     };
     assert_eq!(
         condition(open, "Isolated", "False").await.reason,

@@ -329,6 +329,37 @@ impl Fixture {
         }
     }
 
+    /// Waits until the VaultProfile `profile` has condition `type_` with `status`; returns it
+    /// and the profile's status message.
+    pub async fn wait_profile_condition(
+        &self,
+        profile: &str,
+        type_: &str,
+        status: &str,
+    ) -> (
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition,
+        String,
+    ) {
+        let api: Api<VaultProfile> = self.cluster_api();
+        let found = wait_until(Duration::from_secs(60), || async {
+            let p = api.get(profile).await.ok()?;
+            let st = p.status?;
+            let c = st
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == type_ && c.status == status)?;
+            Some((c, st.message.unwrap_or_default()))
+        })
+        .await;
+        match found {
+            Some(found) => found,
+            None => panic!(
+                "VaultProfile {profile}: no {type_}={status} in 60s; status: {:#?}",
+                api.get(profile).await.ok().and_then(|p| p.status)
+            ),
+        }
+    }
+
     /// Waits until the ManagedSecret holds `version` and is Synced.
     pub async fn wait_synced(&self, name: &str, version: u64) -> ManagedSecret {
         self.wait_managed(name, &format!("Synced at version {version}"), |ms| {

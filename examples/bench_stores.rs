@@ -95,7 +95,11 @@ async fn main() -> anyhow::Result<()> {
         .collect();
     let stamp = VersionStamp {
         version: 1,
-        fingerprint: fingerprinter.fingerprint("password", &value),
+        fingerprint: fingerprinter
+            .content("bench", "password", &value)
+            .current()
+            .clone(),
+        owner: None,
     };
     let plaintext = value.to_sealed_bytes();
 

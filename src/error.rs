@@ -63,6 +63,7 @@ impl Error {
             Error::Backend(BackendError::Unreachable { .. }) => Reason::StoreUnreachable,
             Error::Backend(BackendError::Sealed { .. }) => Reason::StoreSealed,
             Error::Backend(BackendError::Invalid { .. }) => Reason::StoreInvalid,
+            Error::Backend(BackendError::Foreign { .. }) => Reason::PathOwnedElsewhere,
             Error::Backend(_) => Reason::StoreError,
             Error::Content(_) => Reason::InvalidContent,
             Error::Config { reason, .. } => *reason,

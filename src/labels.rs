@@ -10,6 +10,9 @@ pub const MANAGED_SECRET_LABEL: &str = "keyhaven.io/managed-secret";
 pub const VERSION_ANNOTATION: &str = "keyhaven.io/version";
 /// The fingerprint of the version a native Secret (or a store's record) holds.
 pub const FINGERPRINT_ANNOTATION: &str = "keyhaven.io/fingerprint";
+/// The ManagedSecret (`namespace/name/uid`) that writes a path, on the objects a store keeps
+/// for it.
+pub const OWNER_ANNOTATION: &str = "keyhaven.io/owner";
 
 // ManagedSecrets and the workloads that consume them.
 /// Any new value of this annotation on a generated ManagedSecret rotates it now.

@@ -1,9 +1,11 @@
 //! Secret spaces (pure): which paths of a profile's stores the ManagedSecrets of a namespace
 //! may use. A namespace owns the paths under its space's prefix (`{namespace}/` unless the
 //! profile maps it elsewhere); it may read, never write, the paths the profile shares with
-//! it; every other path is refused before anything is read.
+//! it; every other path is refused before anything is read. Within a space, a path has one
+//! writer: the ManagedSecret each store records as its owner ([`ownership`]).
 
 use crate::api::{Generate, Isolation, Reason, SecretSpace, VaultProfile};
+use crate::backend::Owner;
 use crate::profiles::{NamespaceInfo, selects};
 use kube::ResourceExt;
 
@@ -155,6 +157,37 @@ pub fn issuance(profile: &VaultProfile, generate: &Generate) -> Result<(), Refus
         });
     }
     Ok(())
+}
+
+/// Whether `me` may write `path` in `store`, which records `recorded` as the path's owner:
+/// yes when it records none, records `me`, or records a ManagedSecret that is gone
+/// (`alive` says whether one with that uid exists); a live other owner is refused.
+pub fn ownership(
+    store: &str,
+    path: &str,
+    me: &Owner,
+    recorded: Option<&Owner>,
+    alive: impl Fn(&Owner) -> bool,
+) -> Result<(), Refusal> {
+    match recorded {
+        Some(owner) if owner.uid != me.uid && alive(owner) => Err(Refusal {
+            reason: Reason::PathOwnedElsewhere,
+            message: format!(
+                "path {path} in store {store} is written by {owner}; a second writer is refused until it is deleted (read it with content.fromStore)"
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Whether another live ManagedSecret than `me` owns the path (a reader then writes
+/// nothing: the owner keeps the stores).
+pub fn owned_elsewhere(
+    me: &Owner,
+    recorded: Option<&Owner>,
+    alive: impl Fn(&Owner) -> bool,
+) -> bool {
+    recorded.is_some_and(|o| o.uid != me.uid && alive(o))
 }
 
 #[cfg(test)]
@@ -323,5 +356,35 @@ mod tests {
             Ok(Access::Unisolated)
         );
         assert_eq!(space(&p, "a"), None);
+    }
+
+    #[test]
+    fn a_path_has_one_live_writer() {
+        let owner = |name: &str, uid: &str| Owner {
+            namespace: "a".into(),
+            name: name.into(),
+            uid: uid.into(),
+        };
+        let me = owner("second", "u2");
+        let first = owner("first", "u1");
+        let alive = |o: &Owner| o.uid == "u1";
+        assert!(ownership("s", "a/db", &me, None, alive).is_ok(), "unowned");
+        assert!(
+            ownership("s", "a/db", &me, Some(&me), alive).is_ok(),
+            "mine"
+        );
+        let refused = ownership("s", "a/db", &me, Some(&first), alive).unwrap_err();
+        assert_eq!(refused.reason, Reason::PathOwnedElsewhere);
+        assert!(
+            refused.message.contains("ManagedSecret a/first"),
+            "{}",
+            refused.message
+        );
+        assert!(refused.message.contains("a/db"));
+        // Once the first is gone (no live object with its uid), the path is free.
+        assert!(ownership("s", "a/db", &me, Some(&first), |_| false).is_ok());
+        assert!(owned_elsewhere(&me, Some(&first), alive));
+        assert!(!owned_elsewhere(&me, Some(&me), alive));
+        assert!(!owned_elsewhere(&me, None, alive));
     }
 }

@@ -159,7 +159,11 @@ async fn from_store_syncs_every_target_and_follows_source_updates() {
     let status = ms.status.clone().unwrap();
     assert_eq!(versions(&ms), vec![1]);
     assert_eq!(status.versions[0].store, source);
-    assert!(status.versions[0].fingerprint.starts_with("hmac-sha256:"));
+    assert!(
+        status.versions[0]
+            .fingerprint
+            .starts_with("hmac-sha256-ns:")
+    );
     assert_eq!(status.targets.len(), 3);
     assert!(
         status

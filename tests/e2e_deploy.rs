@@ -5,20 +5,23 @@
 
 mod e2e;
 
+use e2e::Testbed;
+use e2e::chart::{
+    ClusterBinding, Release, binding, chart_dir, client_as, forbidden, impersonating_kubeconfig,
+    run_helm, viewer_and_developer_roles,
+};
 use e2e::fixture::{Fixture, wait_until};
 use e2e::operator::{Operator, SCOPE_LABEL, Work, http_get, sample};
-use e2e::{Testbed, cleanup_blocking};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, RoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleBinding};
 use keyhaven::api::{ManagedSecret, SecretStore, VaultProfile};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// The operator's metrics address, once it listens.
@@ -285,41 +288,6 @@ async fn a_frozen_leader_that_lost_its_lease_stops_and_exits() {
     assert!(new.is_running());
 }
 
-/// The helm binary the test bed built (`e2e/testbed up` names it in its env file).
-fn helm() -> PathBuf {
-    let bed = Testbed::load();
-    match bed.vars.get("KEYHAVEN_HELM_BIN") {
-        Some(bin) => PathBuf::from(bin),
-        None => panic!(
-            "{}/env names no helm: run e2e/testbed up (it builds helm)",
-            bed.dir.display()
-        ),
-    }
-}
-
-fn chart_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("helm/keyhaven")
-}
-
-/// Runs helm with `args`, its state kept in a temporary directory; panics on failure.
-fn run_helm(args: &[&str]) -> String {
-    let home = std::env::temp_dir().join("keyhaven-e2e-helm");
-    let out = Command::new(helm())
-        .args(args)
-        .env("HELM_CACHE_HOME", home.join("cache"))
-        .env("HELM_CONFIG_HOME", home.join("config"))
-        .env("HELM_DATA_HOME", home.join("data"))
-        .output()
-        .expect("run helm");
-    assert!(
-        out.status.success(),
-        "helm {args:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 const MANIFESTS_HEADER: &str = "\
 # keyhaven's plain install: helm/keyhaven rendered with its default values (release
 # `keyhaven` in namespace keyhaven-system), CRDs first. Do not edit: regenerate with
@@ -462,40 +430,6 @@ fn roles_for_people_grant_keyhaven_kinds_only(rendered: &str) {
     }
 }
 
-/// Uninstalls a Helm release when dropped.
-struct Release {
-    name: String,
-    namespace: String,
-    kubeconfig: PathBuf,
-}
-
-impl Drop for Release {
-    fn drop(&mut self) {
-        let _ = Command::new(helm())
-            .args(["uninstall", &self.name, "--namespace", &self.namespace])
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .output();
-    }
-}
-
-/// A copy of the bed's admin kubeconfig that impersonates the ServiceAccount `ns/name`.
-fn impersonating_kubeconfig(admin: &Path, ns: &str, name: &str) -> PathBuf {
-    let mut config: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(admin).unwrap()).unwrap();
-    let user = &mut config["users"][0]["user"];
-    user["as"] = format!("system:serviceaccount:{ns}:{name}").into();
-    user["as-groups"] = serde_yaml::to_value([
-        "system:serviceaccounts".to_owned(),
-        format!("system:serviceaccounts:{ns}"),
-        "system:authenticated".to_owned(),
-    ])
-    .unwrap();
-    let path = std::env::temp_dir().join(format!("keyhaven-e2e-{ns}-{name}.kubeconfig"));
-    std::fs::write(&path, serde_yaml::to_string(&config).unwrap()).unwrap();
-    path
-}
-
 #[tokio::test]
 async fn helm_install_grants_the_operator_enough_and_no_more() {
     let mut fx = Fixture::new("helm").await;
@@ -604,10 +538,6 @@ async fn helm_install_grants_the_operator_enough_and_no_more() {
     .await;
 }
 
-fn forbidden<T>(r: Result<T, kube::Error>) -> bool {
-    matches!(r, Err(kube::Error::Api(s)) if s.code == 403)
-}
-
 /// The chart's RBAC lets the operator restart a Deployment named in rolloutRestartTargets
 /// (an object is enough: the bed runs no kubelet).
 async fn restarts_a_deployment(fx: &Fixture, profile: &str) {
@@ -651,85 +581,6 @@ async fn restarts_a_deployment(fx: &Fixture, profile: &str) {
         "{annotations:?}"
     );
     fx.wait_event("RolloutRestarted", "Deployment/app").await;
-}
-
-/// A client of the bed's admin impersonating `user` (authenticated, in no other group).
-async fn client_as(user: &str) -> Client {
-    let mut config = Testbed::load().kube_config().await;
-    config.auth_info.impersonate = Some(user.to_owned());
-    config.auth_info.impersonate_groups = Some(vec!["system:authenticated".to_owned()]);
-    Client::try_from(config).unwrap()
-}
-
-/// Whether ClusterRole `role` has a keyhaven.io rule on managedsecrets with `verb`.
-async fn grants(roles: &Api<ClusterRole>, role: &str, verb: &str) -> bool {
-    let rules = roles.get(role).await.ok().and_then(|r| r.rules);
-    rules.unwrap_or_default().iter().any(|r| {
-        let has = |list: &Option<Vec<String>>, x: &str| list.iter().flatten().any(|v| v == x);
-        has(&r.api_groups, "keyhaven.io")
-            && r.resources.iter().flatten().any(|v| v == "managedsecrets")
-            && r.verbs.iter().any(|v| v == verb)
-    })
-}
-
-/// The ClusterRoles a namespace's viewer and developer are bound to: the built-in view and
-/// edit, once the chart's roles are aggregated into them (and into admin, with approve). A
-/// bed whose kube-controller-manager aggregates nothing (started before e2e/testbed ran the
-/// clusterrole-aggregation controller: its view has no rules) gets the chart's roles bound
-/// directly.
-async fn viewer_and_developer_roles(fx: &Fixture, release: &str) -> [String; 2] {
-    let roles: Api<ClusterRole> = fx.cluster_api();
-    let view = roles.get("view").await.unwrap();
-    if view.rules.is_none_or(|r| r.is_empty()) {
-        eprintln!(
-            "this bed aggregates no ClusterRoles (restart it for the aggregation check): \
-             binding {release}-view and {release}-edit directly"
-        );
-        return [format!("{release}-view"), format!("{release}-edit")];
-    }
-    for (role, verb) in [("view", "list"), ("edit", "create"), ("admin", "approve")] {
-        let aggregated = wait_until(Duration::from_secs(30), || async {
-            grants(&roles, role, verb).await.then_some(())
-        })
-        .await;
-        assert!(
-            aggregated.is_some(),
-            "{verb} on managedsecrets never reached {role}"
-        );
-    }
-    assert!(!grants(&roles, "view", "create").await);
-    ["view".to_owned(), "edit".to_owned()]
-}
-
-/// Deletes a ClusterRoleBinding when dropped.
-struct ClusterBinding(String);
-
-impl Drop for ClusterBinding {
-    fn drop(&mut self) {
-        let name = std::mem::take(&mut self.0);
-        cleanup_blocking(&Testbed::load().kubeconfig, move |client| async move {
-            Api::<ClusterRoleBinding>::all(client)
-                .delete(&name, &DeleteParams::default())
-                .await
-                .map(drop)
-                .map_err(|e| format!("delete ClusterRoleBinding {name}: {e}"))
-        });
-    }
-}
-
-/// A RoleBinding in `namespace` (a ClusterRoleBinding without) of ClusterRole `role` to `user`.
-fn binding(name: &str, namespace: Option<&str>, role: &str, user: &str) -> serde_json::Value {
-    let mut b = json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-        "metadata": {"name": name},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
-        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
-    });
-    if let Some(ns) = namespace {
-        b["kind"] = "RoleBinding".into();
-        b["metadata"]["namespace"] = ns.into();
-    }
-    b
 }
 
 /// People, impersonated, under the chart's roles: a viewer of the namespace lists its

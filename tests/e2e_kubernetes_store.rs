@@ -73,7 +73,7 @@ async fn a_kubernetes_store_leaves_secrets_without_its_labels_alone() {
             "content": {"fromSecret": {"name": "mine"}}}),
     )
     .await;
-    let refused = fx.wait_not_ready("pusher", "StoreError").await;
+    let refused = fx.wait_not_ready("pusher", "PathOwnedElsewhere").await;
     let (_, message) = ready(&refused);
     assert!(
         message.contains(&format!(
@@ -81,7 +81,7 @@ async fn a_kubernetes_store_leaves_secrets_without_its_labels_alone() {
         )),
         "{message}"
     );
-    fx.wait_event("StoreError", "without the store's labels")
+    fx.wait_event("PathOwnedElsewhere", "without the store's labels")
         .await;
     // Reconciled again (a retry): still nothing written.
     fx.reconcile_managed("pusher", 1, &[Work::store_calls(&store, "write")])

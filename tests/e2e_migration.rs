@@ -635,7 +635,11 @@ async fn an_older_version_written_to_openbao_leaves_the_newer_one_current() {
         };
         let stamp = |n: u64| keyhaven::backend::VersionStamp {
             version: n,
-            fingerprint: fingerprinter.fingerprint("key-value", &value(n)),
+            fingerprint: fingerprinter
+                .content(&fx.ns, "key-value", &value(n))
+                .current()
+                .clone(),
+            owner: None,
         };
         // Version 3 first (written after a source switch), then the history migrated in.
         for n in [3, 1, 2, 2] {

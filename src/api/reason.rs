@@ -38,6 +38,8 @@ named_enum! {
         PathNotInNamespace,
         PathReadOnly,
         PathReserved,
+        // Ownership: another ManagedSecret writes the path.
+        PathOwnedElsewhere,
         IntermediateCANotAllowed,
         IsolationEnforced,
         IsolationDisabled,

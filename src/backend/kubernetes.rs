@@ -11,8 +11,8 @@
 
 use super::labels::*;
 use super::{
-    Backend, BackendError, Health, StoredVersion, VersionStamp, labelled_versions, object_id,
-    object_labels, object_selector,
+    Backend, BackendError, Health, StoredVersion, VersionStamp, annotated_owner, labelled_versions,
+    object_id, object_labels, object_selector,
 };
 use crate::crypto::Fingerprint;
 use crate::secret_data::SecretData;
@@ -175,6 +175,7 @@ fn from_secret(secret: &Secret) -> StoredVersion {
         .map(|(version, fingerprint)| VersionStamp {
             version,
             fingerprint,
+            owner: annotated_owner(annotations),
         });
     StoredVersion {
         data,
@@ -235,7 +236,7 @@ impl Backend for KubernetesStore {
             Some((secret, true)) => Some(secret),
             None => None,
         };
-        let annotations = BTreeMap::from([
+        let mut annotations = BTreeMap::from([
             (PATH_ANNOTATION.to_owned(), path.to_owned()),
             (VERSION_ANNOTATION.to_owned(), stamp.version.to_string()),
             (
@@ -243,6 +244,15 @@ impl Backend for KubernetesStore {
                 stamp.fingerprint.to_string(),
             ),
         ]);
+        // A reader's write (no owner) keeps the owner the current Secret records.
+        let owner = stamp.owner.clone().or_else(|| {
+            existing
+                .as_ref()
+                .and_then(|e| annotated_owner(e.annotations()))
+        });
+        if let Some(owner) = owner {
+            annotations.insert(OWNER_ANNOTATION.to_owned(), owner.to_annotation());
+        }
         // The immutable copy of the version first, so the history never lags the current value.
         let copy_name = format!("{name}.v{}", stamp.version);
         let copy = Secret {

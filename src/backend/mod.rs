@@ -27,11 +27,47 @@ use kube::api::ListParams;
 use kube::core::PartialObjectMeta;
 use std::collections::BTreeMap;
 
-/// The version number and fingerprint written with a value.
+/// The version number and fingerprint written with a value, and the ManagedSecret that
+/// wrote it (None: written by a reader, which takes no ownership, or before owners were
+/// recorded).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VersionStamp {
     pub version: u64,
     pub fingerprint: Fingerprint,
+    pub owner: Option<Owner>,
+}
+
+/// The ManagedSecret that writes a path: each store records it beside the path's
+/// bookkeeping, and a second writer is refused while this one exists.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Owner {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+impl Owner {
+    /// As kept in an annotation: `namespace/name/uid`.
+    pub fn to_annotation(&self) -> String {
+        format!("{}/{}/{}", self.namespace, self.name, self.uid)
+    }
+
+    /// Parses [`to_annotation`](Self::to_annotation)'s form.
+    pub fn from_annotation(text: &str) -> Option<Owner> {
+        let mut parts = text.splitn(3, '/');
+        let (namespace, name, uid) = (parts.next()?, parts.next()?, parts.next()?);
+        (!namespace.is_empty() && !name.is_empty() && !uid.is_empty()).then(|| Owner {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            uid: uid.to_owned(),
+        })
+    }
+}
+
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ManagedSecret {}/{}", self.namespace, self.name)
+    }
 }
 
 /// A value read from a store, with the stamp keyhaven wrote beside it, if any (a value
@@ -178,8 +214,8 @@ impl BackendError {
 pub(crate) mod labels {
     pub use crate::labels::{
         FINGERPRINT_ANNOTATION, MANAGED_BY, MANAGED_BY_VALUE, OBJECT_LABEL as OBJECT,
-        PATH_ANNOTATION, ROLE_LABEL as ROLE, STORE_LABEL as STORE, VERSION_ANNOTATION,
-        VERSION_LABEL as VERSION,
+        OWNER_ANNOTATION, PATH_ANNOTATION, ROLE_LABEL as ROLE, STORE_LABEL as STORE,
+        VERSION_ANNOTATION, VERSION_LABEL as VERSION,
     };
 }
 
@@ -233,4 +269,26 @@ pub(crate) fn labelled_versions(objects: &[PartialObjectMeta<Secret>]) -> Vec<u6
         .collect();
     versions.sort_unstable();
     versions
+}
+
+/// The owner an object's annotations record, if any.
+pub(crate) fn annotated_owner(annotations: &BTreeMap<String, String>) -> Option<Owner> {
+    Owner::from_annotation(annotations.get(labels::OWNER_ANNOTATION)?)
+}
+
+#[cfg(test)]
+mod owner_tests {
+    use super::Owner;
+
+    #[test]
+    fn owner_round_trips_through_an_annotation() {
+        let o = Owner {
+            namespace: "team-a".into(),
+            name: "db".into(),
+            uid: "0b9c-11".into(),
+        };
+        assert_eq!(Owner::from_annotation(&o.to_annotation()), Some(o));
+        assert_eq!(Owner::from_annotation("team-a/db"), None);
+        assert_eq!(Owner::from_annotation("//"), None);
+    }
 }

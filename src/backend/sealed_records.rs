@@ -11,14 +11,14 @@
 
 use super::labels::*;
 use super::{
-    BackendError, StoredVersion, VersionStamp, labelled_version, labelled_versions, object_id,
-    object_labels, object_selector,
+    BackendError, StoredVersion, VersionStamp, annotated_owner, labelled_version,
+    labelled_versions, object_id, object_labels, object_selector,
 };
 use crate::crypto::{CryptoError, Envelope, Fingerprint, KeyWrapper, open, rewrap, seal};
 use crate::secret_data::SecretData;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams};
+use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::core::PartialObjectMeta;
 use kube::{Api, ResourceExt};
 use std::collections::{BTreeMap, BTreeSet};
@@ -148,6 +148,7 @@ impl SealedRecords {
             stamp: fingerprint.map(|fingerprint| VersionStamp {
                 version,
                 fingerprint,
+                owner: annotated_owner(secret.annotations()),
             }),
             store_version: None,
         })
@@ -162,7 +163,7 @@ impl SealedRecords {
         let name = self.record_name(path, stamp.version);
         if let Some(existing) = self.get(&name).await? {
             return match self.decode(path, &existing).await {
-                Ok(stored) if &stored.data == data => Ok(()),
+                Ok(stored) if &stored.data == data => self.claim(&name, &stored, stamp).await,
                 Ok(_) => Err(BackendError::Conflict {
                     store: self.store.clone(),
                     path: path.to_owned(),
@@ -181,6 +182,30 @@ impl SealedRecords {
             };
         }
         self.create(path, &name, stamp, data).await
+    }
+
+    /// Records `stamp`'s owner on an existing record of the same content (a writer taking
+    /// over a path whose record names no owner, or one that is gone).
+    async fn claim(
+        &self,
+        name: &str,
+        stored: &StoredVersion,
+        stamp: &VersionStamp,
+    ) -> Result<(), BackendError> {
+        let Some(owner) = &stamp.owner else {
+            return Ok(());
+        };
+        if stored.stamp.as_ref().and_then(|s| s.owner.as_ref()) == Some(owner) {
+            return Ok(());
+        }
+        let patch = serde_json::json!({"metadata": {"annotations": {
+            OWNER_ANNOTATION: owner.to_annotation(),
+        }}});
+        self.api
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(self.kube_err("recording a sealed version's owner"))?;
+        Ok(())
     }
 
     async fn create(
@@ -206,11 +231,21 @@ impl SealedRecords {
                     ROLE_SEALED,
                     Some(stamp.version),
                 )),
-                annotations: Some(BTreeMap::from([
-                    (PATH_ANNOTATION.into(), path.to_owned()),
-                    (FINGERPRINT_ANNOTATION.into(), stamp.fingerprint.to_string()),
-                    (KEK_ID_ANNOTATION.into(), envelope.kek_id.clone()),
-                ])),
+                annotations: Some(
+                    BTreeMap::from([
+                        (PATH_ANNOTATION.into(), path.to_owned()),
+                        (FINGERPRINT_ANNOTATION.into(), stamp.fingerprint.to_string()),
+                        (KEK_ID_ANNOTATION.into(), envelope.kek_id.clone()),
+                    ])
+                    .into_iter()
+                    .chain(
+                        stamp
+                            .owner
+                            .as_ref()
+                            .map(|o| (OWNER_ANNOTATION.into(), o.to_annotation())),
+                    )
+                    .collect(),
+                ),
                 ..Default::default()
             },
             data: Some(BTreeMap::from([

@@ -13,7 +13,7 @@
 
 mod session;
 
-use super::{Backend, BackendError, Health, StoredVersion, VersionStamp, object_id};
+use super::{Backend, BackendError, Health, Owner, StoredVersion, VersionStamp, object_id};
 use crate::api::{KvVersion, VaultProvider};
 use crate::crypto::Fingerprint;
 use crate::secret_data::SecretData;
@@ -108,6 +108,9 @@ struct VersionEntry {
     /// Keys whose values are stored base64-encoded (not UTF-8).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     binary: Vec<String>,
+    /// The ManagedSecret that wrote it (the path's owner, on the current entry).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    owner: Option<Owner>,
 }
 
 impl VersionEntry {
@@ -115,6 +118,7 @@ impl VersionEntry {
         Some(VersionStamp {
             version: self.version,
             fingerprint: Fingerprint::parse(&self.fingerprint)?,
+            owner: self.owner.clone(),
         })
     }
 }
@@ -395,6 +399,7 @@ impl VaultStore {
             fingerprint: stamp.fingerprint.to_string(),
             store_version,
             binary,
+            owner: stamp.owner.clone(),
         };
         book.current = Some(entry.clone());
         book.versions.insert(stamp.version, entry.clone());
@@ -495,6 +500,7 @@ impl VaultStore {
                 fingerprint: stamp.fingerprint.to_string(),
                 store_version,
                 binary,
+                owner: stamp.owner.clone(),
             },
         );
         self.put_object(client, &Self::object_path(path), &book)

@@ -156,7 +156,7 @@ async fn versions(api: &Api<ManagedSecret>, secret: &str, output: Output) -> any
         .iter()
         .map(|v| {
             let current = status.current_version == Some(v.version);
-            let fp = v.fingerprint.trim_start_matches("hmac-sha256:");
+            let fp = keyhaven::crypto::Fingerprint::digest(&v.fingerprint);
             vec![
                 format!("{}{}", v.version, if current { "*" } else { "" }),
                 fp[..fp.len().min(16)].to_owned(),

@@ -14,10 +14,11 @@ use crate::api::{
     ConditionType, ManagedSecret, ManagedSecretStatus, Reason, VersionRecord, condition,
     remove_condition, set_condition,
 };
-use crate::backend::{Backend, VersionStamp};
-use crate::crypto::Fingerprint;
+use crate::backend::{Backend, Owner, VersionStamp};
+use crate::crypto::{ContentFingerprint, Fingerprint};
 use crate::error::{Error, Result};
 use crate::secret_data::SecretData;
+use kube::ResourceExt;
 use std::collections::{BTreeMap, BTreeSet};
 use tracing::info;
 
@@ -117,6 +118,8 @@ pub struct Observed {
     pub from: String,
     pub to: String,
     pub versions: Vec<VersionSeen>,
+    /// The owner the moved versions' stamps record (the migrating ManagedSecret).
+    pub owner: Option<Owner>,
 }
 
 /// Reads every version at `path` that the old store holds or the status records there,
@@ -126,7 +129,7 @@ pub async fn observe(
     new: &dyn Backend,
     path: &str,
     status: &ManagedSecretStatus,
-    fingerprint: impl Fn(&SecretData) -> Fingerprint,
+    fingerprint: impl Fn(&SecretData) -> ContentFingerprint,
 ) -> Result<Observed> {
     let (from, to) = (old.store().to_owned(), new.store().to_owned());
     let recorded: BTreeMap<u64, &str> = status
@@ -143,17 +146,28 @@ pub async fn observe(
         .collect();
     let mut versions = Vec::with_capacity(all.len());
     for n in all {
-        let in_old = match listed.contains(&n) {
-            true => old.read(path, Some(n)).await?.map(|v| {
-                let fp = fingerprint(&v.data);
-                (v.data, fp)
-            }),
+        // Each store's content compared under the scheme the version was recorded with
+        // (stamped with, for a version the status does not list).
+        let old_read = match listed.contains(&n) {
+            true => old.read(path, Some(n)).await?,
             false => None,
         };
+        let scheme_of = recorded.get(&n).map(|r| r.to_string()).or_else(|| {
+            old_read
+                .as_ref()
+                .and_then(|v| v.stamp.as_ref())
+                .map(|s| s.fingerprint.to_string())
+        });
+        let as_recorded =
+            |data: &SecretData| fingerprint(data).in_scheme_of(scheme_of.as_deref()).clone();
+        let in_old = old_read.map(|v| {
+            let fp = as_recorded(&v.data);
+            (v.data, fp)
+        });
         let in_new = new
             .read(path, Some(n))
             .await?
-            .map(|v| (fingerprint(&v.data), v.store_version));
+            .map(|v| (as_recorded(&v.data), v.store_version));
         versions.push(VersionSeen {
             version: n,
             recorded: recorded.get(&n).map(|r| r.to_string()),
@@ -161,7 +175,12 @@ pub async fn observe(
             in_new,
         });
     }
-    Ok(Observed { from, to, versions })
+    Ok(Observed {
+        from,
+        to,
+        versions,
+        owner: None,
+    })
 }
 
 /// The moves of one migration step.
@@ -177,7 +196,12 @@ pub struct Moves {
 
 /// Decides every version's move; the first refusal stops the step (nothing is written).
 pub fn plan(observed: Observed) -> Result<Moves> {
-    let Observed { from, to, versions } = observed;
+    let Observed {
+        from,
+        to,
+        versions,
+        owner,
+    } = observed;
     let mut moves = Moves {
         already: BTreeMap::new(),
         writes: Vec::new(),
@@ -205,6 +229,7 @@ pub fn plan(observed: Observed) -> Result<Moves> {
                 let stamp = VersionStamp {
                     version: seen.version,
                     fingerprint,
+                    owner: owner.clone(),
                 };
                 moves.writes.push((stamp, data));
             }
@@ -328,13 +353,14 @@ async fn write_and_verify(
     for (stamp, data) in moves.writes {
         new.write(path, &stamp, &data).await?;
         let back = new.read(path, Some(stamp.version)).await?;
-        let fingerprint = |d: &SecretData| {
-            ctx.keys
-                .fingerprinter
-                .fingerprint(ms.spec.type_.as_str(), d)
-        };
+        let namespace = ms.namespace().unwrap_or_default();
         let verified = back
-            .filter(|v| fingerprint(&v.data) == stamp.fingerprint)
+            .filter(|v| {
+                ctx.keys
+                    .fingerprinter
+                    .content(&namespace, ms.spec.type_.as_str(), &v.data)
+                    .matches(stamp.fingerprint.as_str())
+            })
             .ok_or_else(|| {
                 Error::config(
                     Reason::MigrationVerifyFailed,
@@ -430,6 +456,7 @@ mod tests {
         let observed = Observed {
             from: "a".into(),
             to: "b".into(),
+            owner: None,
             versions: vec![
                 seen(1, Some(1), Some(1), Some((1, 7))),
                 seen(2, Some(2), Some(2), None),
@@ -445,6 +472,7 @@ mod tests {
     #[test]
     fn one_refused_version_stops_the_whole_step() {
         let observed = Observed {
+            owner: None,
             from: "a".into(),
             to: "b".into(),
             // Version 2's content in the old store is not what the status recorded.

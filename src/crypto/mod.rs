@@ -5,7 +5,7 @@ mod fingerprint;
 mod operator_keys;
 
 pub use envelope::{DataKey, Envelope, KeyWrapper, SoftwareKek, open, rewrap, seal};
-pub use fingerprint::{Fingerprint, Fingerprinter};
+pub use fingerprint::{ContentFingerprint, Fingerprint, Fingerprinter, Scheme};
 pub use operator_keys::OperatorKeys;
 
 /// A cryptographic failure. Never carries key material or plaintext.

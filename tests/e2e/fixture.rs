@@ -312,7 +312,18 @@ impl Fixture {
         what: &str,
         ok: impl Fn(&ManagedSecret) -> bool,
     ) -> ManagedSecret {
-        let api = self.ns_api::<ManagedSecret>(&self.ns);
+        self.wait_managed_in(&self.ns, name, what, ok).await
+    }
+
+    /// [`Fixture::wait_managed`] of a ManagedSecret in `namespace`.
+    pub async fn wait_managed_in(
+        &self,
+        namespace: &str,
+        name: &str,
+        what: &str,
+        ok: impl Fn(&ManagedSecret) -> bool,
+    ) -> ManagedSecret {
+        let api = self.ns_api::<ManagedSecret>(namespace);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let last = api.get_opt(name).await.ok().flatten();
@@ -362,7 +373,13 @@ impl Fixture {
 
     /// Waits until the ManagedSecret holds `version` and is Synced.
     pub async fn wait_synced(&self, name: &str, version: u64) -> ManagedSecret {
-        self.wait_managed(name, &format!("Synced at version {version}"), |ms| {
+        self.wait_synced_in(&self.ns, name, version).await
+    }
+
+    /// [`Fixture::wait_synced`] of a ManagedSecret in `namespace`.
+    pub async fn wait_synced_in(&self, namespace: &str, name: &str, version: u64) -> ManagedSecret {
+        let what = format!("Synced at version {version}");
+        self.wait_managed_in(namespace, name, &what, |ms| {
             ms.status.as_ref().is_some_and(|s| {
                 s.phase.is_some_and(|p| p == "Synced") && s.current_version == Some(version)
             })

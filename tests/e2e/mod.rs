@@ -8,6 +8,7 @@
 // Each test binary compiles this module and uses only part of it.
 #![allow(dead_code)]
 
+pub mod chart;
 pub mod fixture;
 pub mod hsm;
 pub mod operator;

@@ -23,6 +23,9 @@ pub struct Operator {
     pub log: PathBuf,
     /// Where in `log` the latest start's lines begin.
     log_start: u64,
+    /// It watches every namespace, and reconciles the ManagedSecrets labelled with
+    /// [`SCOPE_LABEL`] `= scope` (a multi-tenant install); else only those of `scope`.
+    cluster_wide: bool,
 }
 
 impl Operator {
@@ -34,6 +37,27 @@ impl Operator {
     /// Like [`Operator::start`], with a log of its own (`name` tells several operators of one
     /// scope apart) and `extra_args` appended to the command line.
     pub fn start_with(kubeconfig: &Path, scope: &str, name: &str, extra_args: &[&str]) -> Operator {
+        Operator::launch(kubeconfig, scope, name, extra_args, false)
+    }
+
+    /// Like [`Operator::start_with`], watching every namespace: it reconciles the
+    /// ManagedSecrets of any namespace that carry [`SCOPE_LABEL`] `= scope`.
+    pub fn start_cluster_wide(
+        kubeconfig: &Path,
+        scope: &str,
+        name: &str,
+        extra_args: &[&str],
+    ) -> Operator {
+        Operator::launch(kubeconfig, scope, name, extra_args, true)
+    }
+
+    fn launch(
+        kubeconfig: &Path,
+        scope: &str,
+        name: &str,
+        extra_args: &[&str],
+        cluster_wide: bool,
+    ) -> Operator {
         let log = std::env::temp_dir().join(format!("keyhaven-e2e-{scope}{name}.log"));
         let _ = std::fs::remove_file(&log);
         let mut op = Operator {
@@ -44,6 +68,7 @@ impl Operator {
             namespace: format!("{scope}-op"),
             log,
             log_start: 0,
+            cluster_wide,
         };
         op.spawn();
         op
@@ -57,13 +82,14 @@ impl Operator {
             .expect("operator log file");
         self.log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
         let child = Command::new(env!("CARGO_BIN_EXE_keyhaven"))
-            .args([
-                "run",
-                "--namespace",
-                &self.namespace,
-                "--watch-namespace",
-                &self.scope,
-            ])
+            .args(["run", "--namespace", &self.namespace])
+            .args(match self.cluster_wide {
+                false => ["--watch-namespace".to_owned(), self.scope.clone()],
+                true => [
+                    "--managed-selector".to_owned(),
+                    format!("{SCOPE_LABEL}={}", self.scope),
+                ],
+            })
             .args(["--store-selector", &format!("{SCOPE_LABEL}={}", self.scope)])
             // Operators run side by side: each takes a free port, and logs which.
             .args(["--metrics-addr", "127.0.0.1:0"])

@@ -50,6 +50,7 @@ fn bookkeeping_serializes_with_version_keys() {
             fingerprint: "hmac-sha256:00".into(),
             store_version: Some(7),
             binary: vec![],
+            owner: None,
         },
     );
     let json = serde_json::to_value(&book).unwrap();

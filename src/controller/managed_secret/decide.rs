@@ -4,8 +4,8 @@
 //! together.
 
 use crate::api::{CreationPolicy, Reason, VersionRecord};
-use crate::backend::VersionStamp;
-use crate::crypto::Fingerprint;
+use crate::backend::{Owner, VersionStamp};
+use crate::crypto::{ContentFingerprint, Fingerprint};
 
 /// What the value read for a ManagedSecret is, against its recorded history.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,27 +29,33 @@ impl VersionDecision {
     }
 }
 
-/// Decides the version of content `fingerprint`, given the newest recorded version and the
-/// stamp the source holds beside the value.
+/// Decides the version of `content`, given the newest recorded version and the stamp the
+/// source holds beside the value, and the fingerprint the version is recorded with: the
+/// recorded one of an unchanged or adopted version (whatever its scheme), the current
+/// scheme's for a new one.
 pub fn decide_version(
     latest: Option<&VersionRecord>,
     source: Option<&VersionStamp>,
-    fingerprint: &Fingerprint,
-) -> VersionDecision {
+    content: &ContentFingerprint,
+) -> (VersionDecision, Fingerprint) {
     let latest_version = latest.map_or(0, |r| r.version);
     if let Some(r) = latest
-        && r.fingerprint == fingerprint.as_str()
+        && content.matches(&r.fingerprint)
+        && let Some(recorded) = Fingerprint::parse(&r.fingerprint)
     {
-        return VersionDecision::Unchanged(r.version);
+        return (VersionDecision::Unchanged(r.version), recorded);
     }
     if let Some(s) = source
-        && &s.fingerprint == fingerprint
+        && content.matches(s.fingerprint.as_str())
         && s.version > latest_version
     {
-        return VersionDecision::Adopt(s.version);
+        return (VersionDecision::Adopt(s.version), s.fingerprint.clone());
     }
     let source_version = source.map_or(0, |s| s.version);
-    VersionDecision::New(latest_version.max(source_version) + 1)
+    (
+        VersionDecision::New(latest_version.max(source_version) + 1),
+        content.current().clone(),
+    )
 }
 
 /// What a store holds at a path, as observed.
@@ -57,8 +63,8 @@ pub fn decide_version(
 pub struct StoreObservation {
     /// The stamp written beside the current value, if any.
     pub stamp: Option<VersionStamp>,
-    /// The fingerprint of the current value as read (not as stamped).
-    pub content: Fingerprint,
+    /// The fingerprints of the current value as read (not as stamped).
+    pub content: ContentFingerprint,
 }
 
 /// What to do to a store so that it holds version `version` with content `fingerprint`.
@@ -69,12 +75,18 @@ pub enum StoreAction {
     Write,
     /// Stamped with the right version but its content was changed by hand: write it back.
     RepairDrift,
+    /// In sync, but the store does not record this ManagedSecret as the path's owner
+    /// (written before owners were recorded, or by an owner that is gone): write the stamp.
+    Claim,
 }
 
+/// What to do to a store; `owner` is the owner the sync's stamp records (None for a reader,
+/// which takes no ownership).
 pub fn store_action(
     observed: Option<&StoreObservation>,
     version: u64,
     fingerprint: &Fingerprint,
+    owner: Option<&Owner>,
 ) -> StoreAction {
     let Some(obs) = observed else {
         return StoreAction::Write;
@@ -82,9 +94,15 @@ pub fn store_action(
     let stamped_version = obs.stamp.as_ref().map(|s| s.version);
     match (
         stamped_version == Some(version),
-        &obs.content == fingerprint,
+        obs.content.matches(fingerprint.as_str()),
     ) {
-        (true, true) => StoreAction::InSync,
+        (true, true) => {
+            let recorded = obs.stamp.as_ref().and_then(|s| s.owner.as_ref());
+            match owner {
+                Some(me) if recorded.is_none_or(|o| o.uid != me.uid) => StoreAction::Claim,
+                _ => StoreAction::InSync,
+            }
+        }
         (true, false) => StoreAction::RepairDrift,
         (false, _) => StoreAction::Write,
     }
@@ -425,7 +443,11 @@ mod tests {
     }
 
     fn fp(n: u8) -> Fingerprint {
-        Fingerprint::parse(&format!("hmac-sha256:{}", hex::encode([n; 32]))).unwrap()
+        Fingerprint::parse(&format!("hmac-sha256-ns:{}", hex::encode([n; 32]))).unwrap()
+    }
+
+    fn content(n: u8) -> ContentFingerprint {
+        ContentFingerprint::of(&fp(n))
     }
 
     fn record(version: u64, f: &Fingerprint) -> VersionRecord {
@@ -445,22 +467,31 @@ mod tests {
         VersionStamp {
             version,
             fingerprint: f.clone(),
+            owner: None,
         }
     }
 
     #[test]
     fn first_value_is_version_one() {
-        assert_eq!(decide_version(None, None, &fp(1)), VersionDecision::New(1));
+        assert_eq!(
+            decide_version(None, None, &content(1)).0,
+            VersionDecision::New(1)
+        );
     }
 
     #[test]
     fn unchanged_value_makes_no_version() {
         assert_eq!(
-            decide_version(Some(&record(3, &fp(1))), Some(&stamp(3, &fp(1))), &fp(1)),
+            decide_version(
+                Some(&record(3, &fp(1))),
+                Some(&stamp(3, &fp(1))),
+                &content(1)
+            )
+            .0,
             VersionDecision::Unchanged(3)
         );
         assert_eq!(
-            decide_version(Some(&record(3, &fp(1))), None, &fp(1)),
+            decide_version(Some(&record(3, &fp(1))), None, &content(1)).0,
             VersionDecision::Unchanged(3)
         );
     }
@@ -468,12 +499,22 @@ mod tests {
     #[test]
     fn changed_value_makes_next_version() {
         assert_eq!(
-            decide_version(Some(&record(3, &fp(1))), Some(&stamp(3, &fp(1))), &fp(2)),
+            decide_version(
+                Some(&record(3, &fp(1))),
+                Some(&stamp(3, &fp(1))),
+                &content(2)
+            )
+            .0,
             VersionDecision::New(4)
         );
         // Edited by hand in the source: the stale stamp does not match the content.
         assert_eq!(
-            decide_version(Some(&record(3, &fp(1))), Some(&stamp(3, &fp(1))), &fp(9)),
+            decide_version(
+                Some(&record(3, &fp(1))),
+                Some(&stamp(3, &fp(1))),
+                &content(9)
+            )
+            .0,
             VersionDecision::New(4)
         );
     }
@@ -482,41 +523,96 @@ mod tests {
     fn restart_after_source_write_adopts_instead_of_duplicating() {
         // Version 4 reached the source, then the operator died before recording it.
         assert_eq!(
-            decide_version(Some(&record(3, &fp(1))), Some(&stamp(4, &fp(2))), &fp(2)),
+            decide_version(
+                Some(&record(3, &fp(1))),
+                Some(&stamp(4, &fp(2))),
+                &content(2)
+            )
+            .0,
             VersionDecision::Adopt(4)
         );
         // Status lost entirely (e.g. the object was recreated): numbering continues.
         assert_eq!(
-            decide_version(None, Some(&stamp(7, &fp(2))), &fp(2)),
+            decide_version(None, Some(&stamp(7, &fp(2))), &content(2)).0,
             VersionDecision::Adopt(7)
         );
         assert_eq!(
-            decide_version(None, Some(&stamp(7, &fp(2))), &fp(3)),
+            decide_version(None, Some(&stamp(7, &fp(2))), &content(3)).0,
             VersionDecision::New(8)
         );
     }
 
     #[test]
-    fn store_actions() {
-        let obs = |v: Option<u64>, content: u8| StoreObservation {
-            stamp: v.map(|v| stamp(v, &fp(1))),
-            content: fp(content),
-        };
-        assert_eq!(store_action(None, 2, &fp(1)), StoreAction::Write);
+    fn a_version_recorded_under_v1_stays_unchanged_and_a_new_one_is_namespaced() {
+        let v1 = Fingerprint::parse(&format!("hmac-sha256:{}", hex::encode([1; 32]))).unwrap();
+        let (decision, recorded) = decide_version(Some(&record(3, &v1)), None, &content(1));
+        assert_eq!(decision, VersionDecision::Unchanged(3));
         assert_eq!(
-            store_action(Some(&obs(Some(2), 1)), 2, &fp(1)),
+            recorded, v1,
+            "the version keeps the fingerprint it was recorded with"
+        );
+        let (decision, recorded) = decide_version(Some(&record(3, &v1)), None, &content(2));
+        assert_eq!(decision, VersionDecision::New(4));
+        assert_eq!(recorded, fp(2));
+        assert!(recorded.as_str().starts_with("hmac-sha256-ns:"));
+        // A target holding version 3 under its v1 stamp is in sync.
+        let obs = StoreObservation {
+            stamp: Some(stamp(3, &v1)),
+            content: content(1),
+        };
+        assert_eq!(store_action(Some(&obs), 3, &v1, None), StoreAction::InSync);
+    }
+
+    #[test]
+    fn a_writer_claims_a_path_in_sync_that_records_no_owner_or_another() {
+        let me = Owner {
+            namespace: "a".into(),
+            name: "db".into(),
+            uid: "u1".into(),
+        };
+        let gone = Owner {
+            uid: "u0".into(),
+            ..me.clone()
+        };
+        let obs = |owner: Option<Owner>| StoreObservation {
+            stamp: Some(VersionStamp {
+                owner,
+                ..stamp(2, &fp(1))
+            }),
+            content: content(1),
+        };
+        let action = |o| store_action(Some(&obs(o)), 2, &fp(1), Some(&me));
+        assert_eq!(action(None), StoreAction::Claim);
+        assert_eq!(action(Some(gone.clone())), StoreAction::Claim);
+        assert_eq!(action(Some(me.clone())), StoreAction::InSync);
+        // A reader claims nothing.
+        assert_eq!(
+            store_action(Some(&obs(Some(gone))), 2, &fp(1), None),
+            StoreAction::InSync
+        );
+    }
+
+    #[test]
+    fn store_actions() {
+        let obs = |v: Option<u64>, c: u8| StoreObservation {
+            stamp: v.map(|v| stamp(v, &fp(1))),
+            content: content(c),
+        };
+        assert_eq!(store_action(None, 2, &fp(1), None), StoreAction::Write);
+        assert_eq!(
+            store_action(Some(&obs(Some(2), 1)), 2, &fp(1), None),
             StoreAction::InSync
         );
         assert_eq!(
-            store_action(Some(&obs(Some(2), 5)), 2, &fp(1)),
+            store_action(Some(&obs(Some(2), 5)), 2, &fp(1), None),
             StoreAction::RepairDrift
         );
         assert_eq!(
-            store_action(Some(&obs(Some(1), 1)), 2, &fp(1)),
+            store_action(Some(&obs(Some(1), 1)), 2, &fp(1), None),
             StoreAction::Write
         );
         assert_eq!(
-            store_action(Some(&obs(None, 1)), 2, &fp(1)),
+            store_action(Some(&obs(None, 1)), 2, &fp(1), None),
             StoreAction::Write
         );
     }

@@ -6,25 +6,25 @@
 use super::decide::GenerateDecision;
 use super::plan;
 use crate::api::{ManagedSecret, ManagedSecretStatus, Reason, SecretType, VaultProfile};
-use crate::backend::{StoredVersion, VersionStamp};
+use crate::backend::{Owner, StoredVersion, VersionStamp};
 use crate::controller::context::Context;
 use crate::controller::migration;
-use crate::crypto::Fingerprint;
+use crate::crypto::ContentFingerprint;
 use crate::error::{Error, Result, Verb};
 use crate::profiles::{self, NamespaceInfo, Via};
 use crate::secret_data::SecretData;
-use crate::tenancy::{self, Access};
+use crate::tenancy;
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, ResourceExt};
 use std::sync::Arc;
 
-/// A value read from a store, with its fingerprint.
+/// A value read from a store, with its fingerprints (in the ManagedSecret's namespace).
 #[derive(Debug, Clone)]
 pub struct Read {
     pub data: SecretData,
     pub stamp: Option<VersionStamp>,
     pub store_version: Option<u64>,
-    pub fingerprint: Fingerprint,
+    pub fingerprint: ContentFingerprint,
 }
 
 /// What one sync decides on.
@@ -49,8 +49,12 @@ pub struct Observation {
 pub struct Gathered {
     pub profile: Arc<VaultProfile>,
     pub via: Via,
-    /// What the namespace may do at the path (its own space, or a shared read-only path).
-    pub access: Access,
+    /// The sync writes to the stores: false at a shared path, and for a reader
+    /// (`content.fromStore`) of a path another live ManagedSecret owns.
+    pub writes: bool,
+    /// The owner the stamps it writes record: this ManagedSecret for a writer, none for a
+    /// reader (readers take no ownership).
+    pub owner: Option<Owner>,
     /// The profile's `migrateFrom`, while it has versions of this secret to move.
     pub migration: Option<Result<migration::Observed>>,
     /// The source's current value at the path.
@@ -153,10 +157,24 @@ async fn gather(
     if let Some(generate) = &ms.spec.content.generate {
         tenancy::issuance(&profile, generate).map_err(refused)?;
     }
+    let me = owner_of(ms);
+    let alive = |o: &Owner| alive(ctx, o);
+    // A writer of a path another live ManagedSecret owns is refused, in every store it
+    // would write.
+    let owns = |store: &str, r: Option<&StoredVersion>| {
+        let recorded = r
+            .and_then(|r| r.stamp.as_ref())
+            .and_then(|s| s.owner.as_ref());
+        match reads_only {
+            true => Ok(()),
+            false => tenancy::ownership(store, &path, &me, recorded, alive).map_err(refused),
+        }
+    };
+    let namespace = ms.namespace().unwrap_or_default();
     let fingerprint = |data: &SecretData| {
         ctx.keys
             .fingerprinter
-            .fingerprint(ms.spec.type_.as_str(), data)
+            .content(&namespace, ms.spec.type_.as_str(), data)
     };
     let read = |v: StoredVersion| Read {
         fingerprint: fingerprint(&v.data),
@@ -166,16 +184,37 @@ async fn gather(
     };
     let migration = match profile.spec.migrate_from.as_deref() {
         Some(from) if migrate && access.may_write() && migration::pending(Some(status), from) => {
-            Some(
+            // Moving deletes from the old store: only what this ManagedSecret owns there.
+            // A reader too: moving deletes, which only the path's owner may.
+            let old = ctx.backend(from).await?;
+            let held = old.read(&path, None).await?;
+            let recorded = held
+                .as_ref()
+                .and_then(|r| r.stamp.as_ref())
+                .and_then(|s| s.owner.as_ref());
+            tenancy::ownership(from, &path, &me, recorded, alive).map_err(refused)?;
+            let observed =
                 observe_migration(ctx, &path, status, from, &profile.spec.source, &fingerprint)
-                    .await,
-            )
+                    .await
+                    .map(|mut o| {
+                        o.owner = Some(me.clone());
+                        o
+                    });
+            Some(observed)
         }
         _ => None,
     };
     let source_name = profile.spec.source.as_str();
     let source = ctx.backend(source_name).await?;
-    let current = source.read(&path, None).await?.map(read);
+    let current = source.read(&path, None).await?;
+    owns(source_name, current.as_ref())?;
+    let source_owner = current
+        .as_ref()
+        .and_then(|c| c.stamp.as_ref())
+        .and_then(|s| s.owner.as_ref());
+    let writes =
+        access.may_write() && !(reads_only && tenancy::owned_elsewhere(&me, source_owner, alive));
+    let current = current.map(read);
     let carried = match status.versions.last() {
         Some(last) if plan::reads_carried(source_name, current.as_ref(), last) => {
             let kept = ctx.backend(&last.store).await?;
@@ -195,7 +234,7 @@ async fn gather(
     )
     .await?;
     // A shared path is never written: its copies are the owner's to make.
-    let sync_targets = match access.may_write() {
+    let sync_targets = match writes {
         true => profile.spec.sync_targets.as_slice(),
         false => &[],
     };
@@ -205,13 +244,17 @@ async fn gather(
             Ok(backend) => backend.read(&path, None).await.map_err(Error::from),
             Err(e) => Err(e),
         };
+        if let Ok(seen) = &seen {
+            owns(target, seen.as_ref())?;
+        }
         targets.push((target.clone(), seen.map(|v| v.map(read))));
     }
     let native = get_in(ctx, &ms.namespace().unwrap_or_default(), &ms.secret_name()).await?;
     Ok(Gathered {
         profile,
         via,
-        access,
+        writes,
+        owner: (!reads_only).then_some(me),
         migration,
         source: current,
         carried,
@@ -230,7 +273,7 @@ async fn observe_content(
     status: &ManagedSecretStatus,
     current: Option<&Read>,
     now: jiff::Timestamp,
-    fingerprint: &impl Fn(&SecretData) -> Fingerprint,
+    fingerprint: &impl Fn(&SecretData) -> ContentFingerprint,
 ) -> Result<Content> {
     let path = ms.store_path();
     let read = |v: StoredVersion| Read {
@@ -292,13 +335,31 @@ async fn observe_content(
     )
 }
 
+/// `ms` as the owner its stores record.
+pub fn owner_of(ms: &ManagedSecret) -> Owner {
+    Owner {
+        namespace: ms.namespace().unwrap_or_default(),
+        name: ms.name_any(),
+        uid: ms.uid().unwrap_or_default(),
+    }
+}
+
+/// Whether the ManagedSecret `owner` names still exists (the cache holds one of that uid).
+fn alive(ctx: &Context, owner: &Owner) -> bool {
+    let key = kube::runtime::reflector::ObjectRef::new(&owner.name).within(&owner.namespace);
+    ctx.caches
+        .managed
+        .get(&key)
+        .is_some_and(|m| m.uid().as_deref() == Some(owner.uid.as_str()))
+}
+
 /// A secret-space refusal as the sync's error.
 fn refused(r: tenancy::Refusal) -> Error {
     Error::config(r.reason, r.message)
 }
 
 /// A value that no store holds yet (pushed or generated), fingerprinted.
-fn value(data: SecretData, fingerprint: &impl Fn(&SecretData) -> Fingerprint) -> Read {
+fn value(data: SecretData, fingerprint: &impl Fn(&SecretData) -> ContentFingerprint) -> Read {
     Read {
         fingerprint: fingerprint(&data),
         data,
@@ -313,7 +374,7 @@ async fn observe_migration(
     status: &ManagedSecretStatus,
     from: &str,
     to: &str,
-    fingerprint: &impl Fn(&SecretData) -> Fingerprint,
+    fingerprint: &impl Fn(&SecretData) -> ContentFingerprint,
 ) -> Result<migration::Observed> {
     let old = ctx.backend(from).await?;
     let new = ctx.backend(to).await?;

@@ -397,7 +397,7 @@ fn rolled_back(
         )
     })?;
     if let (_, Some(recorded)) = rollback_source(&status.versions, n, source)
-        && found.fingerprint.as_str() != recorded
+        && !found.fingerprint.matches(recorded)
     {
         return Err(Error::config(
             Reason::RollbackVersionMismatch,
@@ -421,7 +421,7 @@ fn choose_content(
     // After a switch the current version is read from the store it was written to.
     let (current, origin) = match (g.carried.take(), last) {
         (Some(Some(kept)), Some(last)) => {
-            if kept.fingerprint.as_str() != last.fingerprint {
+            if !kept.fingerprint.matches(&last.fingerprint) {
                 return Err(Error::config(
                     Reason::VersionMismatch,
                     format!(
@@ -513,12 +513,16 @@ fn sync(
     if let Some(template) = &ms.spec.target.template {
         content::apply_template(&mut rendered, template, &chosen.value.data)?;
     }
-    let fp = chosen.value.fingerprint.clone();
-    let decision = decide_version(status.versions.last(), chosen.current_stamp.as_ref(), &fp);
+    let (decision, fp) = decide_version(
+        status.versions.last(),
+        chosen.current_stamp.as_ref(),
+        &chosen.value.fingerprint,
+    );
     let version = decision.version();
     let stamp = VersionStamp {
         version,
         fingerprint: fp.clone(),
+        owner: g.owner.clone(),
     };
     // A version kept in the previous store stays there: the new source waits for the next.
     let kept_in = kept_in.filter(|_| matches!(decision, VersionDecision::Unchanged(_)));
@@ -528,9 +532,14 @@ fn sync(
     };
     let source_action = match kept_in {
         // Kept elsewhere, or a shared path (read only: never stamped or written).
-        _ if !g.access.may_write() => StoreAction::InSync,
+        _ if !g.writes => StoreAction::InSync,
         Some(_) => StoreAction::InSync,
-        None => store_action(g.source.as_ref().map(observed).as_ref(), version, &fp),
+        None => store_action(
+            g.source.as_ref().map(observed).as_ref(),
+            version,
+            &fp,
+            g.owner.as_ref(),
+        ),
     };
     let source = SourceStep {
         store: g.profile.spec.source.clone(),
@@ -543,7 +552,12 @@ fn sync(
         .into_iter()
         .map(|(store, seen)| match seen {
             Err(error) => TargetStep::Unreadable { store, error },
-            Ok(seen) => match store_action(seen.as_ref().map(observed).as_ref(), version, &fp) {
+            Ok(seen) => match store_action(
+                seen.as_ref().map(observed).as_ref(),
+                version,
+                &fp,
+                g.owner.as_ref(),
+            ) {
                 StoreAction::InSync => TargetStep::InSync { store },
                 action => TargetStep::Write { store, action },
             },

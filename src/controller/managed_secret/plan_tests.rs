@@ -13,11 +13,10 @@ use crate::api::{
 };
 use crate::backend::VersionStamp;
 use crate::controller::migration;
-use crate::crypto::{Fingerprint, Fingerprinter};
+use crate::crypto::{ContentFingerprint, Fingerprint, Fingerprinter};
 use crate::error::Error;
 use crate::profiles::Via;
 use crate::secret_data::SecretData;
-use crate::tenancy::Access;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use std::sync::Arc;
@@ -54,8 +53,12 @@ fn profile(spec: serde_json::Value) -> Arc<VaultProfile> {
     )
 }
 
+fn content(data: &SecretData) -> ContentFingerprint {
+    Fingerprinter::new(zeroize::Zeroizing::new([3; 32])).content("ns", "password", data)
+}
+
 fn fp(data: &SecretData) -> Fingerprint {
-    Fingerprinter::new(zeroize::Zeroizing::new([3; 32])).fingerprint("password", data)
+    content(data).current().clone()
 }
 
 fn password(p: &str) -> SecretData {
@@ -67,11 +70,12 @@ fn password(p: &str) -> SecretData {
 /// A value as a store holds it, stamped with `version` when keyhaven wrote it.
 fn held(p: &str, version: Option<u64>) -> Read {
     let data = password(p);
-    let fingerprint = fp(&data);
+    let fingerprint = content(&data);
     Read {
         stamp: version.map(|v| VersionStamp {
             version: v,
-            fingerprint: fingerprint.clone(),
+            fingerprint: fingerprint.current().clone(),
+            owner: None,
         }),
         store_version: version,
         fingerprint,
@@ -96,7 +100,8 @@ fn gathered(profile: Arc<VaultProfile>, source: Option<Read>) -> Gathered {
     Gathered {
         profile,
         via: Via::Spec,
-        access: Access::Own,
+        writes: true,
+        owner: None,
         migration: None,
         source,
         carried: None,
@@ -367,6 +372,7 @@ fn a_migration_moves_first_or_reports_its_failure_and_syncs_on() {
     };
     let mut g = gathered(migrating.clone(), None);
     g.migration = Some(Ok(migration::Observed {
+        owner: None,
         from: "old".into(),
         to: "src".into(),
         versions: vec![],
@@ -590,7 +596,7 @@ fn a_shared_path_is_read_and_never_written() {
         profile(serde_json::json!({"syncTargets": ["dr"]})),
         Some(held("pw", None)),
     );
-    g.access = Access::SharedRead;
+    g.writes = false;
     let p = sync_plan(&ms, observe(Default::default(), g));
     assert_eq!(
         p.decision,
@@ -635,4 +641,34 @@ fn only_a_plan_that_acts_on_history_needs_the_stored_status() {
         plan(&ms, obs).decides_on_history(),
         "a failure must not drop a version"
     );
+}
+
+#[test]
+fn a_writer_records_itself_as_the_owner_of_a_path_in_sync() {
+    let ms = ms(serde_json::json!({}));
+    let status = {
+        let p = first_sync(&ms);
+        report(&ms, &p, &done(&p)).status
+    };
+    let me = crate::backend::Owner {
+        namespace: "ns".into(),
+        name: "db".into(),
+        uid: "u1".into(),
+    };
+    // Version 1 in the source, stamped before owners were recorded.
+    let mut g = gathered(profile(serde_json::json!({})), Some(held("pw", Some(1))));
+    g.native = Some(native(&ms, "pw", 1));
+    g.owner = Some(me.clone());
+    let p = sync_plan(&ms, observe(status.clone(), g));
+    assert_eq!(p.decision, VersionDecision::Unchanged(1));
+    assert!(p.source.write, "the stamp is written again, with the owner");
+    assert_eq!(p.stamp.owner.as_ref(), Some(&me));
+    assert!(p.record.is_none(), "no new version");
+    // Once it records the owner, the path is in sync.
+    let mut owned = held("pw", Some(1));
+    owned.stamp.as_mut().unwrap().owner = Some(me.clone());
+    let mut g = gathered(profile(serde_json::json!({})), Some(owned));
+    g.native = Some(native(&ms, "pw", 1));
+    g.owner = Some(me);
+    assert!(!sync_plan(&ms, observe(status, g)).source.write);
 }

@@ -222,7 +222,7 @@ fn sync_notes(plan: &SyncPlan, outcome: &Outcome, status: &ManagedSecretStatus) 
 /// "fingerprint 1a2b…, store s" of the version recorded.
 fn short(plan: &SyncPlan) -> String {
     plan.record.as_ref().map_or_else(String::new, |r| {
-        let fp = r.fingerprint.trim_start_matches("hmac-sha256:");
+        let fp = crate::crypto::Fingerprint::digest(&r.fingerprint);
         format!(
             "fingerprint {}…, store {}",
             &fp[..fp.len().min(12)],

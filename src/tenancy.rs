@@ -180,16 +180,6 @@ pub fn ownership(
     }
 }
 
-/// Whether another live ManagedSecret than `me` owns the path (a reader then writes
-/// nothing: the owner keeps the stores).
-pub fn owned_elsewhere(
-    me: &Owner,
-    recorded: Option<&Owner>,
-    alive: impl Fn(&Owner) -> bool,
-) -> bool {
-    recorded.is_some_and(|o| o.uid != me.uid && alive(o))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -383,8 +373,5 @@ mod tests {
         assert!(refused.message.contains("a/db"));
         // Once the first is gone (no live object with its uid), the path is free.
         assert!(ownership("s", "a/db", &me, Some(&first), |_| false).is_ok());
-        assert!(owned_elsewhere(&me, Some(&first), alive));
-        assert!(!owned_elsewhere(&me, Some(&me), alive));
-        assert!(!owned_elsewhere(&me, None, alive));
     }
 }

@@ -2,7 +2,8 @@
 //! as the chart's ServiceAccount, watching every namespace) and people acting through
 //! `kubectl --as` under the chart's roles: tenant A's developer tries every way to read,
 //! overwrite, roll back, migrate, issue from or delete tenant B's secrets in a store both use
-//! (the bed's OpenBao), and B's value, versions and native Secret come out byte-identical.
+//! (the bed's OpenBao; a kubernetes store over B's namespace), and B's value, versions and
+//! native Secret come out byte-identical.
 //! Also: one path has one writer (PathOwnedElsewhere), fingerprints of one value differ
 //! across namespaces, a path shared read-only with A syncs and refuses A's push, the viewer
 //! reads no Secret; and (second test) a profile maps the space elsewhere or disables it.
@@ -306,6 +307,39 @@ async fn tenants_under_the_chart_reach_only_their_own_secret_space() {
     apply_as(&a_dev, &managed(&fx, &a, "intermediate", intermediate));
     fx.wait_not_ready("intermediate", "IntermediateCANotAllowed")
         .await;
+    // A kubernetes store over B's namespace touches only Secrets with its labels: a Secret of
+    // B's at the name A's path maps to is neither read nor written; a store over the
+    // operator's namespace (its keys) is Invalid.
+    let kb = fx
+        .store("kb", json!({"kubernetes": {"namespace": b}}))
+        .await;
+    let kprof = fx.profile("kprof", &kb, &[]).await;
+    let a_db = format!("{a}/db");
+    let b_plain = format!("{a}.db");
+    fx.secret(&b, &b_plain, &[("password", "b-plain-e2e-tenancy")])
+        .await;
+    let k_read = spec(&kprof, "password", Some(&a_db), json!({"fromStore": {}}));
+    apply_as(&a_dev, &managed(&fx, &a, "k-read", k_read));
+    fx.wait_not_ready("k-read", "NotFoundInStore").await;
+    let k_write = spec(
+        &kprof,
+        "password",
+        Some(&a_db),
+        json!({"fromSecret": {"name": "mine"}}),
+    );
+    apply_as(&a_dev, &managed(&fx, &a, "k-write", k_write));
+    refused(&fx, "k-write", "PathOwnedElsewhere", &a_db).await;
+    assert_eq!(
+        fx.secret_data(&b, &b_plain).await.unwrap()["password"],
+        "b-plain-e2e-tenancy"
+    );
+    let kop = fx
+        .store("kop", json!({"kubernetes": {"namespace": op_ns}}))
+        .await;
+    fx.wait_store(&kop, "Invalid", Duration::from_secs(30), |s| {
+        s.phase.is_some_and(|p| p == "Invalid")
+    })
+    .await;
     // Kubernetes RBAC keeps A's developer away from B's objects and Secrets.
     for args in [
         vec!["delete", "managedsecret", "db", "-n", &b],

@@ -158,17 +158,11 @@ async fn gather(
         tenancy::issuance(&profile, generate).map_err(refused)?;
     }
     let me = owner_of(ms);
-    let alive = |o: &Owner| alive(ctx, o);
     // A writer of a path another live ManagedSecret owns is refused, in every store it
     // would write.
-    let owns = |store: &str, r: Option<&StoredVersion>| {
-        let recorded = r
-            .and_then(|r| r.stamp.as_ref())
-            .and_then(|s| s.owner.as_ref());
-        match reads_only {
-            true => Ok(()),
-            false => tenancy::ownership(store, &path, &me, recorded, alive).map_err(refused),
-        }
+    let owns = async |store: &str, r: Option<&StoredVersion>| match reads_only {
+        true => Ok(()),
+        false => ownership(ctx, store, &path, &me, r).await,
     };
     let namespace = ms.namespace().unwrap_or_default();
     let fingerprint = |data: &SecretData| {
@@ -184,15 +178,11 @@ async fn gather(
     };
     let migration = match profile.spec.migrate_from.as_deref() {
         Some(from) if migrate && access.may_write() && migration::pending(Some(status), from) => {
-            // Moving deletes from the old store: only what this ManagedSecret owns there.
-            // A reader too: moving deletes, which only the path's owner may.
+            // Moving deletes from the old store, which only the path's owner may (a
+            // reader's migration is checked too).
             let old = ctx.backend(from).await?;
             let held = old.read(&path, None).await?;
-            let recorded = held
-                .as_ref()
-                .and_then(|r| r.stamp.as_ref())
-                .and_then(|s| s.owner.as_ref());
-            tenancy::ownership(from, &path, &me, recorded, alive).map_err(refused)?;
+            ownership(ctx, from, &path, &me, held.as_ref()).await?;
             let observed =
                 observe_migration(ctx, &path, status, from, &profile.spec.source, &fingerprint)
                     .await
@@ -207,13 +197,13 @@ async fn gather(
     let source_name = profile.spec.source.as_str();
     let source = ctx.backend(source_name).await?;
     let current = source.read(&path, None).await?;
-    owns(source_name, current.as_ref())?;
-    let source_owner = current
-        .as_ref()
-        .and_then(|c| c.stamp.as_ref())
-        .and_then(|s| s.owner.as_ref());
-    let writes =
-        access.may_write() && !(reads_only && tenancy::owned_elsewhere(&me, source_owner, alive));
+    owns(source_name, current.as_ref()).await?;
+    // A reader of a path with a live owner writes nothing: the owner keeps the stores.
+    let writes = access.may_write()
+        && !(reads_only
+            && ownership(ctx, source_name, &path, &me, current.as_ref())
+                .await
+                .is_err());
     let current = current.map(read);
     let carried = match status.versions.last() {
         Some(last) if plan::reads_carried(source_name, current.as_ref(), last) => {
@@ -245,7 +235,7 @@ async fn gather(
             Err(e) => Err(e),
         };
         if let Ok(seen) = &seen {
-            owns(target, seen.as_ref())?;
+            owns(target, seen.as_ref()).await?;
         }
         targets.push((target.clone(), seen.map(|v| v.map(read))));
     }
@@ -344,13 +334,40 @@ pub fn owner_of(ms: &ManagedSecret) -> Owner {
     }
 }
 
-/// Whether the ManagedSecret `owner` names still exists (the cache holds one of that uid).
-fn alive(ctx: &Context, owner: &Owner) -> bool {
+/// Whether `me` may write `path` in `store`, given what the store read `r` records as the
+/// path's owner ([`tenancy::ownership`]).
+async fn ownership(
+    ctx: &Context,
+    store: &str,
+    path: &str,
+    me: &Owner,
+    r: Option<&StoredVersion>,
+) -> Result<()> {
+    let recorded = r
+        .and_then(|r| r.stamp.as_ref())
+        .and_then(|s| s.owner.as_ref());
+    let live = match recorded {
+        Some(o) if o.uid != me.uid => alive(ctx, o).await,
+        _ => false,
+    };
+    tenancy::ownership(store, path, me, recorded, |_| live).map_err(refused)
+}
+
+/// Whether the ManagedSecret `owner` names still exists with its uid: the cache says so, or
+/// (not cached: another operator's namespace or selector) the API server does. When neither
+/// can tell, it counts as alive: the path stays refused.
+async fn alive(ctx: &Context, owner: &Owner) -> bool {
     let key = kube::runtime::reflector::ObjectRef::new(&owner.name).within(&owner.namespace);
-    ctx.caches
-        .managed
-        .get(&key)
-        .is_some_and(|m| m.uid().as_deref() == Some(owner.uid.as_str()))
+    if let Some(cached) = ctx.caches.managed.get(&key) {
+        return cached.uid().as_deref() == Some(owner.uid.as_str());
+    }
+    match Api::<ManagedSecret>::namespaced(ctx.client.clone(), &owner.namespace)
+        .get_opt(&owner.name)
+        .await
+    {
+        Ok(found) => found.is_some_and(|m| m.uid().as_deref() == Some(owner.uid.as_str())),
+        Err(_) => true,
+    }
 }
 
 /// A secret-space refusal as the sync's error.

@@ -7,6 +7,8 @@
 
 mod apply;
 pub mod decide;
+#[cfg(test)]
+mod decide_tests;
 mod native;
 mod observe;
 mod plan;

@@ -17,6 +17,12 @@ pub const OWNER_ANNOTATION: &str = "keyhaven.io/owner";
 // ManagedSecrets and the workloads that consume them.
 /// Any new value of this annotation on a generated ManagedSecret rotates it now.
 pub const ROTATE_ANNOTATION: &str = "keyhaven.io/rotate";
+/// Who asked for a ManagedSecret's current spec (or rotate request): the username the
+/// admission webhook saw, written by the webhook on every create and change (whatever the
+/// user wrote there); versions record it as `createdBy`.
+pub const REQUESTED_BY_ANNOTATION: &str = "keyhaven.io/requested-by";
+/// The groups of the user in [`REQUESTED_BY_ANNOTATION`], comma-separated.
+pub const REQUESTED_GROUPS_ANNOTATION: &str = "keyhaven.io/requested-groups";
 /// Set on the pod template of each rolloutRestartTarget when the native Secret changes.
 pub const RESTARTED_AT_ANNOTATION: &str = "keyhaven.io/restartedAt";
 /// The finalizer that lets keyhaven apply a ManagedSecret's target deletionPolicy.

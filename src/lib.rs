@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod profiles;
 pub mod secret_data;
 pub mod tenancy;
+pub mod webhook;
 
 /// Selects rustls' crypto provider for the process (ring). Some dependencies enable a
 /// second provider, and rustls then refuses to choose; call this before any TLS client is

@@ -78,6 +78,21 @@ struct RunArgs {
     /// Where /metrics, /healthz and /readyz listen (port 0: any free port, logged).
     #[arg(long, env = "KEYHAVEN_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
+    /// Serve the admission webhook (TLS) here, e.g. 0.0.0.0:9443. Unset: no webhook.
+    #[arg(long, env = "KEYHAVEN_WEBHOOK_ADDR")]
+    webhook_addr: Option<SocketAddr>,
+    /// The Service the API server reaches the webhook through (its DNS names go in the
+    /// serving certificate).
+    #[arg(long, env = "KEYHAVEN_WEBHOOK_SERVICE")]
+    webhook_service: Option<String>,
+    /// More names or IP addresses for the serving certificate (comma-separated), e.g.
+    /// 127.0.0.1 when the API server calls the webhook by URL.
+    #[arg(long, env = "KEYHAVEN_WEBHOOK_HOSTS", value_delimiter = ',')]
+    webhook_hosts: Vec<String>,
+    /// The Validating- and MutatingWebhookConfiguration whose caBundle keyhaven keeps
+    /// current (unset: someone else does, e.g. cert-manager's CA injector).
+    #[arg(long, env = "KEYHAVEN_WEBHOOK_CONFIG_NAME")]
+    webhook_config_name: Option<String>,
     /// Elect a leader on a Lease before reconciling (for more than one replica).
     #[arg(long, env = "KEYHAVEN_LEADER_ELECT", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     leader_elect: bool,
@@ -154,6 +169,26 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     .await?;
 
     let client = kube::Client::try_default().await?;
+    // The webhook serves on every replica, leader or not, until the very end.
+    let (webhook_stop_tx, webhook_stop) = tokio::sync::oneshot::channel::<()>();
+    let webhook = match args.webhook_addr {
+        Some(addr) => {
+            // Its certificate Secret lives in the operator's namespace.
+            keyhaven::controller::ensure_namespace(&client, &args.namespace).await?;
+            let config = keyhaven::webhook::WebhookConfig {
+                addr,
+                namespace: args.namespace.clone(),
+                service: args.webhook_service.clone(),
+                hosts: args.webhook_hosts.clone(),
+                config_name: args.webhook_config_name.clone(),
+            };
+            let stop = async {
+                let _ = webhook_stop.await;
+            };
+            Some(keyhaven::webhook::serve(config, client.clone(), stop).await?)
+        }
+        None => None,
+    };
     let leader_election = args.leader_elect.then(|| LeaderElection {
         lease_name: args.leader_election_lease.clone(),
         namespace: args
@@ -184,6 +219,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         leader_election,
     };
     let stopped = controller::run(client, config, runtime).await;
+    let _ = webhook_stop_tx.send(());
+    if let Some(webhook) = webhook {
+        let _ = webhook.await;
+    }
     let _ = server_stop_tx.send(());
     let _ = server.await;
     match stopped? {

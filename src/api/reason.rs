@@ -40,6 +40,8 @@ named_enum! {
         PathReserved,
         // Ownership: another ManagedSecret writes the path.
         PathOwnedElsewhere,
+        // The admission webhook: its certificate could not be issued.
+        WebhookCertificateFailed,
         IntermediateCANotAllowed,
         IsolationEnforced,
         IsolationDisabled,

@@ -5,7 +5,7 @@
 // duplicated attribute.
 #![allow(clippy::duplicated_attributes)]
 
-use super::common::{conditions_schema, named_enum};
+use super::common::{DURATION_PATTERN, conditions_schema, named_enum};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -103,6 +103,24 @@ pub struct VaultProfileSpec {
         skip_serializing_if = "std::ops::Not::not"
     )]
     pub allow_intermediate_cas: bool,
+    /// Lower minimums than the admission webhook's defaults for the ManagedSecrets under
+    /// this profile (a test or a fast-rotating environment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<ProfileLimits>,
+}
+
+/// Minimums the admission webhook holds the ManagedSecrets of a profile to.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ProfileLimits {
+    /// The shortest `refreshInterval` (Go duration; default 10s, at least 1s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
+    pub min_refresh_interval: Option<String>,
+    /// The shortest `rotation.interval` (Go duration; default 1h, at least 1m).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
+    pub min_rotation_interval: Option<String>,
 }
 
 /// A namespace's secret space in a profile's stores.

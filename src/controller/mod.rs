@@ -108,7 +108,7 @@ pub async fn run(client: Client, config: Config, rt: Runtime) -> Result<Stopped>
 }
 
 /// Creates the operator's namespace when it is missing (out-of-cluster runs).
-async fn ensure_namespace(client: &Client, name: &str) -> Result<()> {
+pub async fn ensure_namespace(client: &Client, name: &str) -> Result<()> {
     let api: Api<Namespace> = Api::all(client.clone());
     let object = format!("Namespace {name}");
     let existing = match api.get_opt(name).await {

@@ -18,7 +18,7 @@ use crate::backend::VersionStamp;
 use crate::content;
 use crate::controller::migration;
 use crate::error::Error;
-use crate::labels::ROTATE_ANNOTATION;
+use crate::labels::{REQUESTED_BY_ANNOTATION, ROTATE_ANNOTATION};
 use crate::profiles::Via;
 use crate::secret_data::SecretData;
 use k8s_openapi::api::core::v1::Secret;
@@ -207,8 +207,21 @@ pub fn generate_decision(
     decide_generate(stored, &rotation_input(ms, status), now)
 }
 
-/// Who changed the ManagedSecret's spec last: the field manager of its newest non-status update.
-pub fn author(ms: &ManagedSecret) -> String {
+/// Who a version is recorded as created by: `system:keyhaven` for what keyhaven does on
+/// its own (a scheduled rotation, a refresh that found new content), else who asked for
+/// the ManagedSecret's current spec or rotate request — the user the admission webhook
+/// recorded, or, on a cluster without the webhook, the field manager of the newest spec
+/// change (unverified: any client names its own).
+pub fn author(ms: &ManagedSecret, status: &ManagedSecretStatus) -> String {
+    let asked = status.versions.is_empty()
+        || status.observed_generation != ms.metadata.generation
+        || ms.annotations().get(ROTATE_ANNOTATION) != status.rotate_request.as_ref();
+    if !asked {
+        return SYSTEM_AUTHOR.into();
+    }
+    if let Some(user) = ms.annotations().get(REQUESTED_BY_ANNOTATION) {
+        return user.clone();
+    }
     ms.metadata
         .managed_fields
         .iter()
@@ -216,8 +229,11 @@ pub fn author(ms: &ManagedSecret) -> String {
         .filter(|f| f.subresource.is_none() && f.manager.as_deref() != Some("keyhaven"))
         .max_by_key(|f| f.time.as_ref().map(|t| t.0))
         .and_then(|f| f.manager.clone())
-        .unwrap_or_else(|| "keyhaven".into())
+        .unwrap_or_else(|| SYSTEM_AUTHOR.into())
 }
+
+/// `createdBy` of the versions keyhaven makes on its own.
+pub const SYSTEM_AUTHOR: &str = "system:keyhaven";
 
 /// Whether `reason` says the ManagedSecret's profile cannot be resolved.
 fn is_resolution(reason: Reason) -> bool {
@@ -326,6 +342,7 @@ fn native_step(
 /// The record of a version made or adopted now.
 fn version_record(
     ms: &ManagedSecret,
+    status: &ManagedSecretStatus,
     stamp: &VersionStamp,
     store: &str,
     chosen: &Chosen,
@@ -340,7 +357,7 @@ fn version_record(
         fingerprint: stamp.fingerprint.to_string(),
         store: store.to_owned(),
         created_at: Time(now),
-        created_by: author(ms),
+        created_by: author(ms, status),
         reason: Some(reason),
         store_version: None,
         moved_from: None,
@@ -574,7 +591,7 @@ fn sync(
         decision,
         VersionDecision::New(_) | VersionDecision::Adopt(_)
     )
-    .then(|| version_record(ms, &stamp, &source.store, &chosen, now));
+    .then(|| version_record(ms, status, &stamp, &source.store, &chosen, now));
     let next_rotation = next_rotation_of(ms, status, record.as_ref(), now);
     Ok(Box::new(SyncPlan {
         now,

@@ -164,7 +164,10 @@ fn a_first_value_is_version_one_written_everywhere() {
     assert!(p.native.apply.is_some());
     let record = p.record.as_ref().unwrap();
     assert_eq!(record.reason.as_deref(), Some("read from store src"));
-    assert_eq!(record.created_by, "keyhaven", "no field manager recorded");
+    assert_eq!(
+        record.created_by, "system:keyhaven",
+        "no requester recorded"
+    );
     let r = report(&ms, &p, &done(&p));
     assert_eq!(r.status.phase, Some(ManagedSecretPhase::Synced));
     assert_eq!(r.status.current_version, Some(1));
@@ -578,7 +581,7 @@ fn a_refresh_yields_to_new_secrets_only_when_settled() {
 }
 
 #[test]
-fn the_author_is_the_newest_spec_writer_other_than_keyhaven() {
+fn the_author_is_the_requester_or_keyhaven_for_its_own_work() {
     let mut m = ms(serde_json::json!({}));
     m.metadata.managed_fields = Some(serde_json::from_value(serde_json::json!([
         {"manager": "kubectl", "operation": "Update", "time": "2026-11-01T00:00:00Z"},
@@ -586,7 +589,26 @@ fn the_author_is_the_newest_spec_writer_other_than_keyhaven() {
         {"manager": "keyhaven", "operation": "Apply", "time": "2026-11-03T00:00:00Z"},
         {"manager": "status-writer", "operation": "Apply", "time": "2026-11-04T00:00:00Z", "subresource": "status"},
     ])).unwrap());
-    assert_eq!(author(&m), "argocd");
+    let first = ManagedSecretStatus::default();
+    assert_eq!(
+        author(&m, &first),
+        "argocd",
+        "no webhook: the field manager"
+    );
+    // The webhook's record wins.
+    m.metadata.annotations =
+        Some([("keyhaven.io/requested-by".to_owned(), "alice".to_owned())].into());
+    assert_eq!(author(&m, &first), "alice");
+    // A refresh or scheduled rotation with nothing asked since the last sync: keyhaven's.
+    let synced = ManagedSecretStatus {
+        versions: vec![record(1, "pw", "vault")],
+        observed_generation: m.metadata.generation,
+        ..Default::default()
+    };
+    assert_eq!(author(&m, &synced), "system:keyhaven");
+    // A spec change since: the requester again.
+    m.metadata.generation = Some(m.metadata.generation.unwrap_or(1) + 1);
+    assert_eq!(author(&m, &synced), "alice");
 }
 
 #[test]

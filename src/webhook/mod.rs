@@ -1,0 +1,301 @@
+//! The admission webhook `keyhaven run --webhook-addr` serves over TLS: `/mutate` records
+//! who asked for each ManagedSecret change ([`identity`]), `/validate` refuses what the CRD
+//! schema and CEL cannot ([`validate`]). Every replica serves it (leader or not), with the
+//! certificate [`certs`] keeps in the operator's namespace. It is registered for keyhaven's
+//! own kinds only, so a keyhaven outage never blocks Secrets, Namespaces or workloads.
+
+pub mod certs;
+pub mod identity;
+pub mod validate;
+
+use crate::api::ManagedSecret;
+use crate::profiles::NamespaceInfo;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::routing::post;
+use axum::{Json, Router};
+use axum_server::tls_rustls::RustlsConfig;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::ListParams;
+use kube::core::DynamicObject;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use kube::{Api, Client, ResourceExt};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// How the webhook is served.
+#[derive(Clone, Debug)]
+pub struct WebhookConfig {
+    pub addr: SocketAddr,
+    /// The operator's namespace: its certificate Secret lives there.
+    pub namespace: String,
+    /// The Service the API server calls it through (its DNS names go in the certificate).
+    pub service: Option<String>,
+    /// Further names or addresses for the certificate (e.g. 127.0.0.1 when called by URL).
+    pub hosts: Vec<String>,
+    /// The Validating/MutatingWebhookConfiguration whose `caBundle` keyhaven keeps current.
+    pub config_name: Option<String>,
+}
+
+/// How often the certificate and the configurations' `caBundle` are checked.
+const CHECK_EVERY: Duration = Duration::from_secs(10);
+/// The largest AdmissionReview accepted (an object is at most ~1.5 MiB, old and new).
+const MAX_REVIEW_BYTES: usize = 8 * 1024 * 1024;
+
+struct Shared {
+    client: Client,
+}
+
+/// Starts the webhook: issues or loads its certificate, patches the `caBundle`, serves until
+/// `shutdown`, and renews the certificate in place as it nears expiry.
+pub async fn serve(
+    config: WebhookConfig,
+    client: Client,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> crate::error::Result<tokio::task::JoinHandle<()>> {
+    let subject = certs::Subject::new(config.service.as_deref(), &config.namespace, &config.hosts);
+    let stored = certs::ensure(&client, &config.namespace, &subject).await?;
+    let tls = RustlsConfig::from_pem(
+        stored.cert.clone().into_bytes(),
+        stored.key.as_bytes().to_vec(),
+    )
+    .await
+    .map_err(|e| tls_error(format!("loading the serving certificate: {e}")))?;
+    if let Some(name) = &config.config_name
+        && let Err(e) = certs::patch_ca_bundles(&client, name, &stored.ca_bundle).await
+    {
+        warn!(error = %e, "webhook: could not patch caBundle yet; retrying");
+    }
+    let app = Router::new()
+        .route("/mutate", post(mutate))
+        .route("/validate", post(validate))
+        .layer(DefaultBodyLimit::max(MAX_REVIEW_BYTES))
+        .with_state(Arc::new(Shared {
+            client: client.clone(),
+        }));
+    let handle = axum_server::Handle::new();
+    let server = axum_server::bind_rustls(config.addr, tls.clone()).handle(handle.clone());
+    let addr = config.addr;
+    let serving = tokio::spawn(async move {
+        if let Err(e) = server.serve(app.into_make_service()).await {
+            warn!(error = %e, %addr, "webhook server stopped");
+        }
+    });
+    let renewing = tokio::spawn(keep_current(config.clone(), client, tls, stored));
+    let stop = handle.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        renewing.abort();
+        stop.graceful_shutdown(Some(Duration::from_secs(5)));
+    });
+    // Log the bound address (an ephemeral port in tests).
+    if let Some(bound) = handle.listening().await {
+        info!(addr = %bound, "admission webhook listening");
+    }
+    Ok(serving)
+}
+
+fn tls_error(message: String) -> crate::error::Error {
+    crate::error::Error::config(crate::api::Reason::WebhookCertificateFailed, message)
+}
+
+/// Renews the certificate when due (reloaded into the listener in place) and keeps the
+/// configurations' `caBundle` current (a re-applied configuration has an empty one).
+async fn keep_current(
+    config: WebhookConfig,
+    client: Client,
+    tls: RustlsConfig,
+    mut current: certs::Stored,
+) {
+    let subject = certs::Subject::new(config.service.as_deref(), &config.namespace, &config.hosts);
+    loop {
+        tokio::time::sleep(CHECK_EVERY).await;
+        match certs::ensure(&client, &config.namespace, &subject).await {
+            Ok(stored) if stored != current => {
+                match tls
+                    .reload_from_pem(
+                        stored.cert.clone().into_bytes(),
+                        stored.key.as_bytes().to_vec(),
+                    )
+                    .await
+                {
+                    Ok(()) => {
+                        info!("webhook: serving certificate reloaded");
+                        current = stored;
+                    }
+                    Err(e) => warn!(error = %e, "webhook: reloading the certificate failed"),
+                }
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "webhook: checking the certificate failed"),
+        }
+        if let Some(name) = &config.config_name
+            && let Err(e) = certs::patch_ca_bundles(&client, name, &current.ca_bundle).await
+        {
+            warn!(error = %e, "webhook: patching caBundle failed");
+        }
+    }
+}
+
+/// The request of a review, or the response refusing an unreadable one.
+fn request(
+    review: AdmissionReview<DynamicObject>,
+) -> Result<AdmissionRequest<DynamicObject>, Box<AdmissionResponse>> {
+    review.try_into().map_err(|e| {
+        Box::new(AdmissionResponse::invalid(format!(
+            "malformed AdmissionReview: {e}"
+        )))
+    })
+}
+
+/// The object of a request as JSON.
+fn json_of(object: &Option<DynamicObject>) -> Option<serde_json::Value> {
+    object.as_ref().and_then(|o| serde_json::to_value(o).ok())
+}
+
+/// `object` as a ManagedSecret, or what is wrong with it (the field path first).
+fn managed(object: &serde_json::Value) -> Result<ManagedSecret, String> {
+    serde_path_to_error::deserialize(object).map_err(|e| format!("{}: {}", e.path(), e.inner()))
+}
+
+fn is_managed_secret(req: &AdmissionRequest<DynamicObject>) -> bool {
+    req.kind.group == "keyhaven.io" && req.kind.kind == "ManagedSecret"
+}
+
+async fn mutate(
+    State(_shared): State<Arc<Shared>>,
+    Json(review): Json<AdmissionReview<DynamicObject>>,
+) -> Json<AdmissionReview<DynamicObject>> {
+    let req = match request(review) {
+        Ok(r) => r,
+        Err(resp) => return Json(resp.into_review()),
+    };
+    let resp = AdmissionResponse::from(&req);
+    let (Some(new), true) = (json_of(&req.object), is_managed_secret(&req)) else {
+        return Json(resp.into_review());
+    };
+    if !matches!(req.operation, Operation::Create | Operation::Update) {
+        return Json(resp.into_review());
+    }
+    let old = json_of(&req.old_object);
+    let stamped = identity::stamp(new.clone(), old.as_ref(), &req.user_info);
+    let patch = json_patch::diff(&new, &stamped);
+    let resp = match resp.clone().with_patch(patch) {
+        Ok(r) => r,
+        Err(e) => resp.deny(format!("keyhaven webhook: {e}")),
+    };
+    Json(resp.into_review())
+}
+
+async fn validate(
+    State(shared): State<Arc<Shared>>,
+    Json(review): Json<AdmissionReview<DynamicObject>>,
+) -> Json<AdmissionReview<DynamicObject>> {
+    let req = match request(review) {
+        Ok(r) => r,
+        Err(resp) => return Json(resp.into_review()),
+    };
+    let resp = AdmissionResponse::from(&req);
+    let resp = match (is_managed_secret(&req), json_of(&req.object)) {
+        (true, Some(new)) => {
+            let old = json_of(&req.old_object);
+            check_managed(&shared.client, &req, &new, old.as_ref(), resp).await
+        }
+        _ => resp,
+    };
+    Json(resp.into_review())
+}
+
+/// A ManagedSecret create, or an update that asks for something; other updates (the
+/// operator's finalizer, labels) and deletions pass, so a deletion never gets stuck on a
+/// profile deleted meanwhile.
+async fn check_managed(
+    client: &Client,
+    req: &AdmissionRequest<DynamicObject>,
+    new: &serde_json::Value,
+    old: Option<&serde_json::Value>,
+    resp: AdmissionResponse,
+) -> AdmissionResponse {
+    let deleting = new
+        .get("metadata")
+        .and_then(|m| m.get("deletionTimestamp"))
+        .is_some_and(|t| !t.is_null());
+    if req.operation != Operation::Create && (deleting || !identity::is_request(new, old)) {
+        return resp;
+    }
+    let ms = match managed(new) {
+        Ok(ms) => ms,
+        Err(e) => return resp.deny(e),
+    };
+    let namespace = req
+        .namespace
+        .clone()
+        .or_else(|| ms.namespace())
+        .unwrap_or_default();
+    let facts = match gather(client, &namespace, &ms).await {
+        Ok(f) => f,
+        Err(e) => return resp.deny(format!("keyhaven could not check this ManagedSecret: {e}")),
+    };
+    let (ns, profiles, issuer) = facts;
+    let facts = validate::Facts {
+        namespace: &ns,
+        profiles: &profiles,
+        issuer: issuer.as_ref(),
+    };
+    let (refused, warnings) = validate::managed_secret(&ms, &facts);
+    let mut resp = resp;
+    if !warnings.is_empty() {
+        resp.warnings = Some(warnings);
+    }
+    match refused.is_empty() {
+        true => resp,
+        false => resp.deny(
+            refused
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; "),
+        ),
+    }
+}
+
+/// The namespace, the profiles, and the issuer a ManagedSecret is checked against.
+async fn gather(
+    client: &Client,
+    namespace: &str,
+    ms: &ManagedSecret,
+) -> Result<
+    (
+        NamespaceInfo,
+        Vec<crate::api::VaultProfile>,
+        Option<ManagedSecret>,
+    ),
+    kube::Error,
+> {
+    let found = Api::<Namespace>::all(client.clone()).get(namespace).await?;
+    let ns = NamespaceInfo {
+        name: namespace.to_owned(),
+        labels: found.labels().clone(),
+        annotations: found.annotations().clone(),
+    };
+    let profiles = Api::<crate::api::VaultProfile>::all(client.clone())
+        .list(&ListParams::default())
+        .await?
+        .items;
+    let issuer = match ms
+        .spec
+        .content
+        .generate
+        .as_ref()
+        .and_then(|g| g.issuer_ref.as_ref())
+    {
+        Some(r) => {
+            Api::<ManagedSecret>::namespaced(client.clone(), namespace)
+                .get_opt(&r.name)
+                .await?
+        }
+        None => None,
+    };
+    Ok((ns, profiles, issuer))
+}

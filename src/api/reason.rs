@@ -19,6 +19,8 @@ named_enum! {
         KekRotationStarted,
         KekRotationComplete,
         InvalidProvider,
+        /// A credential or CA ref naming a namespace the operator may not read them from.
+        CredentialNamespaceNotAllowed,
         // VaultProfile.
         StoresActive,
         StoresNotActive,

@@ -21,7 +21,7 @@ async fn openbao(fx: &Fixture, bed: &Testbed) -> String {
     fx.store(
         "bao",
         json!({"vault": {"server": bed.vault_addr, "mount": "secret", "version": "v2",
-            "requestTimeout": "5s",
+            "requestTimeout": "5s", "insecureHTTP": true,
             "auth": {"tokenSecretRef": {"name": "bao-token", "key": "token"}}}}),
     )
     .await
@@ -199,7 +199,7 @@ async fn a_tenant_reaches_only_its_own_secret_space() {
         .store(
             "kv1",
             json!({"vault": {"server": bed.vault_addr, "mount": "kv", "version": "v1",
-                "requestTimeout": "5s",
+                "requestTimeout": "5s", "insecureHTTP": true,
                 "auth": {"tokenSecretRef": {"name": "bao-token", "key": "token"}}}}),
         )
         .await;
@@ -261,7 +261,7 @@ async fn a_tenant_reaches_only_its_own_secret_space() {
         .store(
             "bao-again",
             json!({"vault": {"server": bed.vault_addr, "mount": "secret", "version": "v2",
-                "requestTimeout": "5s",
+                "requestTimeout": "5s", "insecureHTTP": true,
                 "auth": {"tokenSecretRef": {"name": "bao-token", "key": "token"}}}}),
         )
         .await;

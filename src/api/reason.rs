@@ -21,6 +21,8 @@ named_enum! {
         InvalidProvider,
         /// A credential or CA ref naming a namespace the operator may not read them from.
         CredentialNamespaceNotAllowed,
+        /// A vault store on a plaintext `http://` server (`Insecure=True`).
+        PlaintextHTTP,
         // VaultProfile.
         StoresActive,
         StoresNotActive,

@@ -2,6 +2,7 @@
 //! when a third of its lease is left, replaced when it can no longer be renewed, when
 //! `tokenRotate` says so, or when Vault stops accepting it; revoked on shutdown.
 
+use super::transport;
 use super::{classify, error_chain};
 use crate::api::{
     CaProvider, CaProviderType, SecretKeyRef, VaultAuth, VaultProvider, parse_duration,
@@ -76,6 +77,10 @@ impl Session {
             store: store.to_owned(),
             message,
         };
+        transport::check_scheme(spec).map_err(invalid)?;
+        if spec.is_plaintext() {
+            warn!(store, server = %spec.server, "insecureHTTP: talking to Vault in plaintext, token and values unencrypted");
+        }
         let duration = |field: &str, value: &Option<String>| {
             value
                 .as_deref()

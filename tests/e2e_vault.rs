@@ -1808,6 +1808,18 @@ async fn tls_server_is_verified_with_the_ca_provider() {
         )
         .await;
     }
+    // The CA bundle stays in the operator's memory: no file of the temp directory holds it.
+    let copies: Vec<PathBuf> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.metadata()
+                .is_ok_and(|m| m.is_file() && m.len() == ca.len() as u64)
+        })
+        .filter(|e| std::fs::read(e.path()).is_ok_and(|b| b == ca.as_bytes()))
+        .map(|e| e.path())
+        .collect();
+    assert!(copies.is_empty(), "the CA bundle was written to {copies:?}");
     let refused = wait_store(
         &fx,
         &untrusted,

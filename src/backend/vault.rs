@@ -10,7 +10,7 @@
 //! objects.
 //!
 //! One login per store ([`session`]) is shared by every operation; [`transport`] holds
-//! the server to https://.
+//! the server to https:// and builds the HTTP client (CA bundles in memory).
 
 mod session;
 mod transport;

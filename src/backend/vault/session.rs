@@ -2,7 +2,7 @@
 //! when a third of its lease is left, replaced when it can no longer be renewed, when
 //! `tokenRotate` says so, or when Vault stops accepting it; revoked on shutdown.
 
-use super::transport;
+use super::transport::{self, CaBundle};
 use super::{classify, error_chain};
 use crate::api::{
     CaProvider, CaProviderType, SecretKeyRef, VaultAuth, VaultProvider, parse_duration,
@@ -329,7 +329,16 @@ impl Session {
             .cloned()
     }
 
+    /// A client for the server holding `token`. Its HTTP client is keyhaven's own
+    /// ([`transport::http_client`]): vaultrs would read a CA bundle from a file only, and a
+    /// CA bundle is kept in memory, never written anywhere.
     async fn client_with_token(&self, token: &str) -> Result<VaultClient, BackendError> {
+        let ca = match &self.ca {
+            Some(ca) => Some(self.ca_bundle(ca).await?),
+            None => None,
+        };
+        let http = transport::http_client(&self.server, self.timeout, ca.as_ref())
+            .map_err(|e| self.invalid(e))?;
         let mut settings = VaultClientSettingsBuilder::default();
         settings
             .address(&self.server)
@@ -337,22 +346,21 @@ impl Session {
             .timeout(Some(self.timeout))
             .verify(true)
             .identity(None)
-            .ca_certs(match &self.ca {
-                Some(ca) => vec![self.ca_file(ca).await?],
-                None => Vec::new(),
-            });
+            .ca_certs(Vec::new());
         if let Some(ns) = &self.namespace {
             settings.set_namespace(ns.clone());
         }
         let settings = settings
             .build()
             .map_err(|e| self.invalid(format!("client settings: {e}")))?;
-        VaultClient::new(settings).map_err(|e| self.invalid(format!("client: {}", error_chain(&e))))
+        let mut client = VaultClient::new(settings)
+            .map_err(|e| self.invalid(format!("client: {}", error_chain(&e))))?;
+        client.http.http = http;
+        Ok(client)
     }
 
-    /// Writes the CA bundle to a file (vaultrs reads CAs from files), named by its hash.
-    async fn ca_file(&self, ca: &CaProvider) -> Result<String, BackendError> {
-        use sha2::{Digest, Sha256};
+    /// The CA bundle `ca` names, read from its Secret or ConfigMap.
+    async fn ca_bundle(&self, ca: &CaProvider) -> Result<CaBundle, BackendError> {
         let ns = ca
             .namespace
             .as_deref()
@@ -379,14 +387,7 @@ impl Session {
                     .ok_or_else(|| self.invalid(format!("{what}: no such key")))?
             }
         };
-        let file = std::env::temp_dir().join(format!(
-            "keyhaven-ca-{}.pem",
-            &hex::encode(Sha256::digest(&pem))[..16]
-        ));
-        tokio::fs::write(&file, &pem)
-            .await
-            .map_err(|e| self.invalid(format!("{what}: writing {}: {e}", file.display())))?;
-        Ok(file.display().to_string())
+        Ok(CaBundle { what, pem })
     }
 
     /// A key of a Secret, as text. Errors name the Secret and key, never the value.

@@ -791,6 +791,8 @@ async fn kubernetes_auth_logs_in_once_across_many_reconciles() {
             CreateKubernetesRoleRequest::builder()
                 .bound_service_account_names(vec!["keyhaven".to_owned()])
                 .bound_service_account_namespaces(vec![op_ns.clone()])
+                // keyhaven asks for tokens of audience `vault` when `audiences` is unset.
+                .audience("vault")
                 .token_policies(vec![policy.clone()])
                 .token_ttl("1h"),
         ),
@@ -880,12 +882,12 @@ async fn kubernetes_auth_logs_in_once_across_many_reconciles() {
     }
 
     // OpenBao checks the presented tokens for real (TokenReview on the bed's apiserver).
-    let token_of = |sa: &'static str, ns: String| {
+    let token_for = |sa: &'static str, ns: String, audiences: Vec<String>| {
         let client = fx.client.clone();
         async move {
             let req = TokenRequest {
                 spec: TokenRequestSpec {
-                    audiences: vec![],
+                    audiences,
                     expiration_seconds: Some(600),
                     ..Default::default()
                 },
@@ -900,6 +902,15 @@ async fn kubernetes_auth_logs_in_once_across_many_reconciles() {
                 .token
         }
     };
+    let token_of = |sa: &'static str, ns: String| token_for(sa, ns, vec!["vault".into()]);
+    // The bound ServiceAccount's token for the API server's own audience: refused.
+    let apiserver_audience = token_for("keyhaven", op_ns.clone(), vec![]).await;
+    assert!(
+        vaultrs::auth::kubernetes::login(&root, "kubernetes", &role, &apiserver_audience)
+            .await
+            .is_err(),
+        "a token not meant for Vault logged in to a role wanting audience vault"
+    );
     let intruder = token_of("intruder", op_ns.clone()).await;
     let refused = vaultrs::auth::kubernetes::login(&root, "kubernetes", &role, &intruder).await;
     assert!(

@@ -230,8 +230,11 @@ pub struct VaultKubernetesAuth {
     /// (`--service-account` in the operator's namespace).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account_ref: Option<ServiceAccountRef>,
-    /// Audiences of the requested token. Default: the API server's own audience.
+    /// Audiences of the requested token. Default: `[vault]`, so the token is of no use to
+    /// the API server or any other service; set it to what the Vault role's `audience`
+    /// expects.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
     pub audiences: Vec<String>,
 }
 

@@ -5,7 +5,8 @@
 use super::transport::{self, CaBundle};
 use super::{classify, error_chain};
 use crate::api::{
-    CaProvider, CaProviderType, SecretKeyRef, VaultAuth, VaultProvider, parse_duration,
+    CaProvider, CaProviderType, SecretKeyRef, VaultAuth, VaultKubernetesAuth, VaultProvider,
+    parse_duration,
 };
 use crate::backend::BackendError;
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
@@ -24,6 +25,18 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Lifetime asked for the ServiceAccount tokens presented to the kubernetes auth method:
 /// they are used once, at login.
 const SA_TOKEN_SECONDS: i64 = 600;
+/// The audience of those tokens unless the store's `audiences` names others: a token meant
+/// for Vault, which the API server itself and other services refuse.
+pub(super) const DEFAULT_AUDIENCE: &str = "vault";
+
+/// The audiences a kubernetes-auth login asks its ServiceAccount token for.
+pub(super) fn token_audiences(k: &VaultKubernetesAuth) -> Vec<String> {
+    if k.audiences.is_empty() {
+        vec![DEFAULT_AUDIENCE.to_owned()]
+    } else {
+        k.audiences.clone()
+    }
+}
 
 /// What a session needs from the operator: its Kubernetes client and identity.
 #[derive(Clone)]
@@ -411,10 +424,7 @@ impl Session {
     }
 
     /// A short-lived token of the ServiceAccount, from the TokenRequest API.
-    async fn service_account_token(
-        &self,
-        k: &crate::api::VaultKubernetesAuth,
-    ) -> Result<String, BackendError> {
+    async fn service_account_token(&self, k: &VaultKubernetesAuth) -> Result<String, BackendError> {
         let (name, ns) = match &k.service_account_ref {
             Some(r) => (
                 r.name.as_str(),
@@ -429,7 +439,7 @@ impl Session {
         };
         let request = TokenRequest {
             spec: TokenRequestSpec {
-                audiences: k.audiences.clone(),
+                audiences: token_audiences(k),
                 expiration_seconds: Some(SA_TOKEN_SECONDS),
                 bound_object_ref: None,
             },

@@ -1568,8 +1568,10 @@ async fn unreachable_and_bad_credentials_are_reported() {
                 "{store}: {part:?} not in {message:?}"
             );
         }
-        assert!(
-            store_condition(&refused, "Insecure").is_none(),
+        // Insecure follows the spec: the plaintext store is refused, not marked.
+        assert_eq!(
+            store_condition(&refused, "Insecure").is_some(),
+            store == &elsewhere,
             "{store}: {refused:?}"
         );
     }

@@ -3,7 +3,7 @@
 use clap::{Parser, Subcommand, ValueEnum};
 use keyhaven::api::{crd_file_name, crd_yaml, crds};
 use keyhaven::backend::ModuleAllowList;
-use keyhaven::controller::{self, Config, Runtime, Stopped};
+use keyhaven::controller::{self, Config, CredentialNamespaces, Runtime, Stopped};
 use keyhaven::http::{self, Probes};
 use keyhaven::leader::LeaderElection;
 use keyhaven::metrics::Metrics;
@@ -72,6 +72,16 @@ struct RunArgs {
         value_name = "PATHS"
     )]
     pkcs11_modules: Vec<String>,
+    /// Namespaces (comma-separated) besides --namespace that SecretStores may read
+    /// credentials and CA bundles from (tokenSecretRef, appRole refs, caProvider,
+    /// pinSecretRef, serviceAccountRef); a store naming another is Invalid. Default: none.
+    #[arg(
+        long,
+        env = "KEYHAVEN_CREDENTIAL_NAMESPACES",
+        value_delimiter = ',',
+        value_name = "NAMESPACES"
+    )]
+    credential_namespaces: Vec<String>,
     /// Log format.
     #[arg(long, env = "KEYHAVEN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -153,6 +163,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if !pkcs11_modules.modules().is_empty() {
         info!(modules = ?pkcs11_modules.modules(), "PKCS#11 modules pkcs11 stores may load");
     }
+    let credential_namespaces =
+        CredentialNamespaces::parse(&args.credential_namespaces).map_err(anyhow::Error::msg)?;
+    if !credential_namespaces.namespaces().is_empty() {
+        info!(namespaces = ?credential_namespaces.namespaces(), "namespaces stores may read credentials from besides the operator's");
+    }
     let metrics = Metrics::global();
     let probes = Arc::new(Probes::default());
     let (shutdown_tx, shutdown) = watch::channel(false);
@@ -211,6 +226,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         concurrency: args.concurrency,
         service_account: args.service_account,
         pkcs11_modules,
+        credential_namespaces,
     };
     let runtime = Runtime {
         metrics,

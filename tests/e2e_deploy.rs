@@ -369,6 +369,21 @@ fn chart_lints_and_manifests_are_the_rendered_chart() {
     for name in ["aggregate-to-", "platform-admin", "keyhaven-workloads"] {
         assert!(!off.contains(name), "{name} with the values off:\n{off}");
     }
+    // Credentials only from the release namespace unless listed; the list reaches the env.
+    assert!(!rendered.contains("KEYHAVEN_CREDENTIAL_NAMESPACES"));
+    let creds = run_helm(&[
+        "template",
+        "keyhaven",
+        chart,
+        "--set",
+        "credentialNamespaces={vault-creds,hsm-pins}",
+    ]);
+    assert!(
+        creds.contains(
+            "- name: KEYHAVEN_CREDENTIAL_NAMESPACES\n              value: \"vault-creds,hsm-pins\""
+        ),
+        "{creds}"
+    );
     // No PKCS#11 module is allowed unless listed; the list reaches the operator's env.
     assert!(!rendered.contains("KEYHAVEN_PKCS11_MODULES"));
     let hsm = run_helm(&[

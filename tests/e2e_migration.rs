@@ -337,7 +337,7 @@ async fn a_migration_of_500_secrets_to_openbao_survives_two_kills_and_loses_noth
         .store(
             "bao",
             json!({"vault": {"server": bed.vault_addr, "mount": mount, "version": "v2",
-                "auth": {"tokenSecretRef": {"name": "bao-token", "key": "token"}}}}),
+                "insecureHTTP": true, "auth": {"tokenSecretRef": {"name": "bao-token", "key": "token"}}}}),
         )
         .await;
     let profile = fx.profile("p", &internal, &[]).await;
@@ -615,7 +615,7 @@ async fn an_older_version_written_to_openbao_leaves_the_newer_one_current() {
     for (mount, version) in [("secret", "v2"), ("kv", "v1")] {
         let provider: keyhaven::api::VaultProvider = serde_json::from_value(json!({
             "server": bed.vault_addr, "mount": mount, "version": version,
-            "auth": {"tokenSecretRef": {"name": "bao-token", "key": "token"}}}))
+            "insecureHTTP": true, "auth": {"tokenSecretRef": {"name": "bao-token", "key": "token"}}}))
         .unwrap();
         let store = keyhaven::backend::VaultStore::new(
             "bao",

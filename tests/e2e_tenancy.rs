@@ -33,7 +33,7 @@ async fn openbao(fx: &Fixture, bed: &Testbed, name: &str, mount: &str, version: 
     fx.store(
         name,
         json!({"vault": {"server": bed.vault_addr, "mount": mount, "version": version,
-            "requestTimeout": "5s",
+            "insecureHTTP": true, "requestTimeout": "5s",
             "auth": {"tokenSecretRef": {"name": "bao-token", "key": "token"}}}}),
     )
     .await

@@ -54,10 +54,23 @@ fn vault_at(addr: &str, token: &str) -> VaultClient {
     VaultClient::new(settings).expect("build vault client")
 }
 
-/// A `vault` provider for `server` with `auth`, on `mount` (KV `version`).
+/// A `vault` provider for `server` with `auth`, on `mount` (KV `version`); an `http://`
+/// server (the bed's OpenBao) with `insecureHTTP`, which it needs.
 fn vault_provider(server: &str, mount: &str, version: &str, auth: Value) -> Value {
-    json!({"vault": {"server": server, "mount": mount, "version": version,
-        "requestTimeout": "5s", "auth": auth}})
+    let mut p = json!({"vault": {"server": server, "mount": mount, "version": version,
+        "requestTimeout": "5s", "auth": auth}});
+    if server.starts_with("http://") {
+        p["vault"]["insecureHTTP"] = json!(true);
+    }
+    p
+}
+
+/// The store's condition of `type_`.
+fn store_condition<'a>(
+    s: &'a SecretStoreStatus,
+    type_: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    s.conditions.iter().find(|c| c.type_ == type_)
 }
 
 /// The KV paths a test may touch: its own prefix and keyhaven's bookkeeping, on `mount`.
@@ -547,6 +560,14 @@ async fn token_auth_kv_v2_versions_follow_the_source() {
     )
     .await;
     assert_eq!(st.type_.as_deref(), Some("vault"));
+    // The bed's OpenBao is plaintext http:// (insecureHTTP): the store says so.
+    let insecure = store_condition(&st, "Insecure").expect("an Insecure condition");
+    assert_eq!(
+        (insecure.status.as_str(), insecure.reason.as_str()),
+        ("True", "PlaintextHTTP"),
+        "{insecure:?}"
+    );
+    assert!(insecure.message.contains(&bed.vault_addr), "{insecure:?}");
 
     let adopt_mark = audit.mark();
     fx.managed_secret(
@@ -770,6 +791,8 @@ async fn kubernetes_auth_logs_in_once_across_many_reconciles() {
             CreateKubernetesRoleRequest::builder()
                 .bound_service_account_names(vec!["keyhaven".to_owned()])
                 .bound_service_account_namespaces(vec![op_ns.clone()])
+                // keyhaven asks for tokens of audience `vault` when `audiences` is unset.
+                .audience("vault")
                 .token_policies(vec![policy.clone()])
                 .token_ttl("1h"),
         ),
@@ -859,12 +882,12 @@ async fn kubernetes_auth_logs_in_once_across_many_reconciles() {
     }
 
     // OpenBao checks the presented tokens for real (TokenReview on the bed's apiserver).
-    let token_of = |sa: &'static str, ns: String| {
+    let token_for = |sa: &'static str, ns: String, audiences: Vec<String>| {
         let client = fx.client.clone();
         async move {
             let req = TokenRequest {
                 spec: TokenRequestSpec {
-                    audiences: vec![],
+                    audiences,
                     expiration_seconds: Some(600),
                     ..Default::default()
                 },
@@ -879,6 +902,15 @@ async fn kubernetes_auth_logs_in_once_across_many_reconciles() {
                 .token
         }
     };
+    let token_of = |sa: &'static str, ns: String| token_for(sa, ns, vec!["vault".into()]);
+    // The bound ServiceAccount's token for the API server's own audience: refused.
+    let apiserver_audience = token_for("keyhaven", op_ns.clone(), vec![]).await;
+    assert!(
+        vaultrs::auth::kubernetes::login(&root, "kubernetes", &role, &apiserver_audience)
+            .await
+            .is_err(),
+        "a token not meant for Vault logged in to a role wanting audience vault"
+    );
     let intruder = token_of("intruder", op_ns.clone()).await;
     let refused = vaultrs::auth::kubernetes::login(&root, "kubernetes", &role, &intruder).await;
     assert!(
@@ -1394,6 +1426,25 @@ async fn unreachable_and_bad_credentials_are_reported() {
             ),
         )
         .await;
+    // Refused before anything is read or sent: a plaintext server without insecureHTTP;
+    // a token Secret in a namespace not on the operator's --credential-namespaces.
+    let mut plaintext = vault_provider(&bed.vault_addr, "secret", "v2", token_auth.clone());
+    plaintext["vault"]
+        .as_object_mut()
+        .unwrap()
+        .remove("insecureHTTP");
+    let plaintext = fx.store("plaintext", plaintext).await;
+    let elsewhere = fx
+        .store(
+            "elsewhere",
+            vault_provider(
+                &bed.vault_addr,
+                "secret",
+                "v2",
+                json!({"tokenSecretRef": {"name": "tokens", "namespace": "kube-system", "key": "token"}}),
+            ),
+        )
+        .await;
     let bad_token = fx
         .store(
             "badtoken",
@@ -1478,6 +1529,50 @@ async fn unreachable_and_bad_credentials_are_reported() {
                 .iter()
                 .any(|c| c.type_ == "Ready" && c.status == "False"),
             "{store}: {invalid:?}"
+        );
+    }
+    for (store, says) in [
+        (
+            &plaintext,
+            vec![
+                format!("server {} is plaintext http://", bed.vault_addr),
+                "use https://".to_owned(),
+                "provider.vault.insecureHTTP: true".to_owned(),
+            ],
+        ),
+        (
+            &elsewhere,
+            vec![
+                "provider.vault.auth.tokenSecretRef names namespace kube-system".to_owned(),
+                format!("operator's namespace {}", fx.op.namespace),
+                format!(
+                    "--credential-namespaces list (KEYHAVEN_CREDENTIAL_NAMESPACES, chart value credentialNamespaces; now: {})",
+                    fx.ns
+                ),
+            ],
+        ),
+    ] {
+        let refused = wait_store(
+            &fx,
+            store,
+            "Invalid (refused)",
+            Duration::from_secs(30),
+            true,
+            phase_is(StorePhase::Invalid),
+        )
+        .await;
+        let message = refused.message.clone().unwrap_or_default();
+        for part in says {
+            assert!(
+                message.contains(&part),
+                "{store}: {part:?} not in {message:?}"
+            );
+        }
+        // Insecure follows the spec: the plaintext store is refused, not marked.
+        assert_eq!(
+            store_condition(&refused, "Insecure").is_some(),
+            store == &elsewhere,
+            "{store}: {refused:?}"
         );
     }
     for (store, phase) in [(&closed, "Unreachable"), (&bad_token, "Invalid")] {
@@ -1726,6 +1821,18 @@ async fn tls_server_is_verified_with_the_ca_provider() {
         )
         .await;
     }
+    // The CA bundle stays in the operator's memory: no file of the temp directory holds it.
+    let copies: Vec<PathBuf> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.metadata()
+                .is_ok_and(|m| m.is_file() && m.len() == ca.len() as u64)
+        })
+        .filter(|e| std::fs::read(e.path()).is_ok_and(|b| b == ca.as_bytes()))
+        .map(|e| e.path())
+        .collect();
+    assert!(copies.is_empty(), "the CA bundle was written to {copies:?}");
     let refused = wait_store(
         &fx,
         &untrusted,

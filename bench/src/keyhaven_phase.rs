@@ -51,7 +51,7 @@ impl Contender for Keyhaven {
         let store = &self.store;
         let vault = json!({
             "server": run.bed.vault_addr, "mount": "secret", "version": "v2",
-            "requestTimeout": "30s",
+            "requestTimeout": "30s", "insecureHTTP": true,
             "auth": {"tokenSecretRef": {"name": "bench-vault-token", "namespace": op_ns, "key": "token"}}});
         apply_labelled::<SecretStore>(run, store, json!({"provider": {"vault": vault}})).await?;
         // The values live where ESO and the limit read them too (`bench/<run>/s-<i>`), not

@@ -107,6 +107,8 @@ named_enum! {
         DeletionBlocked,
         /// VaultProfile: each namespace's secrets are kept in its own secret space.
         Isolated,
+        /// SecretStore: it talks to its backend without TLS (`insecureHTTP`).
+        Insecure,
     }
 }
 

@@ -19,6 +19,10 @@ named_enum! {
         KekRotationStarted,
         KekRotationComplete,
         InvalidProvider,
+        /// A credential or CA ref naming a namespace the operator may not read them from.
+        CredentialNamespaceNotAllowed,
+        /// A vault store on a plaintext `http://` server (`Insecure=True`).
+        PlaintextHTTP,
         // VaultProfile.
         StoresActive,
         StoresNotActive,

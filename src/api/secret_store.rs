@@ -79,10 +79,24 @@ pub struct KubernetesProvider {
 /// Settings of a Vault / OpenBao store.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!has(self.insecureHTTP) || !self.insecureHTTP || self.server.startsWith('http://')").message("insecureHTTP is for an http:// server only"),
+)]
 pub struct VaultProvider {
-    /// The server's address, e.g. `https://vault.example.com:8200`.
-    #[x_kube(validation = Rule::new("self.matches('^https?://[^/?#]+$')").message("server is http(s)://host[:port], without a path"))]
+    /// The server's address, e.g. `https://vault.example.com:8200`. `https://` is required:
+    /// an `http://` server is refused (the store is Invalid) unless `insecureHTTP` is set.
+    #[x_kube(validation = Rule::new("self.matches('^https?://[^/?#]+$')").message("server is https://host[:port] (or http:// with insecureHTTP), without a path"))]
     pub server: String,
+    /// Allow an `http://` server: the token and every secret value then cross the network
+    /// in plaintext. For a development server on loopback only. The store shows the
+    /// condition `Insecure=True` (reason `PlaintextHTTP`) while it is set. Default false;
+    /// only allowed with an `http://` server.
+    #[serde(
+        default,
+        rename = "insecureHTTP",
+        skip_serializing_if = "std::ops::Not::not"
+    )]
+    pub insecure_http: bool,
     /// The KV secrets engine's mount path. Default `secret`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$')").message("mount is a path without leading or trailing '/'"))]
@@ -216,8 +230,11 @@ pub struct VaultKubernetesAuth {
     /// (`--service-account` in the operator's namespace).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account_ref: Option<ServiceAccountRef>,
-    /// Audiences of the requested token. Default: the API server's own audience.
+    /// Audiences of the requested token. Default: `[vault]`, so the token is of no use to
+    /// the API server or any other service; set it to what the Vault role's `audience`
+    /// expects.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
     pub audiences: Vec<String>,
 }
 
@@ -287,7 +304,8 @@ pub struct SecretStoreStatus {
     /// The generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Ready` is True when the store is Active.
+    /// `Ready` is True when the store is Active; `Insecure` is True while a vault store
+    /// talks plaintext `http://` (`insecureHTTP`); `DeletionBlocked` while its deletion waits.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,
@@ -339,6 +357,17 @@ pub enum KekRotationPhase {
     Rotating,
     /// Every data key is under `to`.
     Complete,
+}
+
+impl VaultProvider {
+    /// Whether `server` is a plaintext `http://` address (the scheme compared without
+    /// regard to case, as URLs have it).
+    pub fn is_plaintext(&self) -> bool {
+        self.server
+            .trim()
+            .get(..7)
+            .is_some_and(|scheme| scheme.eq_ignore_ascii_case("http://"))
+    }
 }
 
 impl SecretStoreSpec {

@@ -9,9 +9,11 @@
 //! `keyhaven/history/<id>/v<N>`. The store's secret count is the number of bookkeeping
 //! objects.
 //!
-//! One login per store ([`session`]) is shared by every operation.
+//! One login per store ([`session`]) is shared by every operation; [`transport`] holds
+//! the server to https:// and builds the HTTP client (CA bundles in memory).
 
 mod session;
+mod transport;
 
 use super::{Backend, BackendError, Health, Owner, StoredVersion, VersionStamp, object_id};
 use crate::api::{KvVersion, VaultProvider};

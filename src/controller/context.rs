@@ -40,6 +40,9 @@ pub struct Config {
     pub service_account: String,
     /// The PKCS#11 modules pkcs11 stores may load (`--pkcs11-modules`); empty: none.
     pub pkcs11_modules: crate::backend::ModuleAllowList,
+    /// The namespaces besides `operator_namespace` that stores may read credentials and CA
+    /// bundles from (`--credential-namespaces`); empty: none.
+    pub credential_namespaces: super::stores::CredentialNamespaces,
 }
 
 /// What every reconcile shares.

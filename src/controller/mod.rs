@@ -21,7 +21,7 @@ mod wiring;
 pub use crate::labels::{FORCE_DELETE_ANNOTATION, ROTATE_ANNOTATION, STORE_FINALIZER};
 pub use context::{Config, Context};
 pub use managed_secret::FINALIZER;
-pub use stores::StoreRegistry;
+pub use stores::{CredentialNamespaces, StoreRegistry};
 pub use wiring::{Runtime, Stopped};
 
 use crate::api::Reason;

@@ -4,9 +4,11 @@
 use super::context::Context;
 use crate::api::{
     ConditionType, KekRotationPhase, KekRotationStatus, MigrationPhase, Reason, SecretStore,
-    SecretStoreStatus, StorePhase, condition, now, set_condition,
+    SecretStoreSpec, SecretStoreStatus, StorePhase, condition, now, remove_condition,
+    set_condition,
 };
 use crate::error::{Error, Result};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::ResourceExt;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
@@ -66,6 +68,10 @@ pub async fn reconcile(store: Arc<SecretStore>, ctx: Arc<Context>) -> Result<Act
                 store.metadata.generation,
             ),
         );
+        match insecure(&store.spec, store.metadata.generation) {
+            Some(c) => set_condition(&mut status.conditions, c),
+            None => remove_condition(&mut status.conditions, ConditionType::Insecure),
+        }
         let stale = previous.last_checked.as_ref().is_none_or(|t| {
             jiff::Timestamp::now().duration_since(t.0).unsigned_abs() > STATUS_HEARTBEAT
         });
@@ -130,6 +136,26 @@ async fn health(store: &SecretStore, ctx: &Context) -> (StorePhase, String, Opti
         ),
         _ => (phase, message, secrets),
     }
+}
+
+/// `Insecure=True` (reason `PlaintextHTTP`) for a vault store allowed to talk plaintext
+/// `http://` (`insecureHTTP`); None for every other store (the condition is removed).
+fn insecure(spec: &SecretStoreSpec, generation: Option<i64>) -> Option<Condition> {
+    let v = spec.provider.vault.as_ref()?;
+    (v.is_plaintext() && v.insecure_http).then(|| {
+        condition(
+            ConditionType::Insecure,
+            true,
+            Reason::PlaintextHTTP,
+            format!(
+                "provider.vault.insecureHTTP: the server {} is plaintext http://: the Vault \
+                 token and secret values cross the network unencrypted; use https:// outside \
+                 development",
+                v.server
+            ),
+            generation,
+        )
+    })
 }
 
 /// A migration emptying a store.
@@ -240,4 +266,36 @@ async fn rotation_events(
 
 pub fn error_policy(_store: Arc<SecretStore>, _error: &Error, _ctx: Arc<Context>) -> Action {
     Action::requeue(Duration::from_secs(10))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vault(server: &str, insecure_http: bool) -> SecretStoreSpec {
+        serde_json::from_value(serde_json::json!({"provider": {"vault": {
+            "server": server, "insecureHTTP": insecure_http,
+            "auth": {"kubernetes": {"role": "r"}}}}}))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_plaintext_vault_store_is_marked_insecure() {
+        let c = insecure(&vault("http://127.0.0.1:8200", true), Some(3)).unwrap();
+        assert_eq!(c.type_, "Insecure");
+        assert_eq!(c.status, "True");
+        assert_eq!(c.reason, "PlaintextHTTP");
+        assert_eq!(c.observed_generation, Some(3));
+        assert!(
+            c.message.contains("http://127.0.0.1:8200") && c.message.contains("unencrypted"),
+            "{}",
+            c.message
+        );
+        // Refused (Invalid) without the flag: not marked, the Ready condition says why.
+        assert!(insecure(&vault("http://127.0.0.1:8200", false), None).is_none());
+        assert!(insecure(&vault("https://vault:8200", false), None).is_none());
+        let internal: SecretStoreSpec =
+            serde_json::from_value(serde_json::json!({"provider": {"internal": {}}})).unwrap();
+        assert!(insecure(&internal, None).is_none());
+    }
 }

@@ -323,6 +323,7 @@ pub(super) async fn run_controllers(
             &config.service_account,
             keys.clone(),
             config.pkcs11_modules.clone(),
+            config.credential_namespaces.clone(),
         ),
         events: Events::new(client.clone(), reporter),
         keys,

@@ -96,6 +96,9 @@ impl Operator {
             // The bed's PKCS#11 module is the one pkcs11 stores may load.
             .arg("--pkcs11-modules")
             .arg(&super::Testbed::load().pkcs11_module)
+            // Tests keep the stores' credentials (tokens, AppRole ids, CAs) in their own
+            // namespace, besides the operator's.
+            .args(["--credential-namespaces", &self.scope])
             .args(&self.extra_args)
             .env("KUBECONFIG", &self.kubeconfig)
             .env("KEYHAVEN_LOG", "info,keyhaven=debug,kube=warn")

@@ -2,9 +2,11 @@
 //! when a third of its lease is left, replaced when it can no longer be renewed, when
 //! `tokenRotate` says so, or when Vault stops accepting it; revoked on shutdown.
 
+use super::transport::{self, CaBundle};
 use super::{classify, error_chain};
 use crate::api::{
-    CaProvider, CaProviderType, SecretKeyRef, VaultAuth, VaultProvider, parse_duration,
+    CaProvider, CaProviderType, SecretKeyRef, VaultAuth, VaultKubernetesAuth, VaultProvider,
+    parse_duration,
 };
 use crate::backend::BackendError;
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
@@ -23,6 +25,18 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Lifetime asked for the ServiceAccount tokens presented to the kubernetes auth method:
 /// they are used once, at login.
 const SA_TOKEN_SECONDS: i64 = 600;
+/// The audience of those tokens unless the store's `audiences` names others: a token meant
+/// for Vault, which the API server itself and other services refuse.
+pub(super) const DEFAULT_AUDIENCE: &str = "vault";
+
+/// The audiences a kubernetes-auth login asks its ServiceAccount token for.
+pub(super) fn token_audiences(k: &VaultKubernetesAuth) -> Vec<String> {
+    if k.audiences.is_empty() {
+        vec![DEFAULT_AUDIENCE.to_owned()]
+    } else {
+        k.audiences.clone()
+    }
+}
 
 /// What a session needs from the operator: its Kubernetes client and identity.
 #[derive(Clone)]
@@ -76,6 +90,10 @@ impl Session {
             store: store.to_owned(),
             message,
         };
+        transport::check_scheme(spec).map_err(invalid)?;
+        if spec.is_plaintext() {
+            warn!(store, server = %spec.server, "insecureHTTP: talking to Vault in plaintext, token and values unencrypted");
+        }
         let duration = |field: &str, value: &Option<String>| {
             value
                 .as_deref()
@@ -324,7 +342,16 @@ impl Session {
             .cloned()
     }
 
+    /// A client for the server holding `token`. Its HTTP client is keyhaven's own
+    /// ([`transport::http_client`]): vaultrs would read a CA bundle from a file only, and a
+    /// CA bundle is kept in memory, never written anywhere.
     async fn client_with_token(&self, token: &str) -> Result<VaultClient, BackendError> {
+        let ca = match &self.ca {
+            Some(ca) => Some(self.ca_bundle(ca).await?),
+            None => None,
+        };
+        let http = transport::http_client(&self.server, self.timeout, ca.as_ref())
+            .map_err(|e| self.invalid(e))?;
         let mut settings = VaultClientSettingsBuilder::default();
         settings
             .address(&self.server)
@@ -332,22 +359,21 @@ impl Session {
             .timeout(Some(self.timeout))
             .verify(true)
             .identity(None)
-            .ca_certs(match &self.ca {
-                Some(ca) => vec![self.ca_file(ca).await?],
-                None => Vec::new(),
-            });
+            .ca_certs(Vec::new());
         if let Some(ns) = &self.namespace {
             settings.set_namespace(ns.clone());
         }
         let settings = settings
             .build()
             .map_err(|e| self.invalid(format!("client settings: {e}")))?;
-        VaultClient::new(settings).map_err(|e| self.invalid(format!("client: {}", error_chain(&e))))
+        let mut client = VaultClient::new(settings)
+            .map_err(|e| self.invalid(format!("client: {}", error_chain(&e))))?;
+        client.http.http = http;
+        Ok(client)
     }
 
-    /// Writes the CA bundle to a file (vaultrs reads CAs from files), named by its hash.
-    async fn ca_file(&self, ca: &CaProvider) -> Result<String, BackendError> {
-        use sha2::{Digest, Sha256};
+    /// The CA bundle `ca` names, read from its Secret or ConfigMap.
+    async fn ca_bundle(&self, ca: &CaProvider) -> Result<CaBundle, BackendError> {
         let ns = ca
             .namespace
             .as_deref()
@@ -374,14 +400,7 @@ impl Session {
                     .ok_or_else(|| self.invalid(format!("{what}: no such key")))?
             }
         };
-        let file = std::env::temp_dir().join(format!(
-            "keyhaven-ca-{}.pem",
-            &hex::encode(Sha256::digest(&pem))[..16]
-        ));
-        tokio::fs::write(&file, &pem)
-            .await
-            .map_err(|e| self.invalid(format!("{what}: writing {}: {e}", file.display())))?;
-        Ok(file.display().to_string())
+        Ok(CaBundle { what, pem })
     }
 
     /// A key of a Secret, as text. Errors name the Secret and key, never the value.
@@ -405,10 +424,7 @@ impl Session {
     }
 
     /// A short-lived token of the ServiceAccount, from the TokenRequest API.
-    async fn service_account_token(
-        &self,
-        k: &crate::api::VaultKubernetesAuth,
-    ) -> Result<String, BackendError> {
+    async fn service_account_token(&self, k: &VaultKubernetesAuth) -> Result<String, BackendError> {
         let (name, ns) = match &k.service_account_ref {
             Some(r) => (
                 r.name.as_str(),
@@ -423,7 +439,7 @@ impl Session {
         };
         let request = TokenRequest {
             spec: TokenRequestSpec {
-                audiences: k.audiences.clone(),
+                audiences: token_audiences(k),
                 expiration_seconds: Some(SA_TOKEN_SECONDS),
                 bound_object_ref: None,
             },

@@ -58,3 +58,19 @@ fn bookkeeping_serializes_with_version_keys() {
     let back: Bookkeeping = serde_json::from_value(json).unwrap();
     assert_eq!(back, book);
 }
+
+#[test]
+fn kubernetes_auth_tokens_are_for_vault_unless_audiences_say_otherwise() {
+    let auth = |audiences: serde_json::Value| -> crate::api::VaultKubernetesAuth {
+        serde_json::from_value(serde_json::json!({"role": "r", "audiences": audiences})).unwrap()
+    };
+    assert_eq!(
+        session::token_audiences(&auth(serde_json::json!([]))),
+        ["vault"]
+    );
+    assert_eq!(session::DEFAULT_AUDIENCE, "vault");
+    assert_eq!(
+        session::token_audiences(&auth(serde_json::json!(["https://vault.example.com", "b"]))),
+        ["https://vault.example.com", "b"]
+    );
+}

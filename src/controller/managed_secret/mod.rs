@@ -9,6 +9,7 @@ mod apply;
 pub mod decide;
 #[cfg(test)]
 mod decide_tests;
+mod durations;
 mod native;
 mod observe;
 mod plan;

@@ -25,6 +25,10 @@ pub enum Error {
     Config { reason: Reason, message: String },
     #[error("finalizer: {0}")]
     Finalizer(String),
+    /// The reconcile panicked (a bug): caught, so only this reconcile failed; retried with
+    /// backoff. Says which object, never the panic's message (it may quote a value).
+    #[error("the reconcile of {kind} {object} panicked (a bug in keyhaven); retried with backoff")]
+    Panicked { kind: &'static str, object: String },
 }
 
 /// What a failed Kubernetes API request was doing.
@@ -68,6 +72,7 @@ impl Error {
             Error::Content(_) => Reason::InvalidContent,
             Error::Config { reason, .. } => *reason,
             Error::Finalizer(_) => Reason::FinalizerError,
+            Error::Panicked { .. } => Reason::ReconcilePanicked,
         }
     }
 

@@ -218,6 +218,7 @@ pub(super) async fn run_controllers(
     rt: &Runtime,
     stop: watch::Receiver<Option<Stopped>>,
 ) -> Result<()> {
+    log_panics_without_values();
     let keys = OperatorKeys::load_or_create(client.clone(), &config.operator_namespace)
         .await
         .map_err(crate::error::Error::kube(
@@ -441,25 +442,48 @@ fn watch_for_managed(
         )
 }
 
-// The reconcilers, counted and timed by kind.
+/// Replaces the default panic hook (which prints the panic's message, which may quote a
+/// value) with one that logs where the panic happened, and its message only when that is a
+/// literal (`&'static str`): a formatted message is dropped.
+fn log_panics_without_values() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        std::panic::set_hook(Box::new(|info| {
+            let message = info.payload().downcast_ref::<&'static str>().copied();
+            let location = info
+                .location()
+                .map(|l| format!("{}:{}", l.file(), l.line()));
+            tracing::error!(
+                location = location.as_deref().unwrap_or("unknown"),
+                message = message.unwrap_or("(formatted message withheld)"),
+                "panic"
+            );
+        }));
+    });
+}
+
+// The reconcilers, counted and timed by kind; a panic fails the one reconcile.
 async fn reconcile_store(obj: Arc<SecretStore>, ctx: Arc<Context>) -> Result<Action> {
     let metrics = ctx.metrics.clone();
+    let object = obj.name_any();
     metrics
-        .reconcile("SecretStore", secret_store::reconcile(obj, ctx))
+        .reconcile("SecretStore", object, secret_store::reconcile(obj, ctx))
         .await
 }
 
 async fn reconcile_profile(obj: Arc<VaultProfile>, ctx: Arc<Context>) -> Result<Action> {
     let metrics = ctx.metrics.clone();
+    let object = obj.name_any();
     metrics
-        .reconcile("VaultProfile", vault_profile::reconcile(obj, ctx))
+        .reconcile("VaultProfile", object, vault_profile::reconcile(obj, ctx))
         .await
 }
 
 async fn reconcile_managed(obj: Arc<ManagedSecret>, ctx: Arc<Context>) -> Result<Action> {
     let metrics = ctx.metrics.clone();
+    let object = format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any());
     metrics
-        .reconcile("ManagedSecret", managed_secret::reconcile(obj, ctx))
+        .reconcile("ManagedSecret", object, managed_secret::reconcile(obj, ctx))
         .await
 }
 

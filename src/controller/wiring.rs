@@ -329,6 +329,7 @@ pub(super) async fn run_controllers(
         keys,
         config: config.clone(),
         metrics: rt.metrics.clone(),
+        retries: Default::default(),
     });
     rt.metrics
         .watch_caches(ctx.caches.stores.clone(), ctx.caches.managed.clone());
@@ -462,29 +463,55 @@ fn log_panics_without_values() {
     });
 }
 
-// The reconcilers, counted and timed by kind; a panic fails the one reconcile.
+// The reconcilers, counted and timed by kind; a panic fails the one reconcile. One that
+// succeeds ends its object's backoff ([`retry`](super::retry)).
 async fn reconcile_store(obj: Arc<SecretStore>, ctx: Arc<Context>) -> Result<Action> {
-    let metrics = ctx.metrics.clone();
     let object = obj.name_any();
-    metrics
-        .reconcile("SecretStore", object, secret_store::reconcile(obj, ctx))
-        .await
+    let key = secret_store::retry_key(&obj);
+    let result = ctx
+        .metrics
+        .reconcile(
+            "SecretStore",
+            object,
+            secret_store::reconcile(obj, ctx.clone()),
+        )
+        .await;
+    succeeded(&ctx, &key, result)
 }
 
 async fn reconcile_profile(obj: Arc<VaultProfile>, ctx: Arc<Context>) -> Result<Action> {
-    let metrics = ctx.metrics.clone();
     let object = obj.name_any();
-    metrics
-        .reconcile("VaultProfile", object, vault_profile::reconcile(obj, ctx))
-        .await
+    let key = vault_profile::retry_key(&obj);
+    let result = ctx
+        .metrics
+        .reconcile(
+            "VaultProfile",
+            object,
+            vault_profile::reconcile(obj, ctx.clone()),
+        )
+        .await;
+    succeeded(&ctx, &key, result)
 }
 
 async fn reconcile_managed(obj: Arc<ManagedSecret>, ctx: Arc<Context>) -> Result<Action> {
-    let metrics = ctx.metrics.clone();
     let object = format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any());
-    metrics
-        .reconcile("ManagedSecret", object, managed_secret::reconcile(obj, ctx))
-        .await
+    let key = managed_secret::retry_key(&obj);
+    let result = ctx
+        .metrics
+        .reconcile(
+            "ManagedSecret",
+            object,
+            managed_secret::reconcile(obj, ctx.clone()),
+        )
+        .await;
+    succeeded(&ctx, &key, result)
+}
+
+fn succeeded(ctx: &Context, key: &str, result: Result<Action>) -> Result<Action> {
+    if result.is_ok() {
+        ctx.retries.succeeded(key);
+    }
+    result
 }
 
 fn log_result<K: Resource, E: std::fmt::Display>(

@@ -249,11 +249,22 @@ async fn cleanup(ms: &ManagedSecret, ctx: &Context) -> Result<Action> {
     Ok(Action::await_change())
 }
 
-/// How long to wait before retrying after `error`.
-pub fn error_policy(_ms: Arc<ManagedSecret>, error: &Error, _ctx: Arc<Context>) -> Action {
-    Action::requeue(if error.is_transient() {
+/// The object's key in [`Context::retries`].
+pub fn retry_key(ms: &ManagedSecret) -> String {
+    format!(
+        "ManagedSecret {}/{}",
+        ms.namespace().unwrap_or_default(),
+        ms.name_any()
+    )
+}
+
+/// How long to wait before retrying after `error`: soon when transient, 30 s when the spec
+/// must change, backing off to 5 min when the API server will refuse the same again.
+pub fn error_policy(ms: Arc<ManagedSecret>, error: &Error, ctx: Arc<Context>) -> Action {
+    let otherwise = if error.is_transient() {
         Duration::from_secs(5)
     } else {
         Duration::from_secs(30)
-    })
+    };
+    Action::requeue(ctx.retries.after(&retry_key(&ms), error, otherwise))
 }

@@ -88,7 +88,7 @@ async fn sync(ms: &ManagedSecret, ctx: &Context) -> Result<Action> {
                     .await?;
             let again =
                 observe::observe(ms, ctx, StatusSeen::Stored(Box::new(status)), false).await;
-            match plan::plan(ms, again) {
+            match plan_of(ms, again).await {
                 Plan::Sync(mut p) => {
                     p.migration_failed |= failed;
                     Plan::Sync(p)
@@ -131,7 +131,7 @@ async fn sync(ms: &ManagedSecret, ctx: &Context) -> Result<Action> {
 async fn first_plan(ms: &ManagedSecret, ctx: &Context) -> Result<Plan> {
     let observed = observe::observe(ms, ctx, StatusSeen::Cached, true).await;
     let stale = observed.stale;
-    let planned = plan::plan(ms, observed);
+    let planned = plan_of(ms, observed).await;
     if !(stale && planned.decides_on_history()) {
         return Ok(planned);
     }
@@ -139,11 +139,21 @@ async fn first_plan(ms: &ManagedSecret, ctx: &Context) -> Result<Plan> {
     Ok(match planned {
         // A failure is recorded on the stored status, not observed again (its reads failed).
         Plan::Fail(f) => Plan::Fail(plan::failure(ms, stored, f.error)),
-        _ => plan::plan(
-            ms,
-            observe::observe(ms, ctx, StatusSeen::Stored(Box::new(stored)), true).await,
-        ),
+        _ => {
+            let again = observe::observe(ms, ctx, StatusSeen::Stored(Box::new(stored)), true).await;
+            plan_of(ms, again).await
+        }
     })
+}
+
+/// [`plan::plan`]; on a blocking thread (behind the CPU semaphore) when the type's
+/// validation parses keys or certificates or runs a KDF.
+async fn plan_of(ms: &ManagedSecret, observed: observe::Observation) -> Plan {
+    if !crate::content::cpu::is_heavy(ms.spec.type_) {
+        return plan::plan(ms, observed);
+    }
+    let ms = ms.clone();
+    crate::content::cpu::blocking(move || plan::plan(&ms, observed)).await
 }
 
 /// Records a failed sync: its status, an Event, a health check when a store failed.

@@ -25,6 +25,10 @@ pub enum Error {
     Config { reason: Reason, message: String },
     #[error("finalizer: {0}")]
     Finalizer(String),
+    /// The reconcile panicked (a bug): caught, so only this reconcile failed; retried with
+    /// backoff. Says which object, never the panic's message (it may quote a value).
+    #[error("the reconcile of {kind} {object} panicked (a bug in keyhaven); retried with backoff")]
+    Panicked { kind: &'static str, object: String },
 }
 
 /// What a failed Kubernetes API request was doing.
@@ -70,6 +74,7 @@ impl Error {
             Error::Content(_) => Reason::InvalidContent,
             Error::Config { reason, .. } => *reason,
             Error::Finalizer(_) => Reason::FinalizerError,
+            Error::Panicked { .. } => Reason::ReconcilePanicked,
         }
     }
 
@@ -93,12 +98,30 @@ impl Error {
     /// Whether retrying soon may help (a store or the API server was briefly away) or the
     /// spec must change first.
     pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            Error::Kube { .. }
-                | Error::Backend(BackendError::Unreachable { .. } | BackendError::Conflict { .. })
-                | Error::Finalizer(_)
-        )
+        match self {
+            Error::Kube { .. } => !self.is_repeated(),
+            Error::Backend(BackendError::Unreachable { .. } | BackendError::Conflict { .. })
+            | Error::Finalizer(_) => true,
+            _ => false,
+        }
+    }
+
+    /// Whether the same request will fail the same way until something changes: the API
+    /// server refused it as a client error (413 too large, 422 invalid, 403 forbidden,
+    /// 400 bad request, ...; not 404, 408, 409, 410 or 429, which a retry may get past), or
+    /// the reconcile panicked. Such failures back off exponentially.
+    pub fn is_repeated(&self) -> bool {
+        match self {
+            Error::Kube {
+                source: kube::Error::Api(status),
+                ..
+            } => {
+                (400..500).contains(&status.code)
+                    && ![404, 408, 409, 410, 429].contains(&status.code)
+            }
+            Error::Panicked { .. } => true,
+            _ => false,
+        }
     }
 }
 
@@ -117,6 +140,12 @@ mod tests {
         let text = e.to_string();
         assert!(text.starts_with("applying Secret team-a/db: "), "{text}");
         assert_eq!(e.reason(), Reason::KubernetesError);
-        assert!(e.is_transient());
+        assert!(e.is_repeated(), "forbidden stays forbidden");
+        assert!(!e.is_transient());
+        let unavailable = kube::Error::Api(Box::new(
+            kube::core::Status::failure("etcd timeout", "ServiceUnavailable").with_code(503),
+        ));
+        let e = Error::kube(Verb::ApplyStatus, "ManagedSecret team-a/db")(unavailable);
+        assert!(e.is_transient() && !e.is_repeated());
     }
 }

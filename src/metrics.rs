@@ -82,6 +82,7 @@ pub struct Metrics {
     registry: Registry,
     reconciles: Family<KindLabels, Counter>,
     reconcile_errors: Family<ErrorLabels, Counter>,
+    reconcile_panics: Family<KindLabels, Counter>,
     reconcile_duration: Latencies<KindLabels>,
     backend_calls: Family<CallLabels, Counter>,
     backend_duration: Latencies<OperationLabels>,
@@ -109,6 +110,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("keyhaven");
         let reconciles = Family::<KindLabels, Counter>::default();
         let reconcile_errors = Family::<ErrorLabels, Counter>::default();
+        let reconcile_panics = Family::<KindLabels, Counter>::default();
         let reconcile_duration = Latencies::<KindLabels>::new_with_constructor(latency_histogram);
         let backend_calls = Family::<CallLabels, Counter>::default();
         let backend_duration =
@@ -121,6 +123,11 @@ impl Metrics {
             "reconcile_errors",
             "Reconciles that failed, by kind and reason",
             reconcile_errors.clone(),
+        );
+        registry.register(
+            "reconcile_panics",
+            "Reconciles that panicked (caught: that reconcile failed, the process went on), by kind",
+            reconcile_panics.clone(),
         );
         registry.register(
             "reconcile_duration_seconds",
@@ -158,6 +165,7 @@ impl Metrics {
             registry,
             reconciles,
             reconcile_errors,
+            reconcile_panics,
             reconcile_duration,
             backend_calls,
             backend_duration,
@@ -182,14 +190,32 @@ impl Metrics {
         out
     }
 
-    /// Runs a reconcile of `kind`, counting it, its failure reason and its duration.
+    /// Runs a reconcile of `kind` on `object` (`namespace/name`, or the name), counting it,
+    /// its failure reason and its duration. A panic in it fails this reconcile only: it
+    /// becomes [`Error::Panicked`](crate::error::Error::Panicked), logged with the object's
+    /// name (not the panic's message, which may quote a value) and counted.
     pub async fn reconcile<T>(
         &self,
         kind: &'static str,
+        object: String,
         reconcile: impl Future<Output = crate::error::Result<T>>,
     ) -> crate::error::Result<T> {
+        use futures::FutureExt as _;
         let start = Instant::now();
-        let result = reconcile.await;
+        let result = std::panic::AssertUnwindSafe(reconcile)
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|_panic| {
+                tracing::error!(
+                    kind,
+                    object = %object,
+                    "reconcile panicked: this reconcile failed and is retried with backoff"
+                );
+                self.reconcile_panics
+                    .get_or_create(&KindLabels { kind })
+                    .inc();
+                Err(crate::error::Error::Panicked { kind, object })
+            });
         let labels = KindLabels { kind };
         self.reconciles.get_or_create(&labels).inc();
         self.reconcile_duration
@@ -495,9 +521,11 @@ mod tests {
     #[tokio::test]
     async fn reconciles_are_counted_by_kind_and_reason() {
         let m = Metrics::new();
-        m.reconcile("SecretStore", async { Ok(()) }).await.unwrap();
+        m.reconcile("SecretStore", "s".into(), async { Ok(()) })
+            .await
+            .unwrap();
         let _ = m
-            .reconcile::<()>("ManagedSecret", async {
+            .reconcile::<()>("ManagedSecret", "n/m".into(), async {
                 Err(crate::error::Error::config(
                     crate::api::Reason::StoreNotFound,
                     "no such store",
@@ -523,6 +551,50 @@ mod tests {
         assert!(
             !text.contains("no such store"),
             "messages never become labels"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_panicking_reconcile_fails_that_reconcile_and_is_counted() {
+        let m = Metrics::new();
+        let secret = "hunter2";
+        let e = m
+            .reconcile::<()>("ManagedSecret", "team-a/db".into(), async {
+                if !secret.is_empty() {
+                    panic!("index out of range near {secret}");
+                }
+                Ok(())
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(
+            &e,
+            crate::error::Error::Panicked { kind: "ManagedSecret", object } if object == "team-a/db"
+        ));
+        assert_eq!(e.reason(), crate::api::Reason::ReconcilePanicked);
+        assert!(!e.to_string().contains(secret), "{e}");
+        // The process goes on: the next reconcile runs.
+        m.reconcile("ManagedSecret", "team-a/db".into(), async { Ok(()) })
+            .await
+            .unwrap();
+        let text = m.encode();
+        assert!(
+            text.contains(r#"keyhaven_reconcile_panics_total{kind="ManagedSecret"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains(
+            r#"keyhaven_reconcile_errors_total{kind="ManagedSecret",reason="ReconcilePanicked"} 1"#
+        ));
+        assert!(!text.contains(secret));
+    }
+
+    /// A panic is caught only when it unwinds: the release profile must not abort.
+    #[test]
+    fn no_profile_aborts_on_panic() {
+        let manifest = include_str!("../Cargo.toml");
+        assert!(
+            !manifest.replace(' ', "").contains("panic=\"abort\""),
+            "panic = \"abort\" would end the process on any reconcile's panic"
         );
     }
 }

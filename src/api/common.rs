@@ -8,8 +8,14 @@ use std::time::Duration;
 /// The Go-style duration format accepted by every `*Interval` field: `90s`, `15m`, `1h30m`, `720h`.
 pub const DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h))+$";
 
-/// Parses a duration in the [`DURATION_PATTERN`] format.
+/// The longest duration any field accepts: 100 years (`876000h`). Every time computed from
+/// a duration (a certificate's notAfter, a rotation's due date, a requeue) stays in range.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// Parses a duration in the [`DURATION_PATTERN`] format, refusing one longer than
+/// [`MAX_DURATION`] (checked arithmetic: no input overflows or panics).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let too_long = || format!("duration {text:?} is longer than the maximum 876000h (100 years)");
     let mut total = Duration::ZERO;
     let mut rest = text;
     if rest.is_empty() {
@@ -22,21 +28,24 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         if digits == 0 {
             return Err(format!("invalid duration {text:?}: expected a number"));
         }
-        let n: u64 = rest[..digits]
-            .parse()
-            .map_err(|_| format!("invalid duration {text:?}"))?;
+        let number = &rest[..digits];
         rest = &rest[digits..];
         let unit_len = rest
             .find(|c: char| c.is_ascii_digit())
             .unwrap_or(rest.len());
+        // More digits than a u64 holds is out of range whatever the unit.
+        let n: u64 = number.parse().map_err(|_| too_long())?;
         let unit = match &rest[..unit_len] {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n.saturating_mul(60)),
-            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            "ms" => Some(Duration::from_millis(n)),
+            "s" => Some(Duration::from_secs(n)),
+            "m" => n.checked_mul(60).map(Duration::from_secs),
+            "h" => n.checked_mul(3600).map(Duration::from_secs),
             other => return Err(format!("invalid duration {text:?}: unknown unit {other:?}")),
         };
-        total = total.saturating_add(unit);
+        total = unit
+            .and_then(|d| total.checked_add(d))
+            .filter(|d| *d <= MAX_DURATION)
+            .ok_or_else(too_long)?;
         rest = &rest[unit_len..];
     }
     Ok(total)
@@ -188,6 +197,27 @@ mod tests {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         for bad in ["", "h", "10", "10d", "1.5h", "-1s", "1h 2m"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} must be rejected");
+        }
+    }
+
+    #[test]
+    fn out_of_range_durations_are_refused_never_overflowed() {
+        assert_eq!(parse_duration("876000h").unwrap(), MAX_DURATION);
+        assert_eq!(
+            parse_duration("5000000000ms").unwrap(),
+            Duration::from_secs(5_000_000)
+        );
+        for huge in [
+            "876001h",
+            "1000000000000h",
+            "18446744073709551615s",
+            "18446744073709551616s",
+            "99999999999999999999999h",
+            "876000h1s",
+            "307445734561825860m",
+        ] {
+            let e = parse_duration(huge).unwrap_err();
+            assert!(e.contains("longer than the maximum"), "{huge}: {e}");
         }
     }
 

@@ -98,8 +98,11 @@ named_enum! {
         MigrationConflict,
         MigrationVersionMissing,
         MigrationVerifyFailed,
-        // The process.
+        // ManagedSecret: a duration of the spec out of range (the message names the field).
+        InvalidSpec,
+        // The process; a reconcile that panicked (caught: it failed, nothing else did).
         LeaderElectionFailed,
+        ReconcilePanicked,
     }
 }
 

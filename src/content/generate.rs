@@ -208,7 +208,8 @@ fn certificate(
 ) -> Result<(String, Zeroizing<String>, String), ContentError> {
     let err = |e: rcgen::Error| invalid(SecretType::Certificate, format!("{e}"));
     let validity = match &spec.validity {
-        Some(v) => parse_duration(v).map_err(|e| invalid(SecretType::Certificate, e))?,
+        Some(v) => parse_duration(v)
+            .map_err(|e| invalid(SecretType::Certificate, format!("generate.validity: {e}")))?,
         None => std::time::Duration::from_secs(365 * 24 * 3600),
     };
     let mut params = rcgen::CertificateParams::new(spec.dns_names.clone()).map_err(err)?;
@@ -221,10 +222,19 @@ fn certificate(
         .distinguished_name
         .push(rcgen::DnType::CommonName, cn);
     let now = time::OffsetDateTime::now_utc();
+    // Checked: a date past what X.509 and `time` can hold is an error, not a panic.
+    let out_of_range = || {
+        invalid(
+            SecretType::Certificate,
+            "generate.validity: the certificate would end past the year 9999",
+        )
+    };
     params.not_before = now - time::Duration::minutes(5);
-    params.not_after = now
-        + time::Duration::try_from(validity)
-            .map_err(|_| invalid(SecretType::Certificate, "validity is too long"))?;
+    params.not_after = time::Duration::try_from(validity)
+        .ok()
+        .and_then(|d| now.checked_add(d))
+        .filter(|t| t.year() <= 9999)
+        .ok_or_else(out_of_range)?;
     let alg = match spec.algorithm.unwrap_or(KeyAlgorithm::Ec) {
         KeyAlgorithm::Ec | KeyAlgorithm::EcdsaP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
         KeyAlgorithm::Ed25519 => &rcgen::PKCS_ED25519,
@@ -291,5 +301,31 @@ fn certificate(
                 bundle,
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_validity_past_any_date_is_an_error_naming_the_field() {
+        for validity in ["1000000000000h", "18446744073709551615s", "876001h"] {
+            let spec = Generate {
+                validity: Some(validity.into()),
+                ..Generate::default()
+            };
+            let e = generate(SecretType::Certificate, &spec, "n").unwrap_err();
+            assert!(
+                e.to_string().contains("generate.validity"),
+                "{validity}: {e}"
+            );
+        }
+        // 100 years from now is still a date a certificate can hold.
+        let spec = Generate {
+            validity: Some("876000h".into()),
+            ..Generate::default()
+        };
+        generate(SecretType::Certificate, &spec, "n").unwrap();
     }
 }

@@ -1,10 +1,13 @@
 //! Secret types: what each requires of a value, how it is generated, and how it becomes a
 //! native Secret.
 
+pub mod cpu;
 mod generate;
+mod kdf;
 mod parse;
 
 pub use generate::{generate, generate_with};
+pub use kdf::{MAX_KDF_MEMORY, MAX_PBKDF2_ITERATIONS, MAX_PKCS12_ITERATIONS};
 
 use crate::api::SecretType;
 use crate::secret_data::SecretData;
@@ -389,15 +392,29 @@ pub fn apply_template(
         ));
     }
     let mut out = SecretData::new();
+    // What is left of MAX_TEMPLATE_OUTPUT: checked as the output grows, so that a template
+    // repeating a large value is refused before it takes the memory.
+    let mut budget = MAX_TEMPLATE_OUTPUT;
+    let too_large = || {
+        format!(
+            "makes the Secret's values larger than {MAX_TEMPLATE_OUTPUT} bytes (1 MiB, all keys together)"
+        )
+    };
     for (key, text) in &template.data {
         if !is_key_name(key) {
             return Err(ContentError::BadKeyName(key.clone()));
         }
-        out.insert(key.clone(), expand(text, data).map_err(|p| err(key, p))?);
+        out.insert(
+            key.clone(),
+            expand(text, data, &mut budget).map_err(|p| err(key, p.unwrap_or_else(too_large)))?,
+        );
     }
     if template.merge_policy == TemplateMergePolicy::Merge {
         for (k, v) in rendered.data.iter() {
             if out.get(k).is_none() {
+                budget = budget
+                    .checked_sub(v.len())
+                    .ok_or_else(|| err(k, too_large()))?;
                 out.insert(k, v);
             }
         }
@@ -406,12 +423,19 @@ pub fn apply_template(
     Ok(())
 }
 
-/// `text` with every `{{ .key }}` replaced by the value of `key`. Errors quote the template
-/// (spec text), never a value.
-fn expand(text: &str, data: &SecretData) -> Result<Vec<u8>, String> {
+/// The most a template may make of a native Secret's data, keys and values together: well
+/// below what the API server stores in one object.
+pub const MAX_TEMPLATE_OUTPUT: usize = 1 << 20;
+
+/// `text` with every `{{ .key }}` replaced by the value of `key`, taking its size out of
+/// `budget` (`Err(None)` once the budget is spent). Errors quote the template (spec text),
+/// never a value.
+fn expand(text: &str, data: &SecretData, budget: &mut usize) -> Result<Vec<u8>, Option<String>> {
     let mut out = zeroize::Zeroizing::new(Vec::new());
     let mut rest = text;
+    let mut spend = |n: usize| budget.checked_sub(n).map(|left| *budget = left).ok_or(None);
     while let Some(start) = rest.find("{{") {
+        spend(start)?;
         out.extend_from_slice(&rest.as_bytes()[..start]);
         let after = &rest[start + 2..];
         let end = after
@@ -425,9 +449,11 @@ fn expand(text: &str, data: &SecretData) -> Result<Vec<u8>, String> {
         let value = data
             .get(key)
             .ok_or_else(|| format!("refers to key {key:?}, which the value does not have"))?;
+        spend(value.len())?;
         out.extend_from_slice(value);
         rest = &after[end + 2..];
     }
+    spend(rest.len())?;
     out.extend_from_slice(rest.as_bytes());
     Ok(out.to_vec())
 }
@@ -522,5 +548,77 @@ mod tests {
             render(SecretType::KeyValue, &data(&[("a", b"1")])).type_,
             "Opaque"
         );
+    }
+
+    #[test]
+    fn template_output_is_capped_at_1_mib() {
+        use crate::api::{TargetTemplate, TemplateMergePolicy};
+        let big = vec![b'x'; 300 * 1024];
+        let value = data(&[("v", &big)]);
+        let template = |text: &str, policy| TargetTemplate {
+            data: [("out".to_owned(), text.to_owned())].into(),
+            merge_policy: policy,
+        };
+        // 3 x 300 KiB: fits.
+        let mut r = render(SecretType::KeyValue, &value);
+        let fits = template("{{ .v }}{{ .v }}{{ .v }}", TemplateMergePolicy::Replace);
+        apply_template(&mut r, &fits, &value).unwrap();
+        // A thousand references would make 300 MiB: refused before it is built.
+        let mut r = render(SecretType::KeyValue, &value);
+        let huge = template(&"{{ .v }}".repeat(1000), TemplateMergePolicy::Replace);
+        let e = apply_template(&mut r, &huge, &value)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("larger than 1048576 bytes"), "{e}");
+        assert!(!e.contains("xxx"));
+        // The merged keys count too: 3 x 300 KiB plus the value's own 300 KiB.
+        let mut r = render(SecretType::KeyValue, &value);
+        let merged = template("{{ .v }}{{ .v }}{{ .v }}", TemplateMergePolicy::Merge);
+        assert!(apply_template(&mut r, &merged, &value).is_err());
+        // Literal text counts as well.
+        let mut r = render(SecretType::KeyValue, &value);
+        let text = template(
+            &"y".repeat(MAX_TEMPLATE_OUTPUT + 1),
+            TemplateMergePolicy::Replace,
+        );
+        assert!(apply_template(&mut r, &text, &value).is_err());
+    }
+
+    #[test]
+    fn scrypt_above_64_mib_is_refused_before_deriving() {
+        use pkcs8::der::Encode as _;
+        use pkcs8::pkcs5::{pbes2, scrypt};
+        let key = |log_n: u8, r: u32| {
+            let kdf = pbes2::ScryptParams::from_params_and_salt(
+                scrypt::Params::new(log_n, r, 1, 32).unwrap(),
+                &[1; 16],
+            )
+            .unwrap();
+            let params = pbes2::Parameters {
+                kdf: kdf.into(),
+                encryption: pbes2::EncryptionScheme::Aes256Cbc { iv: &[2; 16] },
+            };
+            let info = pkcs8::EncryptedPrivateKeyInfo {
+                encryption_algorithm: pkcs8::pkcs5::EncryptionScheme::Pbes2(params),
+                encrypted_data: &[0; 48],
+            };
+            let der = info.to_der().unwrap();
+            pkcs8::der::pem::encode_string("ENCRYPTED PRIVATE KEY", pkcs8::LineEnding::LF, &der)
+                .unwrap()
+        };
+        let problem = |pem: String| {
+            validate(
+                SecretType::PrivateKey,
+                &data(&[("private-key", pem.as_bytes()), ("passphrase", b"x")]),
+            )
+            .unwrap_err()
+            .to_string()
+        };
+        // N = 2^17, r = 8: 128 MiB.
+        let e = problem(key(17, 8));
+        assert!(e.contains("128 MiB; at most 64 MiB"), "{e}");
+        // N = 2^10, r = 8: 1 MiB is within the cap (and fails on the fake ciphertext).
+        let e = problem(key(10, 8));
+        assert!(e.contains("cannot be decrypted"), "{e}");
     }
 }

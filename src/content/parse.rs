@@ -60,7 +60,7 @@ pub(crate) fn private_key_spki(text: &str, passphrase: Option<&[u8]>) -> Result<
             };
             let info = pkcs8::EncryptedPrivateKeyInfo::from_der(&block.der)
                 .map_err(|_| "is not a valid encrypted PKCS#8 key".to_owned())?;
-            check_kdf_cost(&info)?;
+            super::kdf::check_pkcs8(&info)?;
             let doc = info
                 .decrypt(passphrase)
                 .map_err(|_| "cannot be decrypted with the given passphrase".to_owned())?;
@@ -78,34 +78,6 @@ pub(crate) fn private_key_spki(text: &str, passphrase: Option<&[u8]>) -> Result<
         other => Err(format!("has an unsupported PEM block {other:?}")),
     }
 }
-
-/// Key derivation parameters come from the value: bound them, so that one value cannot
-/// make the operator spend minutes of CPU or gigabytes of memory.
-fn check_kdf_cost(info: &pkcs8::EncryptedPrivateKeyInfo<'_>) -> Result<(), String> {
-    use pkcs8::pkcs5::pbes2::Kdf;
-    let Some(pbes2) = info.encryption_algorithm.pbes2() else {
-        return Ok(());
-    };
-    match &pbes2.kdf {
-        Kdf::Pbkdf2(p) if p.iteration_count > MAX_PBKDF2_ITERATIONS => Err(format!(
-            "uses {} PBKDF2 iterations; at most {MAX_PBKDF2_ITERATIONS} are accepted",
-            p.iteration_count
-        )),
-        Kdf::Scrypt(p)
-            if u128::from(p.cost_parameter) * u128::from(p.block_size) * 128
-                > MAX_SCRYPT_MEMORY
-                || p.parallelization > 16 =>
-        {
-            Err("uses scrypt parameters above the accepted cost (256 MiB, p <= 16)".into())
-        }
-        _ => Ok(()),
-    }
-}
-
-const MAX_PBKDF2_ITERATIONS: u32 = 10_000_000;
-const MAX_SCRYPT_MEMORY: u128 = 256 << 20;
-/// OpenSSH's default is 16 rounds; `ssh-keygen -a 100` is common.
-const MAX_BCRYPT_ROUNDS: u32 = 1000;
 
 fn rsa_spki(key: rsa::RsaPrivateKey) -> Result<Vec<u8>, String> {
     key.validate()
@@ -282,10 +254,11 @@ pub(crate) fn ssh_public_key(text: &str, passphrase: Option<&[u8]>) -> Result<St
             return Err("is encrypted: set key `passphrase`".into());
         };
         if let ssh_key::Kdf::Bcrypt { rounds, .. } = key.kdf()
-            && *rounds > MAX_BCRYPT_ROUNDS
+            && *rounds > super::kdf::MAX_BCRYPT_ROUNDS
         {
             return Err(format!(
-                "uses {rounds} bcrypt-pbkdf rounds; at most {MAX_BCRYPT_ROUNDS} are accepted"
+                "uses {rounds} bcrypt-pbkdf rounds; at most {} are accepted",
+                super::kdf::MAX_BCRYPT_ROUNDS
             ));
         }
         key.decrypt(passphrase)
@@ -298,6 +271,7 @@ pub(crate) fn ssh_public_key(text: &str, passphrase: Option<&[u8]>) -> Result<St
 
 /// Opens a PKCS#12 keystore with its password; it must hold at least one entry.
 pub(crate) fn keystore(data: &[u8], password: &str) -> Result<usize, String> {
+    super::kdf::check_pkcs12(data)?;
     let store = p12_keystore::KeyStore::from_pkcs12(
         data,
         password,

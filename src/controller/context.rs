@@ -5,6 +5,7 @@
 use super::backlog::Backlog;
 use super::events::Events;
 use super::own_writes::{SecretWrites, StatusWrites};
+use super::retry::Retries;
 use super::status::HasStatus;
 use super::stores::StoreRegistry;
 use crate::api::{ManagedSecret, Reason, SecretStore, StorePhase, VaultProfile};
@@ -62,6 +63,8 @@ pub struct Context {
     /// Counters and latencies (`/metrics`).
     pub metrics: Arc<Metrics>,
     pub health_checks: HealthChecks,
+    /// The backoff of failures the API server will repeat, per object.
+    pub retries: Retries,
 }
 
 impl Context {

@@ -3,7 +3,7 @@
 //!
 //! Dependencies among these modules run one way: `wiring` → the reconcilers
 //! (`managed_secret`, `vault_profile`, `secret_store`) → `migration`, `store_guard` →
-//! `context`, `status`, `events`, `own_writes`, `backlog`, `stores`.
+//! `context`, `status`, `events`, `own_writes`, `backlog`, `stores`, `retry`.
 
 mod backlog;
 mod context;
@@ -11,6 +11,7 @@ mod events;
 mod managed_secret;
 mod migration;
 mod own_writes;
+mod retry;
 mod secret_store;
 mod status;
 mod store_guard;

@@ -264,8 +264,15 @@ async fn rotation_events(
     }
 }
 
-pub fn error_policy(_store: Arc<SecretStore>, _error: &Error, _ctx: Arc<Context>) -> Action {
-    Action::requeue(Duration::from_secs(10))
+/// The object's key in [`Context::retries`].
+pub fn retry_key(store: &SecretStore) -> String {
+    format!("SecretStore {}", store.name_any())
+}
+
+/// Every 10 s; backing off to 5 min when the API server will refuse the same again.
+pub fn error_policy(store: Arc<SecretStore>, error: &Error, ctx: Arc<Context>) -> Action {
+    let key = retry_key(&store);
+    Action::requeue(ctx.retries.after(&key, error, Duration::from_secs(10)))
 }
 
 #[cfg(test)]

@@ -280,8 +280,15 @@ fn uses(ms: &ManagedSecret, name: &str) -> bool {
     }
 }
 
-pub fn error_policy(_profile: Arc<VaultProfile>, _error: &Error, _ctx: Arc<Context>) -> Action {
-    Action::requeue(Duration::from_secs(10))
+/// The object's key in [`Context::retries`].
+pub fn retry_key(profile: &VaultProfile) -> String {
+    format!("VaultProfile {}", profile.name_any())
+}
+
+/// Every 10 s; backing off to 5 min when the API server will refuse the same again.
+pub fn error_policy(profile: Arc<VaultProfile>, error: &Error, ctx: Arc<Context>) -> Action {
+    let key = retry_key(&profile);
+    Action::requeue(ctx.retries.after(&key, error, Duration::from_secs(10)))
 }
 
 #[cfg(test)]

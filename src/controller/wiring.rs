@@ -218,6 +218,7 @@ pub(super) async fn run_controllers(
     rt: &Runtime,
     stop: watch::Receiver<Option<Stopped>>,
 ) -> Result<()> {
+    log_panics_without_values();
     let keys = OperatorKeys::load_or_create(client.clone(), &config.operator_namespace)
         .await
         .map_err(crate::error::Error::kube(
@@ -329,6 +330,7 @@ pub(super) async fn run_controllers(
         keys,
         config: config.clone(),
         metrics: rt.metrics.clone(),
+        retries: Default::default(),
     });
     rt.metrics
         .watch_caches(ctx.caches.stores.clone(), ctx.caches.managed.clone());
@@ -442,26 +444,75 @@ fn watch_for_managed(
         )
 }
 
-// The reconcilers, counted and timed by kind.
+/// Replaces the default panic hook (which prints the panic's message, which may quote a
+/// value) with one that logs where the panic happened, and its message only when that is a
+/// literal (`&'static str`): a formatted message is dropped.
+fn log_panics_without_values() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        std::panic::set_hook(Box::new(|info| {
+            let message = info.payload().downcast_ref::<&'static str>().copied();
+            let location = info
+                .location()
+                .map(|l| format!("{}:{}", l.file(), l.line()));
+            tracing::error!(
+                location = location.as_deref().unwrap_or("unknown"),
+                message = message.unwrap_or("(formatted message withheld)"),
+                "panic"
+            );
+        }));
+    });
+}
+
+// The reconcilers, counted and timed by kind; a panic fails the one reconcile. One that
+// succeeds ends its object's backoff ([`retry`](super::retry)).
 async fn reconcile_store(obj: Arc<SecretStore>, ctx: Arc<Context>) -> Result<Action> {
-    let metrics = ctx.metrics.clone();
-    metrics
-        .reconcile("SecretStore", secret_store::reconcile(obj, ctx))
-        .await
+    let object = obj.name_any();
+    let key = secret_store::retry_key(&obj);
+    let result = ctx
+        .metrics
+        .reconcile(
+            "SecretStore",
+            object,
+            secret_store::reconcile(obj, ctx.clone()),
+        )
+        .await;
+    succeeded(&ctx, &key, result)
 }
 
 async fn reconcile_profile(obj: Arc<VaultProfile>, ctx: Arc<Context>) -> Result<Action> {
-    let metrics = ctx.metrics.clone();
-    metrics
-        .reconcile("VaultProfile", vault_profile::reconcile(obj, ctx))
-        .await
+    let object = obj.name_any();
+    let key = vault_profile::retry_key(&obj);
+    let result = ctx
+        .metrics
+        .reconcile(
+            "VaultProfile",
+            object,
+            vault_profile::reconcile(obj, ctx.clone()),
+        )
+        .await;
+    succeeded(&ctx, &key, result)
 }
 
 async fn reconcile_managed(obj: Arc<ManagedSecret>, ctx: Arc<Context>) -> Result<Action> {
-    let metrics = ctx.metrics.clone();
-    metrics
-        .reconcile("ManagedSecret", managed_secret::reconcile(obj, ctx))
-        .await
+    let object = format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any());
+    let key = managed_secret::retry_key(&obj);
+    let result = ctx
+        .metrics
+        .reconcile(
+            "ManagedSecret",
+            object,
+            managed_secret::reconcile(obj, ctx.clone()),
+        )
+        .await;
+    succeeded(&ctx, &key, result)
+}
+
+fn succeeded(ctx: &Context, key: &str, result: Result<Action>) -> Result<Action> {
+    if result.is_ok() {
+        ctx.retries.succeeded(key);
+    }
+    result
 }
 
 fn log_result<K: Resource, E: std::fmt::Display>(

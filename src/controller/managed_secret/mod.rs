@@ -9,6 +9,7 @@ mod apply;
 pub mod decide;
 #[cfg(test)]
 mod decide_tests;
+mod durations;
 mod native;
 mod observe;
 mod plan;
@@ -87,7 +88,7 @@ async fn sync(ms: &ManagedSecret, ctx: &Context) -> Result<Action> {
                     .await?;
             let again =
                 observe::observe(ms, ctx, StatusSeen::Stored(Box::new(status)), false).await;
-            match plan::plan(ms, again) {
+            match plan_of(ms, again).await {
                 Plan::Sync(mut p) => {
                     p.migration_failed |= failed;
                     Plan::Sync(p)
@@ -130,7 +131,7 @@ async fn sync(ms: &ManagedSecret, ctx: &Context) -> Result<Action> {
 async fn first_plan(ms: &ManagedSecret, ctx: &Context) -> Result<Plan> {
     let observed = observe::observe(ms, ctx, StatusSeen::Cached, true).await;
     let stale = observed.stale;
-    let planned = plan::plan(ms, observed);
+    let planned = plan_of(ms, observed).await;
     if !(stale && planned.decides_on_history()) {
         return Ok(planned);
     }
@@ -138,11 +139,21 @@ async fn first_plan(ms: &ManagedSecret, ctx: &Context) -> Result<Plan> {
     Ok(match planned {
         // A failure is recorded on the stored status, not observed again (its reads failed).
         Plan::Fail(f) => Plan::Fail(plan::failure(ms, stored, f.error)),
-        _ => plan::plan(
-            ms,
-            observe::observe(ms, ctx, StatusSeen::Stored(Box::new(stored)), true).await,
-        ),
+        _ => {
+            let again = observe::observe(ms, ctx, StatusSeen::Stored(Box::new(stored)), true).await;
+            plan_of(ms, again).await
+        }
     })
+}
+
+/// [`plan::plan`]; on a blocking thread (behind the CPU semaphore) when the type's
+/// validation parses keys or certificates or runs a KDF.
+async fn plan_of(ms: &ManagedSecret, observed: observe::Observation) -> Plan {
+    if !crate::content::cpu::is_heavy(ms.spec.type_) {
+        return plan::plan(ms, observed);
+    }
+    let ms = ms.clone();
+    crate::content::cpu::blocking(move || plan::plan(&ms, observed)).await
 }
 
 /// Records a failed sync: its status, an Event, a health check when a store failed.
@@ -248,11 +259,22 @@ async fn cleanup(ms: &ManagedSecret, ctx: &Context) -> Result<Action> {
     Ok(Action::await_change())
 }
 
-/// How long to wait before retrying after `error`.
-pub fn error_policy(_ms: Arc<ManagedSecret>, error: &Error, _ctx: Arc<Context>) -> Action {
-    Action::requeue(if error.is_transient() {
+/// The object's key in [`Context::retries`].
+pub fn retry_key(ms: &ManagedSecret) -> String {
+    format!(
+        "ManagedSecret {}/{}",
+        ms.namespace().unwrap_or_default(),
+        ms.name_any()
+    )
+}
+
+/// How long to wait before retrying after `error`: soon when transient, 30 s when the spec
+/// must change, backing off to 5 min when the API server will refuse the same again.
+pub fn error_policy(ms: Arc<ManagedSecret>, error: &Error, ctx: Arc<Context>) -> Action {
+    let otherwise = if error.is_transient() {
         Duration::from_secs(5)
     } else {
         Duration::from_secs(30)
-    })
+    };
+    Action::requeue(ctx.retries.after(&retry_key(&ms), error, otherwise))
 }

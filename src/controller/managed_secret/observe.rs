@@ -290,7 +290,7 @@ async fn observe_content(
                 }
             }
             (None, None, None, Some(spec)) => {
-                let decision = plan::generate_decision(ms, profile, status, current, now);
+                let decision = generate_decision(ms, profile, status, current, now).await;
                 let fresh = match decision {
                     GenerateDecision::UseStored => None,
                     GenerateDecision::Generate { .. } => {
@@ -300,12 +300,13 @@ async fn observe_content(
                             }
                             _ => None,
                         };
-                        let data = crate::content::generate_with(
+                        let data = crate::content::cpu::generate(
                             ms.spec.type_,
                             spec,
                             &ms.name_any(),
-                            issuer.as_ref(),
-                        )?;
+                            issuer,
+                        )
+                        .await?;
                         Some(value(data, fingerprint))
                     }
                 };
@@ -323,6 +324,26 @@ async fn observe_content(
             (None, None, None, None) => Content::Unset,
         },
     )
+}
+
+/// [`plan::generate_decision`]; on a blocking thread when validating the stored value
+/// parses keys or certificates.
+async fn generate_decision(
+    ms: &ManagedSecret,
+    profile: &VaultProfile,
+    status: &ManagedSecretStatus,
+    current: Option<&Read>,
+    now: jiff::Timestamp,
+) -> GenerateDecision {
+    if current.is_none() || !crate::content::cpu::is_heavy(ms.spec.type_) {
+        return plan::generate_decision(ms, profile, status, current, now);
+    }
+    let (ms, profile, status) = (ms.clone(), profile.clone(), status.clone());
+    let current = current.cloned();
+    crate::content::cpu::blocking(move || {
+        plan::generate_decision(&ms, &profile, &status, current.as_ref(), now)
+    })
+    .await
 }
 
 /// `ms` as the owner its stores record.

@@ -12,7 +12,7 @@ use super::native::{desired_secret, observe_native};
 use super::observe::{Content, Gathered, Observation, Read};
 use crate::api::{
     ConditionType, ManagedSecret, ManagedSecretPhase, ManagedSecretStatus, Reason, VaultProfile,
-    VersionRecord, condition, parse_duration, set_condition,
+    VersionRecord, condition, set_condition,
 };
 use crate::backend::VersionStamp;
 use crate::content;
@@ -177,12 +177,7 @@ fn rules(ms: &ManagedSecret, profile: &VaultProfile) -> content::Rules {
 
 fn rotation_input<'a>(ms: &'a ManagedSecret, status: &'a ManagedSecretStatus) -> RotationInput<'a> {
     RotationInput {
-        interval: ms
-            .spec
-            .rotation
-            .as_ref()
-            .and_then(|r| r.interval.as_deref())
-            .and_then(|d| parse_duration(d).ok()),
+        interval: super::durations::rotation_interval(ms),
         latest_created: status.versions.last().map(|r| r.created_at.0),
         requested: ms.annotations().get(ROTATE_ANNOTATION).map(String::as_str),
         handled: status.rotate_request.as_deref(),
@@ -277,6 +272,9 @@ pub fn plan(ms: &ManagedSecret, obs: Observation) -> Plan {
         gathered,
         ..
     } = obs;
+    if let Err(e) = super::durations::check(ms) {
+        return Plan::Fail(failure(ms, status, e));
+    }
     let mut gathered = match gathered {
         Ok(g) => g,
         Err(e) => return Plan::Fail(failure(ms, status, e)),

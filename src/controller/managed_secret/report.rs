@@ -4,11 +4,12 @@
 use super::decide::{
     Expiry, RestartDecision, StoreAction, VersionDecision, expiry, record_version,
 };
+use super::durations::{expiry_warning, refresh_interval, scaled};
 use super::plan::{SyncPlan, TargetStep};
 use crate::api::{
     ConditionType, ManagedSecret, ManagedSecretPhase, ManagedSecretStatus, Reason, SecretType,
-    TargetRole, TargetState, TargetStatus, condition, find_condition, parse_duration,
-    remove_condition, set_condition,
+    TargetRole, TargetState, TargetStatus, condition, find_condition, remove_condition,
+    set_condition,
 };
 use crate::controller::events::Note;
 use crate::error::Error;
@@ -16,8 +17,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::runtime::events::EventType;
 use std::time::Duration;
 
-const DEFAULT_REFRESH: Duration = Duration::from_secs(3600);
-const DEFAULT_EXPIRY_WARNING: Duration = Duration::from_secs(720 * 3600);
 /// How soon a failed sync target or migration step is tried again.
 const RETRY_SOON: Duration = Duration::from_secs(15);
 
@@ -327,28 +326,15 @@ fn synced_at(plan: &SyncPlan, store: &str, written: bool) -> Option<Time> {
     }
 }
 
-/// A duration field of the spec, or its default when unset (or unparsable).
-fn duration_or(field: Option<&str>, default: Duration) -> Duration {
-    field
-        .and_then(|d| parse_duration(d).ok())
-        .unwrap_or(default)
-}
-
-fn refresh_interval(ms: &ManagedSecret) -> Duration {
-    duration_or(ms.spec.refresh_interval.as_deref(), DEFAULT_REFRESH)
-}
-
-fn expiry_warning(ms: &ManagedSecret) -> Duration {
-    duration_or(ms.spec.expiry_warning.as_deref(), DEFAULT_EXPIRY_WARNING)
-}
-
 /// When to reconcile again: the refresh interval (jittered), or sooner when a rotation is
 /// due or the value enters its expiry warning window.
 pub fn wake_after(ms: &ManagedSecret, plan: &SyncPlan) -> Duration {
-    let mut wake = refresh_interval(ms).mul_f64(plan.jitter);
+    let mut wake = scaled(refresh_interval(ms), plan.jitter);
     let now = plan.now;
     let until = |t: jiff::Timestamp| {
-        Duration::try_from(t.duration_since(now)).unwrap_or(Duration::ZERO) + Duration::from_secs(1)
+        Duration::try_from(t.duration_since(now))
+            .unwrap_or(Duration::ZERO)
+            .saturating_add(Duration::from_secs(1))
     };
     if let Some(due) = plan.next_rotation {
         wake = wake.min(until(due));

@@ -1,0 +1,321 @@
+//! Caps on the key derivation costs an uploaded value asks for, checked before anything
+//! is derived: one value must not make the operator spend minutes of CPU or more memory
+//! than its pod has.
+//!
+//! - scrypt: at most [`MAX_KDF_MEMORY`] (64 MiB: `N * r * 128` bytes) and `p <= 16`;
+//! - PBKDF2 of an encrypted PKCS#8 key: at most [`MAX_PBKDF2_ITERATIONS`] (10,000,000);
+//! - PKCS#12: every iteration count in the keystore (its MAC, PBES1/PBES2 schemes) at most
+//!   [`MAX_PKCS12_ITERATIONS`] (1,000,000, the cap of the p12-keystore crate itself);
+//! - bcrypt-pbkdf of an OpenSSH key: at most [`MAX_BCRYPT_ROUNDS`] (1000).
+//!
+//! A PKCS#12 is checked as far as it can be read before decrypting (its MAC, the schemes
+//! of its encrypted safes, its shrouded keys outside them). The schemes of keys inside an
+//! encrypted safe are seen only once that safe is decrypted, by p12-keystore, whose caps
+//! (1,000,000 iterations, scrypt 1 GiB) apply to them.
+
+use pkcs8::ObjectIdentifier;
+
+pub const MAX_PBKDF2_ITERATIONS: u32 = 10_000_000;
+pub const MAX_PKCS12_ITERATIONS: u128 = 1_000_000;
+pub const MAX_KDF_MEMORY: u128 = 64 << 20;
+pub const MAX_SCRYPT_PARALLELISM: u128 = 16;
+/// OpenSSH's default is 16 rounds; `ssh-keygen -a 100` is common.
+pub const MAX_BCRYPT_ROUNDS: u32 = 1000;
+
+const OID_PBKDF2: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.5.12");
+const OID_SCRYPT: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.6.1.4.1.11591.4.11");
+/// PKCS#12 PBE schemes (pbeWithSHAAnd...): `1.2.840.113549.1.12.1.n`.
+const OID_PKCS12_PBE: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.12.1");
+/// PKCS#5 PBES1 schemes: `1.2.840.113549.1.5.n`, n in 1, 3, 4, 6, 10, 11.
+const OID_PKCS5: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.5");
+
+/// Why scrypt parameters `n`, `r`, `p` are refused, if they are.
+fn scrypt_problem(n: u128, r: u128, p: u128) -> Option<String> {
+    let memory = n.saturating_mul(r).saturating_mul(128);
+    (memory > MAX_KDF_MEMORY || p > MAX_SCRYPT_PARALLELISM).then(|| {
+        format!(
+            "uses scrypt parameters above the accepted cost (N*r*128 = {} MiB; at most 64 MiB, p <= 16)",
+            memory >> 20
+        )
+    })
+}
+
+/// The KDF of an encrypted PKCS#8 key, within the caps.
+pub fn check_pkcs8(info: &pkcs8::EncryptedPrivateKeyInfo<'_>) -> Result<(), String> {
+    use pkcs8::pkcs5::pbes2::Kdf;
+    let Some(pbes2) = info.encryption_algorithm.pbes2() else {
+        return Ok(());
+    };
+    match &pbes2.kdf {
+        Kdf::Pbkdf2(p) if p.iteration_count > MAX_PBKDF2_ITERATIONS => Err(format!(
+            "uses {} PBKDF2 iterations; at most {MAX_PBKDF2_ITERATIONS} are accepted",
+            p.iteration_count
+        )),
+        Kdf::Scrypt(p) => match scrypt_problem(
+            u128::from(p.cost_parameter),
+            u128::from(p.block_size),
+            u128::from(p.parallelization),
+        ) {
+            Some(problem) => Err(problem),
+            None => Ok(()),
+        },
+        _ => Ok(()),
+    }
+}
+
+/// One DER element: its tag byte and contents; the bytes after it.
+fn element(der: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = der.split_first()?;
+    if tag & 0x1f == 0x1f {
+        return None; // multi-byte tags: not in these structures
+    }
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None; // indefinite (BER) or absurd lengths
+        }
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+        (len, &rest[n..])
+    };
+    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+}
+
+/// The elements `der` consists of, when it is nothing but well-formed DER elements.
+fn elements(mut der: &[u8]) -> Option<Vec<(u8, &[u8])>> {
+    let mut out = vec![];
+    while !der.is_empty() {
+        let (tag, content, rest) = element(der)?;
+        out.push((tag, content));
+        der = rest;
+    }
+    Some(out)
+}
+
+const SEQUENCE: u8 = 0x30;
+const INTEGER: u8 = 0x02;
+const OCTET_STRING: u8 = 0x04;
+const OID: u8 = 0x06;
+
+/// An INTEGER's value (saturating; a negative one is 0).
+fn integer((tag, content): (u8, &[u8])) -> Option<u128> {
+    if tag != INTEGER || content.is_empty() {
+        return None;
+    }
+    if content[0] & 0x80 != 0 {
+        return Some(0);
+    }
+    let digits: Vec<u8> = content.iter().copied().skip_while(|b| *b == 0).collect();
+    if digits.len() > 16 {
+        return Some(u128::MAX);
+    }
+    Some(
+        digits
+            .iter()
+            .fold(0u128, |acc, b| (acc << 8) | u128::from(*b)),
+    )
+}
+
+/// Why the algorithm `oid` with `params` costs too much, if it does.
+fn algorithm_problem(oid: &[u8], params: Option<(u8, &[u8])>) -> Option<String> {
+    let fields = params
+        .filter(|(tag, _)| *tag == SEQUENCE)
+        .and_then(|(_, content)| elements(content))
+        .unwrap_or_default();
+    let int = |i: usize| fields.get(i).copied().and_then(integer);
+    let iterations = |n: Option<u128>| {
+        n.filter(|n| *n > MAX_PKCS12_ITERATIONS).map(|n| {
+            format!("uses {n} key derivation iterations; at most {MAX_PKCS12_ITERATIONS} are accepted in a PKCS#12 keystore")
+        })
+    };
+    let under = |arc: ObjectIdentifier| {
+        oid.len() == arc.as_bytes().len() + 1 && oid.starts_with(arc.as_bytes())
+    };
+    if oid == OID_SCRYPT.as_bytes() {
+        // salt, N, r, p [, keyLength]
+        scrypt_problem(int(1)?, int(2)?, int(3)?)
+    } else if oid == OID_PBKDF2.as_bytes() || under(OID_PKCS12_PBE) || under(OID_PKCS5) {
+        // salt, iterationCount, ...
+        iterations(int(1))
+    } else {
+        None
+    }
+}
+
+/// Walks `der` (at most `depth` levels more, into OCTET STRINGs that hold DER too),
+/// checking every algorithm identifier it can see.
+fn walk(der: &[u8], depth: u8) -> Result<(), String> {
+    let Some(items) = elements(der) else {
+        return Ok(()); // not DER (ciphertext, text): nothing to see
+    };
+    if depth == 0 {
+        return Ok(());
+    }
+    for (tag, content) in items {
+        if tag & 0x20 != 0 {
+            if tag == SEQUENCE
+                && let Some(children) = elements(content)
+                && let Some((OID, oid)) = children.first().copied()
+                && let Some(problem) = algorithm_problem(oid, children.get(1).copied())
+            {
+                return Err(problem);
+            }
+            walk(content, depth - 1)?;
+        } else if tag == OCTET_STRING {
+            walk(content, depth - 1)?;
+        }
+    }
+    Ok(())
+}
+
+/// The costs a PKCS#12 keystore asks for (as far as they can be read before decrypting),
+/// within the caps.
+pub fn check_pkcs12(der: &[u8]) -> Result<(), String> {
+    // PFX: version, authSafe, macData { mac, macSalt, iterations DEFAULT 1 }.
+    if let Some((SEQUENCE, pfx, _)) = element(der)
+        && let Some(fields) = elements(pfx)
+        && let Some((SEQUENCE, mac_data)) = fields.get(2).copied()
+        && let Some(mac) = elements(mac_data)
+        && let Some(n) = mac.get(2).copied().and_then(integer)
+        && n > MAX_PKCS12_ITERATIONS
+    {
+        return Err(format!(
+            "uses {n} MAC iterations; at most {MAX_PKCS12_ITERATIONS} are accepted"
+        ));
+    }
+    walk(der, 24)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A DER element of `tag` holding `content`.
+    fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        match content.len() {
+            n if n < 0x80 => out.push(n as u8),
+            n if n < 0x100 => out.extend([0x81, n as u8]),
+            n => out.extend([0x82, (n >> 8) as u8, n as u8]),
+        }
+        out.extend_from_slice(content);
+        out
+    }
+
+    fn seq(parts: &[Vec<u8>]) -> Vec<u8> {
+        tlv(SEQUENCE, &parts.concat())
+    }
+
+    fn int(n: u64) -> Vec<u8> {
+        let bytes: Vec<u8> = n
+            .to_be_bytes()
+            .into_iter()
+            .skip_while(|b| *b == 0)
+            .collect();
+        let mut content = if bytes.first().is_none_or(|b| b & 0x80 != 0) {
+            vec![0]
+        } else {
+            vec![]
+        };
+        content.extend(bytes);
+        tlv(INTEGER, &content)
+    }
+
+    fn oid(o: ObjectIdentifier) -> Vec<u8> {
+        tlv(OID, o.as_bytes())
+    }
+
+    /// A PFX whose MAC uses `mac_iterations` and whose authSafe holds `inner` as a plain
+    /// (data) safe.
+    fn pfx(inner: Vec<u8>, mac_iterations: u64) -> Vec<u8> {
+        let data = ObjectIdentifier::new_unwrap("1.2.840.113549.1.7.1");
+        let sha256 = ObjectIdentifier::new_unwrap("2.16.840.1.101.3.4.2.1");
+        let safe = seq(&[oid(data), tlv(0xa0, &tlv(OCTET_STRING, &seq(&[inner])))]);
+        let auth_safe = seq(&[oid(data), tlv(0xa0, &tlv(OCTET_STRING, &seq(&[safe])))]);
+        let mac = seq(&[
+            seq(&[
+                seq(&[oid(sha256), tlv(0x05, &[])]),
+                tlv(OCTET_STRING, &[0; 32]),
+            ]),
+            tlv(OCTET_STRING, &[1; 8]),
+            int(mac_iterations),
+        ]);
+        seq(&[int(3), auth_safe, mac])
+    }
+
+    /// A shrouded key bag encrypted with PBES2 over `kdf`.
+    fn shrouded_key(kdf: Vec<u8>) -> Vec<u8> {
+        let pbes2 = ObjectIdentifier::new_unwrap("1.2.840.113549.1.5.13");
+        let aes = ObjectIdentifier::new_unwrap("2.16.840.1.101.3.4.1.42");
+        let scheme = seq(&[oid(aes), tlv(OCTET_STRING, &[0; 16])]);
+        let epki = seq(&[
+            seq(&[oid(pbes2), seq(&[kdf, scheme])]),
+            tlv(OCTET_STRING, &[0; 48]),
+        ]);
+        let bag = ObjectIdentifier::new_unwrap("1.2.840.113549.1.12.10.1.2");
+        seq(&[oid(bag), tlv(0xa0, &epki)])
+    }
+
+    fn scrypt(n: u64, r: u64, p: u64) -> Vec<u8> {
+        seq(&[
+            oid(OID_SCRYPT),
+            seq(&[tlv(OCTET_STRING, &[2; 16]), int(n), int(r), int(p)]),
+        ])
+    }
+
+    fn pbkdf2(iterations: u64) -> Vec<u8> {
+        seq(&[
+            oid(OID_PBKDF2),
+            seq(&[tlv(OCTET_STRING, &[2; 16]), int(iterations)]),
+        ])
+    }
+
+    #[test]
+    fn pkcs12_costs_are_capped_before_deriving() {
+        check_pkcs12(&pfx(shrouded_key(scrypt(1 << 14, 8, 1)), 2048)).unwrap();
+        check_pkcs12(&pfx(shrouded_key(pbkdf2(600_000)), 1_000_000)).unwrap();
+        let e = check_pkcs12(&pfx(shrouded_key(scrypt(1 << 20, 8, 1)), 2048)).unwrap_err();
+        assert!(e.contains("1024 MiB; at most 64 MiB"), "{e}");
+        let e = check_pkcs12(&pfx(shrouded_key(scrypt(1 << 10, 8, 64)), 2048)).unwrap_err();
+        assert!(e.contains("p <= 16"), "{e}");
+        let e = check_pkcs12(&pfx(shrouded_key(pbkdf2(1_000_001)), 2048)).unwrap_err();
+        assert!(e.contains("1000001 key derivation iterations"), "{e}");
+        let e = check_pkcs12(&pfx(shrouded_key(pbkdf2(1)), 20_000_000)).unwrap_err();
+        assert!(e.contains("20000000 MAC iterations"), "{e}");
+        let huge = seq(&[
+            oid(OID_PBKDF2),
+            seq(&[tlv(OCTET_STRING, &[2]), tlv(INTEGER, &[0x7f; 40])]),
+        ]);
+        assert!(check_pkcs12(&pfx(shrouded_key(huge), 1)).is_err());
+    }
+
+    #[test]
+    fn a_keystore_value_is_checked_before_it_is_opened() {
+        let store = pfx(shrouded_key(scrypt(1 << 20, 8, 1)), 2048);
+        let value: crate::secret_data::SecretData =
+            [("keystore.p12", store), ("password", b"pw".to_vec())]
+                .into_iter()
+                .collect();
+        let e = super::super::validate(crate::api::SecretType::Keystore, &value)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at most 64 MiB"), "{e}");
+    }
+
+    #[test]
+    fn anything_that_is_not_der_is_left_to_the_parser() {
+        for junk in [
+            &b""[..],
+            b"\x30\x80\x00\x00",
+            b"\x30\x05\x02",
+            b"not der at all",
+            &[0xff; 64],
+        ] {
+            check_pkcs12(junk).unwrap();
+        }
+    }
+}

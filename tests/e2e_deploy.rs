@@ -355,6 +355,7 @@ fn chart_lints_and_manifests_are_the_rendered_chart() {
     assert!(confined.contains("name: keyhaven-workloads\n  namespace: apps"));
     assert!(!confined.contains("name: keyhaven-workloads\n  labels"));
     roles_for_people_grant_keyhaven_kinds_only(&rendered);
+    webhooks_cover_keyhaven_kinds_only(&rendered);
     let off = run_helm(&[
         "template",
         "keyhaven",
@@ -399,6 +400,42 @@ fn chart_lints_and_manifests_are_the_rendered_chart() {
         ),
         "{hsm}"
     );
+}
+
+/// The chart's webhook configurations: keyhaven's kinds only (never Secrets, Namespaces or
+/// workloads: a keyhaven outage must not lock a cluster), failing closed, through the
+/// Service; the operator may patch only these two configurations; a PodDisruptionBudget.
+fn webhooks_cover_keyhaven_kinds_only(rendered: &str) {
+    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(rendered)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    let mut seen = 0;
+    for kind in ["ValidatingWebhookConfiguration", "MutatingWebhookConfiguration"] {
+        for doc in docs.iter().filter(|d| d["kind"] == kind) {
+            seen += 1;
+            for hook in doc["webhooks"].as_sequence().unwrap() {
+                assert_eq!(hook["failurePolicy"], "Fail", "{hook:?}");
+                assert!(hook["clientConfig"]["service"]["name"].is_string());
+                for rule in hook["rules"].as_sequence().unwrap() {
+                    let groups = rule["apiGroups"].as_sequence().unwrap();
+                    assert!(groups.iter().all(|g| g == "keyhaven.io"), "{rule:?}");
+                }
+            }
+        }
+    }
+    assert_eq!(seen, 2, "one validating and one mutating configuration");
+    let role = docs
+        .iter()
+        .find(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == "keyhaven")
+        .unwrap();
+    let webhook_rule = role["rules"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|r| r["apiGroups"][0] == "admissionregistration.k8s.io")
+        .expect("the operator patches its webhook configurations' caBundle");
+    assert_eq!(webhook_rule["resourceNames"][0], "keyhaven");
+    assert!(docs.iter().any(|d| d["kind"] == "PodDisruptionBudget"));
 }
 
 /// The chart's ClusterRoles for people: aggregated into view, edit and admin (the platform
@@ -468,6 +505,10 @@ async fn helm_install_grants_the_operator_enough_and_no_more() {
         &format!("watchNamespace={}", fx.ns),
         "--set",
         &selector,
+        // Its webhook configurations would call a Service no pod backs on the bed (no
+        // kubelet), for every ManagedSecret of the cluster: e2e_webhook tests the webhook.
+        "--set",
+        "webhook.enabled=false",
     ]);
     let _release = Release {
         name: release.clone(),

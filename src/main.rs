@@ -103,6 +103,10 @@ struct RunArgs {
     /// current (unset: someone else does, e.g. cert-manager's CA injector).
     #[arg(long, env = "KEYHAVEN_WEBHOOK_CONFIG_NAME")]
     webhook_config_name: Option<String>,
+    /// Serve the certificate another issuer (cert-manager) keeps in this Secret of
+    /// `--namespace` instead of issuing one.
+    #[arg(long, env = "KEYHAVEN_WEBHOOK_CERT_SECRET")]
+    webhook_cert_secret: Option<String>,
     /// Elect a leader on a Lease before reconciling (for more than one replica).
     #[arg(long, env = "KEYHAVEN_LEADER_ELECT", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     leader_elect: bool,
@@ -196,6 +200,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 service: args.webhook_service.clone(),
                 hosts: args.webhook_hosts.clone(),
                 config_name: args.webhook_config_name.clone(),
+                cert_secret: args.webhook_cert_secret.clone(),
             };
             let stop = async {
                 let _ = webhook_stop.await;

@@ -410,7 +410,10 @@ fn webhooks_cover_keyhaven_kinds_only(rendered: &str) {
         .map(|d| serde::Deserialize::deserialize(d).unwrap())
         .collect();
     let mut seen = 0;
-    for kind in ["ValidatingWebhookConfiguration", "MutatingWebhookConfiguration"] {
+    for kind in [
+        "ValidatingWebhookConfiguration",
+        "MutatingWebhookConfiguration",
+    ] {
         for doc in docs.iter().filter(|d| d["kind"] == kind) {
             seen += 1;
             for hook in doc["webhooks"].as_sequence().unwrap() {

@@ -313,6 +313,36 @@ pub async fn ensure(client: &Client, namespace: &str, subject: &Subject) -> Resu
     }
 }
 
+/// The certificate someone else issues (cert-manager) into the Secret `name`: `tls.crt`,
+/// `tls.key` and, if present, `ca.crt`. keyhaven only reads it (and reloads it when it
+/// changes).
+pub async fn external(client: &Client, namespace: &str, name: &str) -> Result<Stored> {
+    let object = format!("Secret {namespace}/{name}");
+    let secret = Api::<Secret>::namespaced(client.clone(), namespace)
+        .get(name)
+        .await
+        .map_err(Error::kube(Verb::Read, object.clone()))?;
+    let data = secret.data.unwrap_or_default();
+    let text = |k: &str| {
+        data.get(k)
+            .and_then(|b| String::from_utf8(b.0.clone()).ok())
+    };
+    let missing = |k: &str| {
+        Error::config(
+            crate::api::Reason::WebhookCertificateFailed,
+            format!("{object} has no {k}"),
+        )
+    };
+    let ca = text("ca.crt").unwrap_or_default();
+    Ok(Stored {
+        ca_bundle: ca.clone(),
+        ca_cert: ca,
+        ca_key: Zeroizing::new(String::new()),
+        cert: text("tls.crt").ok_or_else(|| missing("tls.crt"))?,
+        key: Zeroizing::new(text("tls.key").ok_or_else(|| missing("tls.key"))?),
+    })
+}
+
 /// Sets `caBundle` of every webhook of the configurations named `name` (validating and
 /// mutating) to `bundle`; a configuration that does not exist is skipped.
 pub async fn patch_ca_bundles(client: &Client, name: &str, bundle: &str) -> Result<()> {

@@ -36,6 +36,23 @@ pub struct WebhookConfig {
     pub hosts: Vec<String>,
     /// The Validating/MutatingWebhookConfiguration whose `caBundle` keyhaven keeps current.
     pub config_name: Option<String>,
+    /// Serve the certificate another issuer keeps in this Secret of `namespace`
+    /// (cert-manager) instead of issuing one.
+    pub cert_secret: Option<String>,
+}
+
+impl WebhookConfig {
+    /// The certificate in force: issued and renewed by keyhaven, or read from `cert_secret`.
+    async fn certificate(&self, client: &Client) -> crate::error::Result<certs::Stored> {
+        match &self.cert_secret {
+            Some(name) => certs::external(client, &self.namespace, name).await,
+            None => {
+                let subject =
+                    certs::Subject::new(self.service.as_deref(), &self.namespace, &self.hosts);
+                certs::ensure(client, &self.namespace, &subject).await
+            }
+        }
+    }
 }
 
 /// How often the certificate and the configurations' `caBundle` are checked.
@@ -54,8 +71,7 @@ pub async fn serve(
     client: Client,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> crate::error::Result<tokio::task::JoinHandle<()>> {
-    let subject = certs::Subject::new(config.service.as_deref(), &config.namespace, &config.hosts);
-    let stored = certs::ensure(&client, &config.namespace, &subject).await?;
+    let stored = config.certificate(&client).await?;
     let tls = RustlsConfig::from_pem(
         stored.cert.clone().into_bytes(),
         stored.key.as_bytes().to_vec(),
@@ -108,10 +124,9 @@ async fn keep_current(
     tls: RustlsConfig,
     mut current: certs::Stored,
 ) {
-    let subject = certs::Subject::new(config.service.as_deref(), &config.namespace, &config.hosts);
     loop {
         tokio::time::sleep(CHECK_EVERY).await;
-        match certs::ensure(&client, &config.namespace, &subject).await {
+        match config.certificate(&client).await {
             Ok(stored) if stored != current => {
                 match tls
                     .reload_from_pem(

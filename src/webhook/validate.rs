@@ -18,6 +18,8 @@ pub const MAX_VALIDITY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 pub const MIN_REFRESH: Duration = Duration::from_secs(10);
 /// The shortest `rotation.interval`, unless the profile sets a lower one (not below 1 min).
 pub const MIN_ROTATION: Duration = Duration::from_secs(3600);
+/// The longest `spec.reason` (recorded with every version it makes).
+pub const MAX_REASON_CHARS: usize = 1024;
 const FLOOR_REFRESH: Duration = Duration::from_secs(1);
 const FLOOR_ROTATION: Duration = Duration::from_secs(60);
 
@@ -66,6 +68,19 @@ pub fn managed_secret(ms: &ManagedSecret, facts: &Facts<'_>) -> (Vec<Refusal>, V
         durations(ms, profile, &mut out);
     }
     generate(ms, &mut out);
+    // Copied into every version record: bounded so the status stays small.
+    if let Some(reason) = &ms.spec.reason
+        && reason.chars().count() > MAX_REASON_CHARS
+    {
+        refuse(
+            &mut out,
+            "spec.reason",
+            format!(
+                "{} characters is over the maximum {MAX_REASON_CHARS}",
+                reason.chars().count()
+            ),
+        );
+    }
     if ms.spec.rollback_to == Some(0) {
         refuse(
             &mut out,

@@ -23,7 +23,7 @@ pub struct Fixture {
     /// The test's namespace: its ManagedSecrets and native Secrets live here.
     pub ns: String,
     pub op: Operator,
-    kubeconfig: std::path::PathBuf,
+    pub kubeconfig: std::path::PathBuf,
     /// Extra namespaces the test made (kubernetes stores), deleted at the end.
     extra_namespaces: std::sync::Mutex<Vec<String>>,
 }

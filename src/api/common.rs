@@ -51,6 +51,22 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
+/// The bytes `c` takes in the JSON the API server stores (Go's `encoding/json`, which
+/// escapes `<`, `>`, `&`, U+2028, U+2029 and control characters as `\u00XX`).
+fn stored_len(c: char) -> usize {
+    match c {
+        '"' | '\\' | '\n' | '\r' | '\t' => 2,
+        '<' | '>' | '&' | '\u{2028}' | '\u{2029}' => 6,
+        c if (c as u32) < 0x20 => 6,
+        c => c.len_utf8(),
+    }
+}
+
+/// The bytes `text` takes in the JSON the API server stores, quotes left out.
+pub fn stored_text_len(text: &str) -> usize {
+    text.chars().map(stored_len).sum()
+}
+
 /// A reference to a key of a Kubernetes Secret.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]

@@ -380,7 +380,9 @@ pub struct ManagedSecretStatus {
     /// When the current value expires (api-key `expires-at`, certificate notAfter, jwt `exp`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<Time>,
-    /// The last `keyhaven.io/rotate` annotation value acted on.
+    /// The last `keyhaven.io/rotate` annotation value acted on (see
+    /// [`rotate_request_record`]: a value longer than 253 characters is recorded by its
+    /// SHA-256).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotate_request: Option<String>,
     /// The version the rolloutRestartTargets were last restarted (or first seen) for.
@@ -479,6 +481,25 @@ named_enum! {
     }
 }
 
+/// The longest `keyhaven.io/rotate` value recorded as it is in `status.rotateRequest`.
+pub const MAX_ROTATE_REQUEST: usize = 253;
+
+/// How a `keyhaven.io/rotate` annotation value is recorded in `status.rotateRequest`: as it
+/// is, or, longer than [`MAX_ROTATE_REQUEST`] (stored) bytes (annotations may hold 256 KiB),
+/// as `sha256:<hex>` of it, so the record stays small and still tells a new request from
+/// one acted on.
+pub fn rotate_request_record(value: &str) -> String {
+    if super::common::stored_text_len(value) <= MAX_ROTATE_REQUEST {
+        value.to_owned()
+    } else {
+        use sha2::Digest;
+        format!(
+            "sha256:{}",
+            hex::encode(sha2::Sha256::digest(value.as_bytes()))
+        )
+    }
+}
+
 impl ManagedSecret {
     /// The secret object's path in the stores: `spec.path` or `<namespace>/<name>`.
     pub fn store_path(&self) -> String {
@@ -490,6 +511,16 @@ impl ManagedSecret {
                 self.metadata.name.as_deref().unwrap_or_default()
             ),
         }
+    }
+
+    /// The `keyhaven.io/rotate` annotation as `status.rotateRequest` records it once acted
+    /// on ([`rotate_request_record`]).
+    pub fn rotate_request(&self) -> Option<String> {
+        self.metadata
+            .annotations
+            .as_ref()?
+            .get(crate::labels::ROTATE_ANNOTATION)
+            .map(|v| rotate_request_record(v))
     }
 
     /// The native Secret's name: `spec.target.name` or the ManagedSecret's name.

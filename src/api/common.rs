@@ -51,6 +51,40 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
+/// The longest object name: a DNS subdomain (Secrets, ConfigMaps, ServiceAccounts,
+/// workloads, VaultProfiles, ManagedSecrets).
+pub const MAX_NAME: usize = 253;
+/// The longest namespace name (a DNS label).
+pub const MAX_NAMESPACE: usize = 63;
+/// The longest SecretStore name (it is used as a label value).
+pub const MAX_STORE_NAME: usize = 63;
+/// The longest key of a Secret's or a ConfigMap's data.
+pub const MAX_DATA_KEY: usize = 253;
+/// The longest label or annotation key: a 253-character prefix, `/` and a 63-character name.
+pub const MAX_LABEL_KEY: usize = 317;
+/// The longest label value.
+pub const MAX_LABEL_VALUE: usize = 63;
+/// The longest secret path in the stores (and the longest store-side path: mounts, auth
+/// mounts, Vault namespaces).
+pub const MAX_PATH: usize = 200;
+/// The longest Go duration text (`876000h` is 7 characters; `1h2m3s4ms` spelled out is 32).
+pub const MAX_DURATION_TEXT: usize = 32;
+/// The longest timestamp (`format: date-time`; RFC 3339 with nanoseconds and an offset is
+/// 35 characters).
+pub const MAX_TIME: usize = 64;
+/// The longest free-text message in a status (a condition's, a store's, a target's).
+pub const MAX_MESSAGE: usize = 4096;
+/// The longest message of one store's entry in `ManagedSecret.status.targets`.
+pub const MAX_TARGET_MESSAGE: usize = 1024;
+/// The longest reason recorded with a version (`spec.reason`), and the longest condition
+/// reason (as Kubernetes' own `Condition` has it).
+pub const MAX_REASON: usize = 1024;
+/// The longest user name recorded as a version's author (a ServiceAccount's
+/// `system:serviceaccount:<namespace>:<name>` is at most 339).
+pub const MAX_USER: usize = 512;
+/// The most conditions one object's status lists (keyhaven writes at most 4 per kind).
+pub const MAX_CONDITIONS: usize = 16;
+
 /// The bytes `c` takes in the JSON the API server stores (Go's `encoding/json`, which
 /// escapes `<`, `>`, `&`, U+2028, U+2029 and control characters as `\u00XX`).
 fn stored_len(c: char) -> usize {
@@ -66,6 +100,58 @@ fn stored_len(c: char) -> usize {
 pub fn stored_text_len(text: &str) -> usize {
     text.chars().map(stored_len).sum()
 }
+
+/// Cuts `text` so that it takes at most `max` bytes in the JSON the API server stores
+/// (hence also at most `max` characters, Kubernetes' `maxLength`), ending with `…` when
+/// something was cut. Every free text keyhaven writes into a status (an error message, a
+/// user name, a reason copied from a spec) goes through it, so the status's size is bounded
+/// by its schema's `maxLength`s read as bytes, whatever characters the text has.
+pub fn clamp_text(text: &mut String, max: usize) {
+    if stored_text_len(text) <= max {
+        return;
+    }
+    let budget = max.saturating_sub(stored_len('…'));
+    let mut used = 0;
+    let cut = text
+        .char_indices()
+        .find(|(_, c)| {
+            used += stored_len(*c);
+            used > budget
+        })
+        .map_or(text.len(), |(i, _)| i);
+    text.truncate(cut);
+    if max >= stored_len('…') {
+        text.push('…');
+    }
+}
+
+/// [`clamp_text`] on an optional text.
+pub fn clamp_opt(text: &mut Option<String>, max: usize) {
+    if let Some(t) = text {
+        clamp_text(t, max);
+    }
+}
+
+/// A status that can be brought within its CRD schema's bounds before it is written, so a
+/// long error message or a long user name shortens the text instead of failing the write.
+pub trait ClampToSchema {
+    /// Cuts every text and list of the status to its schema's maximum.
+    fn clamp_to_schema(&mut self);
+}
+
+/// Clamps the conditions of a status: at most [`MAX_CONDITIONS`] of them (the first), each
+/// field within [`conditions_schema`]'s bounds.
+pub fn clamp_conditions(conditions: &mut Vec<Condition>) {
+    conditions.truncate(MAX_CONDITIONS);
+    for c in conditions {
+        clamp_text(&mut c.type_, MAX_CONDITION_TYPE);
+        clamp_text(&mut c.reason, MAX_REASON);
+        clamp_text(&mut c.message, MAX_MESSAGE);
+    }
+}
+
+/// The longest condition type (`<prefix>/<CamelCase>`, as Kubernetes' own `Condition`).
+const MAX_CONDITION_TYPE: usize = 316;
 
 /// A reference to a key of a Kubernetes Secret.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
@@ -164,7 +250,8 @@ pub fn set_condition(conditions: &mut Vec<Condition>, mut condition: Condition) 
     }
 }
 
-/// A condition of `type_` with the given truth, reason and message, stamped now.
+/// A condition of `type_` with the given truth, reason and message (cut to
+/// [`MAX_MESSAGE`]), stamped now.
 pub fn condition(
     type_: ConditionType,
     ok: bool,
@@ -172,11 +259,13 @@ pub fn condition(
     message: impl Into<String>,
     generation: Option<i64>,
 ) -> Condition {
+    let mut message = message.into();
+    clamp_text(&mut message, MAX_MESSAGE);
     Condition {
         type_: type_.as_str().into(),
         status: if ok { "True" } else { "False" }.into(),
         reason: reason.as_str().into(),
-        message: message.into(),
+        message,
         observed_generation: generation,
         last_transition_time: now(),
     }

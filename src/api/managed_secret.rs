@@ -5,7 +5,10 @@
 // duplicated attribute.
 #![allow(clippy::duplicated_attributes)]
 
-use super::common::{DURATION_PATTERN, conditions_schema, named_enum};
+use super::common::{
+    ClampToSchema, DURATION_PATTERN, MAX_REASON, MAX_TARGET_MESSAGE, MAX_USER, clamp_conditions,
+    clamp_opt, clamp_text, conditions_schema, named_enum,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -481,13 +484,18 @@ named_enum! {
     }
 }
 
+/// The most versions `status.versions` lists: the largest `history.keep`.
+pub const MAX_VERSIONS: usize = 100;
+/// The most stores `status.targets` lists (a profile has a source and at most 32 sync
+/// targets).
+pub const MAX_TARGETS: usize = 64;
 /// The longest `keyhaven.io/rotate` value recorded as it is in `status.rotateRequest`.
 pub const MAX_ROTATE_REQUEST: usize = 253;
 
 /// How a `keyhaven.io/rotate` annotation value is recorded in `status.rotateRequest`: as it
 /// is, or, longer than [`MAX_ROTATE_REQUEST`] (stored) bytes (annotations may hold 256 KiB),
-/// as `sha256:<hex>` of it, so the record stays small and still tells a new request from
-/// one acted on.
+/// as `sha256:<hex>` of it, so the record stays within the schema and still tells a new
+/// request from one acted on.
 pub fn rotate_request_record(value: &str) -> String {
     if super::common::stored_text_len(value) <= MAX_ROTATE_REQUEST {
         value.to_owned()
@@ -497,6 +505,39 @@ pub fn rotate_request_record(value: &str) -> String {
             "sha256:{}",
             hex::encode(sha2::Sha256::digest(value.as_bytes()))
         )
+    }
+}
+
+/// The worst case, computed from the CRD's schema by `tests/crds.rs` (which holds it below
+/// 512 KiB): every field present and at its maximum, the status is 367,883 bytes (359 KiB)
+/// of JSON:
+///
+/// | part | at most | each (bytes) | in all |
+/// | --- | --- | --- | --- |
+/// | `versions` | [`MAX_VERSIONS`] = 100 | 1,959 (`createdBy` 512, `reason` 1024, fingerprint 80, stores 63, ...) | 195,900 |
+/// | `targets` | [`MAX_TARGETS`] = 64 | 1,259 (`message` 1024) | 80,576 |
+/// | `conditions` | 16 | 5,630 (`message` 4096, `reason` 1024, `type` 316) | 90,080 |
+/// | the rest | | | about 1,300 |
+///
+/// The bounds are in characters; the free texts keyhaven writes (messages, user names,
+/// reasons) are cut to them in stored bytes ([`clamp_text`](super::clamp_text)), and the
+/// others are ASCII (names, fingerprints, timestamps), so the figure holds in bytes too.
+impl ClampToSchema for ManagedSecretStatus {
+    fn clamp_to_schema(&mut self) {
+        let extra = self.versions.len().saturating_sub(MAX_VERSIONS);
+        self.versions.drain(..extra);
+        for v in &mut self.versions {
+            clamp_text(&mut v.created_by, MAX_USER);
+            clamp_opt(&mut v.reason, MAX_REASON);
+        }
+        self.targets.truncate(MAX_TARGETS);
+        for t in &mut self.targets {
+            clamp_opt(&mut t.message, MAX_TARGET_MESSAGE);
+        }
+        if let Some(r) = &mut self.rotate_request {
+            *r = rotate_request_record(r);
+        }
+        clamp_conditions(&mut self.conditions);
     }
 }
 
@@ -530,5 +571,42 @@ impl ManagedSecret {
             .name
             .clone()
             .unwrap_or_else(|| self.metadata.name.clone().unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    #[test]
+    fn a_clamped_status_keeps_the_newest_versions_and_short_texts() {
+        let record = |version| VersionRecord {
+            version,
+            fingerprint: "hmac-sha256-ns:00".into(),
+            store: "s".into(),
+            created_at: Time(jiff::Timestamp::UNIX_EPOCH),
+            created_by: "<".repeat(1000),
+            reason: Some("😀".repeat(2000)),
+            store_version: None,
+            moved_from: None,
+        };
+        let mut status = ManagedSecretStatus {
+            versions: (1..=150).map(record).collect(),
+            rotate_request: Some("r".repeat(300)),
+            ..Default::default()
+        };
+        status.clamp_to_schema();
+        assert_eq!(status.versions.len(), MAX_VERSIONS);
+        assert_eq!(status.versions[0].version, 51);
+        let v = &status.versions[99];
+        assert!(super::super::stored_text_len(&v.created_by) <= MAX_USER);
+        assert!(super::super::stored_text_len(v.reason.as_ref().unwrap()) <= MAX_REASON);
+        let digest = status.rotate_request.unwrap();
+        assert!(
+            digest.starts_with("sha256:") && digest.len() == 71,
+            "{digest}"
+        );
+        assert_eq!(rotate_request_record("now"), "now");
     }
 }

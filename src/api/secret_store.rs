@@ -4,7 +4,10 @@
 // duplicated attribute.
 #![allow(clippy::duplicated_attributes)]
 
-use super::common::{DURATION_PATTERN, SecretKeyRef, conditions_schema, named_enum};
+use super::common::{
+    ClampToSchema, DURATION_PATTERN, MAX_MESSAGE, SecretKeyRef, clamp_conditions, clamp_opt,
+    conditions_schema, named_enum,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -347,6 +350,23 @@ pub struct KekRotationStatus {
     /// When the last data key was re-wrapped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completed_at: Option<Time>,
+}
+
+/// The longest key-encryption key label (`kekLabel`'s rule).
+pub const MAX_KEK_LABEL: usize = 64;
+/// The most key labels a rotation lists in `from` and in `unusedKeys`.
+pub const MAX_KEK_LABELS: usize = 64;
+
+impl ClampToSchema for SecretStoreStatus {
+    fn clamp_to_schema(&mut self) {
+        clamp_opt(&mut self.message, MAX_MESSAGE);
+        clamp_conditions(&mut self.conditions);
+        if let Some(r) = &mut self.kek_rotation {
+            r.from.truncate(MAX_KEK_LABELS);
+            r.unused_keys.truncate(MAX_KEK_LABELS);
+            clamp_opt(&mut r.message, MAX_MESSAGE);
+        }
+    }
 }
 
 /// The state of a key-encryption key rotation.

@@ -5,7 +5,10 @@
 // duplicated attribute.
 #![allow(clippy::duplicated_attributes)]
 
-use super::common::{DURATION_PATTERN, conditions_schema, named_enum};
+use super::common::{
+    ClampToSchema, DURATION_PATTERN, MAX_MESSAGE, clamp_conditions, clamp_opt, conditions_schema,
+    named_enum,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -249,6 +252,13 @@ pub struct VaultProfileStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,
+}
+
+impl ClampToSchema for VaultProfileStatus {
+    fn clamp_to_schema(&mut self) {
+        clamp_opt(&mut self.message, MAX_MESSAGE);
+        clamp_conditions(&mut self.conditions);
+    }
 }
 
 /// Progress of a profile's migration out of `spec.migrateFrom`.

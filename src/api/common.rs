@@ -158,11 +158,14 @@ const MAX_CONDITION_TYPE: usize = 316;
 #[serde(rename_all = "camelCase")]
 pub struct SecretKeyRef {
     /// Name of the Secret.
+    #[schemars(length(max = MAX_NAME))]
     pub name: String,
     /// Namespace of the Secret; defaults to the operator's namespace for cluster-scoped resources.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_NAMESPACE))]
     pub namespace: Option<String>,
     /// Key within the Secret's data.
+    #[schemars(length(max = MAX_DATA_KEY))]
     pub key: String,
 }
 
@@ -276,13 +279,120 @@ pub fn now() -> Time {
     Time(jiff::Timestamp::now())
 }
 
-/// Schema of a list of conditions: a list-map keyed by `type`, as Kubernetes' own APIs have it.
+/// Schema of a list of conditions: a list-map keyed by `type`, as Kubernetes' own APIs have
+/// it, of at most [`MAX_CONDITIONS`], each text bounded: `type` 316 and `reason`
+/// [`MAX_REASON`] characters (as Kubernetes' `Condition`), `status` 16, `message`
+/// [`MAX_MESSAGE`], `lastTransitionTime` [`MAX_TIME`].
 pub fn conditions_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
     let mut schema = generator.subschema_for::<Vec<Condition>>();
     schema.insert("x-kubernetes-list-type".into(), "map".into());
     schema.insert(
         "x-kubernetes-list-map-keys".into(),
         serde_json::json!(["type"]),
+    );
+    schema.insert("maxItems".into(), MAX_CONDITIONS.into());
+    for (field, max) in [
+        ("type", MAX_CONDITION_TYPE),
+        ("status", 16),
+        ("reason", MAX_REASON),
+        ("message", MAX_MESSAGE),
+        ("lastTransitionTime", MAX_TIME),
+    ] {
+        bound_at(
+            &mut schema,
+            &["items", "properties", field],
+            "maxLength",
+            max,
+        );
+    }
+    schema
+}
+
+/// Sets `key: value` in the subschema at `path` (keys of nested JSON objects) of `schema`.
+///
+/// # Panics
+/// When there is no subschema at `path`: a schema keyhaven bounds changed shape (caught by
+/// every test that generates the CRDs).
+fn bound_at(
+    schema: &mut schemars::Schema,
+    path: &[&str],
+    key: &str,
+    value: impl Into<serde_json::Value>,
+) {
+    let mut at = schema
+        .as_object_mut()
+        .unwrap_or_else(|| panic!("the schema is not an object"));
+    for step in path {
+        at = at
+            .get_mut(*step)
+            .and_then(serde_json::Value::as_object_mut)
+            .unwrap_or_else(|| panic!("no object {step} in the schema at {path:?}"));
+    }
+    at.insert(key.into(), value.into());
+}
+
+/// Schema of a `map[string]string` with at most `KEYS` entries, each value at most `LEN`
+/// characters, and each key at most `KEY_LEN` characters (a CEL rule: a structural schema
+/// cannot bound the keys of a map itself).
+pub fn string_map_schema<const KEYS: usize, const KEY_LEN: usize, const LEN: usize>(
+    generator: &mut schemars::SchemaGenerator,
+) -> schemars::Schema {
+    let mut schema = generator.subschema_for::<std::collections::BTreeMap<String, String>>();
+    schema.insert("maxProperties".into(), KEYS.into());
+    bound_at(&mut schema, &["additionalProperties"], "maxLength", LEN);
+    schema.insert(
+        "x-kubernetes-validations".into(),
+        serde_json::json!([{
+            "rule": format!("self.all(k, size(k) <= {KEY_LEN})"),
+            "message": format!("a key has at most {KEY_LEN} characters"),
+        }]),
+    );
+    schema
+}
+
+/// Schema of a `LabelSelector` (`T` is it or an `Option` of it), as k8s-openapi gives it,
+/// with every list, map and text bounded: at most 32 `matchExpressions`, each `key` at
+/// most 317 characters, `operator` 16, at most 64 `values` of at most 63; at most 64
+/// `matchLabels`, each value at most 63 (keys 317, by a CEL rule).
+pub fn label_selector_schema<T: JsonSchema>(
+    generator: &mut schemars::SchemaGenerator,
+) -> schemars::Schema {
+    let mut schema = generator.subschema_for::<T>();
+    let expressions = ["properties", "matchExpressions"];
+    let requirement = ["properties", "matchExpressions", "items", "properties"];
+    bound_at(&mut schema, &expressions, "maxItems", 32);
+    for (field, max) in [("key", MAX_LABEL_KEY), ("operator", 16)] {
+        bound_at(
+            &mut schema,
+            &[&requirement[..], &[field]].concat(),
+            "maxLength",
+            max,
+        );
+    }
+    let values = [&requirement[..], &["values"]].concat();
+    bound_at(&mut schema, &values, "maxItems", 64);
+    bound_at(
+        &mut schema,
+        &[&values[..], &["items"]].concat(),
+        "maxLength",
+        MAX_LABEL_VALUE,
+    );
+    let labels = ["properties", "matchLabels"];
+    bound_at(&mut schema, &labels, "maxProperties", 64);
+    bound_at(
+        &mut schema,
+        &["properties", "matchLabels", "additionalProperties"],
+        "maxLength",
+        MAX_LABEL_VALUE,
+    );
+    bound_at(
+        &mut schema,
+        &labels,
+        "x-kubernetes-validations",
+        serde_json::json!([{
+            "rule": format!("self.all(k, size(k) <= {MAX_LABEL_KEY})"),
+            "message": format!("a label key has at most {MAX_LABEL_KEY} characters"),
+        }]),
     );
     schema
 }
@@ -323,6 +433,29 @@ mod tests {
         ] {
             let e = parse_duration(huge).unwrap_err();
             assert!(e.contains("longer than the maximum"), "{huge}: {e}");
+        }
+    }
+
+    #[test]
+    fn clamped_texts_fit_their_bound_in_stored_bytes() {
+        let cut = |text: &str, max: usize| {
+            let mut t = text.to_owned();
+            clamp_text(&mut t, max);
+            t
+        };
+        assert_eq!(cut("abc", 3), "abc");
+        assert_eq!(cut("abcdef", 5), "ab…");
+        assert_eq!(cut("ééééé", 7), "éé…");
+        assert_eq!(cut("<<<<", 12), "<…");
+        assert_eq!(cut("<", 6), "<");
+        assert_eq!(cut("abcdef", 2), "");
+        for text in ["x".repeat(5000), "😀".repeat(5000), "<\u{1}\"".repeat(2000)] {
+            for max in [0, 1, 3, 16, 1024, 4096] {
+                let t = cut(&text, max);
+                assert!(stored_text_len(&t) <= max, "{max}: {t:?}");
+                assert!(t.chars().count() <= max);
+                assert!(text.starts_with(t.trim_end_matches('…')));
+            }
         }
     }
 

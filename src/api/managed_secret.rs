@@ -554,24 +554,32 @@ pub fn rotate_request_record(value: &str) -> String {
 /// | `conditions` | 16 | 5,630 (`message` 4096, `reason` 1024, `type` 316) | 90,080 |
 /// | the rest | | | about 1,300 |
 ///
-/// The bounds are in characters; the free texts keyhaven writes (messages, user names,
-/// reasons) are cut to them in stored bytes ([`clamp_text`](super::clamp_text)), and the
-/// others are ASCII (names, fingerprints, timestamps), so the figure holds in bytes too.
+/// The bounds are in characters; keyhaven cuts every text it writes here that is not
+/// ASCII by construction (fingerprints, timestamps) to its bound in stored bytes
+/// ([`clamp_text`](super::clamp_text)), so the figure holds in bytes too.
 impl ClampToSchema for ManagedSecretStatus {
     fn clamp_to_schema(&mut self) {
         let extra = self.versions.len().saturating_sub(MAX_VERSIONS);
         self.versions.drain(..extra);
+        // Names are cut too: a valid one is ASCII and within its bound already; one that is
+        // not (a profile naming a store that cannot exist) must not make the status larger.
         for v in &mut self.versions {
             clamp_text(&mut v.created_by, MAX_USER);
             clamp_opt(&mut v.reason, MAX_REASON);
+            clamp_text(&mut v.store, MAX_STORE_NAME);
+            clamp_opt(&mut v.moved_from, MAX_STORE_NAME);
         }
         self.targets.truncate(MAX_TARGETS);
         for t in &mut self.targets {
             clamp_opt(&mut t.message, MAX_TARGET_MESSAGE);
+            clamp_text(&mut t.store, MAX_STORE_NAME);
         }
         if let Some(r) = &mut self.rotate_request {
             *r = rotate_request_record(r);
         }
+        clamp_opt(&mut self.secret_name, MAX_NAME);
+        clamp_opt(&mut self.profile, MAX_NAME);
+        clamp_opt(&mut self.migrated_from, MAX_STORE_NAME);
         clamp_conditions(&mut self.conditions);
     }
 }

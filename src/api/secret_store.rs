@@ -6,7 +6,8 @@
 
 use super::common::{
     ClampToSchema, DURATION_PATTERN, MAX_DURATION_TEXT, MAX_MESSAGE, MAX_NAME, MAX_NAMESPACE,
-    MAX_PATH, MAX_TIME, SecretKeyRef, clamp_conditions, clamp_opt, conditions_schema, named_enum,
+    MAX_PATH, MAX_TIME, SecretKeyRef, clamp_conditions, clamp_opt, clamp_text, conditions_schema,
+    named_enum,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
@@ -387,9 +388,14 @@ impl ClampToSchema for SecretStoreStatus {
     fn clamp_to_schema(&mut self) {
         clamp_opt(&mut self.message, MAX_MESSAGE);
         clamp_conditions(&mut self.conditions);
+        clamp_opt(&mut self.active_kek, MAX_KEK_LABEL);
         if let Some(r) = &mut self.kek_rotation {
             r.from.truncate(MAX_KEK_LABELS);
             r.unused_keys.truncate(MAX_KEK_LABELS);
+            for label in r.from.iter_mut().chain(&mut r.unused_keys) {
+                clamp_text(label, MAX_KEK_LABEL);
+            }
+            clamp_text(&mut r.to, MAX_KEK_LABEL);
             clamp_opt(&mut r.message, MAX_MESSAGE);
         }
     }

@@ -7,7 +7,7 @@
 
 use super::common::{
     ClampToSchema, DURATION_PATTERN, MAX_DURATION_TEXT, MAX_MESSAGE, MAX_STORE_NAME,
-    clamp_conditions, clamp_opt, conditions_schema, label_selector_schema, named_enum,
+    clamp_conditions, clamp_opt, clamp_text, conditions_schema, label_selector_schema, named_enum,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, KubeSchema};
@@ -268,6 +268,10 @@ impl ClampToSchema for VaultProfileStatus {
     fn clamp_to_schema(&mut self) {
         clamp_opt(&mut self.message, MAX_MESSAGE);
         clamp_conditions(&mut self.conditions);
+        if let Some(m) = &mut self.migration {
+            clamp_text(&mut m.from, MAX_STORE_NAME);
+            clamp_text(&mut m.to, MAX_STORE_NAME);
+        }
     }
 }
 

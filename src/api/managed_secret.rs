@@ -5,7 +5,11 @@
 // duplicated attribute.
 #![allow(clippy::duplicated_attributes)]
 
-use super::common::{DURATION_PATTERN, conditions_schema, named_enum};
+use super::common::{
+    ClampToSchema, DURATION_PATTERN, MAX_DURATION_TEXT, MAX_LABEL_KEY, MAX_LABEL_VALUE, MAX_NAME,
+    MAX_PATH, MAX_REASON, MAX_STORE_NAME, MAX_TARGET_MESSAGE, MAX_TIME, MAX_USER, clamp_conditions,
+    clamp_opt, clamp_text, conditions_schema, named_enum, string_map_schema,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -47,6 +51,7 @@ pub struct ManagedSecretSpec {
     /// fallback profile (`status.profile` records the one used). The profile's
     /// namespaceSelector must select this namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_NAME))]
     pub profile: Option<String>,
     /// What the secret is; decides validation and the native Secret's type and keys.
     #[serde(rename = "type")]
@@ -59,18 +64,20 @@ pub struct ManagedSecretSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$') && size(self) <= 200").message("path is slash-separated segments of letters, digits, '_', '.' and '-' (a segment may not start with '.' or '-'), at most 200 characters"))]
     #[x_kube(validation = Rule::new("self == oldSelf").message("path is immutable"))]
+    #[schemars(length(max = MAX_PATH))]
     pub path: Option<String>,
     /// Where the value comes from.
     pub content: ContentSource,
     /// How often the source is read again (Go duration, e.g. `1h`). Default 1h.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = MAX_DURATION_TEXT))]
     pub refresh_interval: Option<String>,
     /// The native Secret pods consume.
     #[serde(default)]
     pub target: TargetSpec,
     /// Recorded in the version history as the reason of the next new version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_REASON))]
     pub reason: Option<String>,
     /// Generated values only: make a new generated version on a schedule. The annotation
     /// `keyhaven.io/rotate` (any new value) rotates now.
@@ -84,11 +91,12 @@ pub struct ManagedSecretSpec {
     /// Workloads restarted (as `kubectl rollout restart` does) when the native Secret's
     /// content changes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
     pub rollout_restart_targets: Vec<RolloutRestartTarget>,
     /// api-key, certificate and jwt: warn (condition `Expiring`, Event) when the value
     /// expires within this window (Go duration). Default 720h.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = MAX_DURATION_TEXT))]
     pub expiry_warning: Option<String>,
 }
 
@@ -98,7 +106,7 @@ pub struct ManagedSecretSpec {
 pub struct RotationSpec {
     /// Age of the current version after which a new one is generated (Go duration, e.g. `720h`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = MAX_DURATION_TEXT))]
     pub interval: Option<String>,
 }
 
@@ -109,6 +117,7 @@ pub struct RolloutRestartTarget {
     /// Deployment, StatefulSet or DaemonSet.
     pub kind: WorkloadKind,
     /// Its name, in the ManagedSecret's namespace.
+    #[schemars(length(max = MAX_NAME))]
     pub name: String,
 }
 
@@ -201,13 +210,15 @@ pub struct Generate {
     pub length: Option<u32>,
     /// password: the character classes to use, each at least once (default all four).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 4))]
     pub classes: Vec<CharClass>,
-    /// password: characters never used.
+    /// password: characters never used (at most 256).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
     pub exclude: Option<String>,
     /// api-key: text put before the random part, e.g. `kh_live_`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^[A-Za-z0-9_.-]{0,32}$"))]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9_.-]{0,32}$"), length(max = 32))]
     pub prefix: Option<String>,
     /// secret-key: number of random bytes (default 32); also the declared length checked
     /// on every value.
@@ -222,19 +233,22 @@ pub struct Generate {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self == 3072 || self == 4096").message("bits must be 3072 or 4096"))]
     pub bits: Option<u32>,
-    /// ssh-key: the public key's comment.
+    /// ssh-key: the public key's comment (at most 256 characters).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
     pub comment: Option<String>,
     /// certificate: the subject's common name (default: the first DNS name, else the
-    /// ManagedSecret's name).
+    /// ManagedSecret's name). At most 64 characters, X.509's upper bound.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
     pub common_name: Option<String>,
-    /// certificate: subject alternative DNS names.
+    /// certificate: subject alternative DNS names (at most 100).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100), inner(length(max = MAX_NAME)))]
     pub dns_names: Vec<String>,
     /// certificate: how long it is valid (Go duration, default 8760h).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = MAX_DURATION_TEXT))]
     pub validity: Option<String>,
     /// certificate: make a CA certificate (self-signed, may sign others through `issuerRef`).
     #[serde(default, rename = "isCA", skip_serializing_if = "std::ops::Not::not")]
@@ -250,6 +264,7 @@ pub struct Generate {
 #[serde(rename_all = "camelCase")]
 pub struct IssuerRef {
     /// Its name.
+    #[schemars(length(max = MAX_NAME))]
     pub name: String,
 }
 
@@ -282,6 +297,7 @@ pub struct FromStore {}
 #[serde(rename_all = "camelCase")]
 pub struct FromSecret {
     /// Name of the Secret.
+    #[schemars(length(max = MAX_NAME))]
     pub name: String,
 }
 
@@ -291,12 +307,15 @@ pub struct FromSecret {
 pub struct TargetSpec {
     /// Name of the Secret. Defaults to the ManagedSecret's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_NAME))]
     pub name: Option<String>,
-    /// Extra labels on the Secret.
+    /// Extra labels on the Secret: at most 64.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "string_map_schema::<64, MAX_LABEL_KEY, MAX_LABEL_VALUE>")]
     pub labels: BTreeMap<String, String>,
-    /// Extra annotations on the Secret.
+    /// Extra annotations on the Secret: at most 64, each value at most 4096 characters.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "string_map_schema::<64, MAX_LABEL_KEY, 4096>")]
     pub annotations: BTreeMap<String, String>,
     /// Owner (default): keyhaven creates the Secret and owns it. Merge: the Secret exists
     /// already; keyhaven adds its keys and owns only those. Orphan: keyhaven creates the
@@ -318,8 +337,10 @@ pub struct TargetSpec {
 #[serde(rename_all = "camelCase")]
 pub struct TargetTemplate {
     /// Key name to text, where `{{ .name }}` stands for the value of key `name`, e.g.
-    /// `postgres://{{ .username }}:{{ .password }}@db:5432/app`.
+    /// `postgres://{{ .username }}:{{ .password }}@db:5432/app`. At most 64 keys (of at
+    /// most 253 characters), each text at most 64 KiB.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "string_map_schema::<64, 253, 65536>")]
     pub data: BTreeMap<String, String>,
     /// Merge (default): the template's keys are added to the type's keys. Replace: the
     /// native Secret holds only the template's keys (types rendered as `Opaque` only).
@@ -352,7 +373,8 @@ pub enum DeletionPolicy {
     Retain,
 }
 
-/// Observed state of a ManagedSecret.
+/// Observed state of a ManagedSecret. Every text and list in it is bounded: whatever the
+/// history, it is at most about 360 KiB of JSON.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ManagedSecretStatus {
@@ -362,26 +384,34 @@ pub struct ManagedSecretStatus {
     /// The version the native Secret holds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_version: Option<u64>,
-    /// The newest versions, oldest first (the profile's `history.keep` of them).
+    /// The newest versions, oldest first (the profile's `history.keep` of them, at most 100).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_VERSIONS))]
     pub versions: Vec<VersionRecord>,
     /// Where each store of the profile stands.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_TARGETS))]
     pub targets: Vec<TargetStatus>,
     /// The native Secret's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_NAME))]
     pub secret_name: Option<String>,
     /// The VaultProfile in use: `spec.profile`, or the one resolved for the namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_NAME))]
     pub profile: Option<String>,
     /// The generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// When the current value expires (api-key `expires-at`, certificate notAfter, jwt `exp`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_TIME))]
     pub expires_at: Option<Time>,
-    /// The last `keyhaven.io/rotate` annotation value acted on.
+    /// The last `keyhaven.io/rotate` annotation value acted on (see
+    /// [`rotate_request_record`]: a value longer than 253 characters is recorded by its
+    /// SHA-256).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_ROTATE_REQUEST))]
     pub rotate_request: Option<String>,
     /// The version the rolloutRestartTargets were last restarted (or first seen) for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -389,6 +419,7 @@ pub struct ManagedSecretStatus {
     /// The store this secret's versions were all moved out of by the profile's
     /// `migrateFrom` (verified in the new source, then deleted from it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_STORE_NAME))]
     pub migrated_from: Option<String>,
     /// `Ready`, `Synced`, (for expiring types) `Expiring` and (while the profile migrates)
     /// `Migrated`.
@@ -406,16 +437,21 @@ pub struct VersionRecord {
     pub version: u64,
     /// HMAC-SHA256 of the type and the canonical key/values, keyed by an operator-held
     /// key: identifies the content without revealing it.
+    #[schemars(length(max = 80))]
     pub fingerprint: String,
     /// The store holding the version: the one it was first written to or read from, or
     /// the one a migration moved it to.
+    #[schemars(length(max = MAX_STORE_NAME))]
     pub store: String,
     /// When keyhaven recorded the version.
+    #[schemars(length(max = MAX_TIME))]
     pub created_at: Time,
-    /// Who made the version.
+    /// Who made the version (a longer user name is cut to 512 characters).
+    #[schemars(length(max = MAX_USER))]
     pub created_by: String,
     /// Why the version was made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_REASON))]
     pub reason: Option<String>,
     /// The store's own version number of this content, where the store has one (the KV v2
     /// version in Vault/OpenBao).
@@ -423,6 +459,7 @@ pub struct VersionRecord {
     pub store_version: Option<u64>,
     /// The store a migration moved this version out of (verified by fingerprint first).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_STORE_NAME))]
     pub moved_from: Option<String>,
 }
 
@@ -431,6 +468,7 @@ pub struct VersionRecord {
 #[serde(rename_all = "camelCase")]
 pub struct TargetStatus {
     /// The SecretStore.
+    #[schemars(length(max = MAX_STORE_NAME))]
     pub store: String,
     /// Source or SyncTarget.
     pub role: TargetRole,
@@ -441,9 +479,11 @@ pub struct TargetStatus {
     pub state: TargetState,
     /// When it was last written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_TIME))]
     pub synced_at: Option<Time>,
-    /// Why it is not Synced.
+    /// Why it is not Synced (at most 1024 characters).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_TARGET_MESSAGE))]
     pub message: Option<String>,
 }
 
@@ -479,6 +519,71 @@ named_enum! {
     }
 }
 
+/// The most versions `status.versions` lists: the largest `history.keep`.
+pub const MAX_VERSIONS: usize = 100;
+/// The most stores `status.targets` lists (a profile has a source and at most 32 sync
+/// targets).
+pub const MAX_TARGETS: usize = 64;
+/// The longest `keyhaven.io/rotate` value recorded as it is in `status.rotateRequest`.
+pub const MAX_ROTATE_REQUEST: usize = 253;
+
+/// How a `keyhaven.io/rotate` annotation value is recorded in `status.rotateRequest`: as it
+/// is, or, longer than [`MAX_ROTATE_REQUEST`] (stored) bytes (annotations may hold 256 KiB),
+/// as `sha256:<hex>` of it, so the record stays within the schema and still tells a new
+/// request from one acted on.
+pub fn rotate_request_record(value: &str) -> String {
+    if super::common::stored_text_len(value) <= MAX_ROTATE_REQUEST {
+        value.to_owned()
+    } else {
+        use sha2::Digest;
+        format!(
+            "sha256:{}",
+            hex::encode(sha2::Sha256::digest(value.as_bytes()))
+        )
+    }
+}
+
+/// The worst case, computed from the CRD's schema by `tests/crds.rs` (which holds it below
+/// 512 KiB): every field present and at its maximum, the status is 367,883 bytes (359 KiB)
+/// of JSON:
+///
+/// | part | at most | each (bytes) | in all |
+/// | --- | --- | --- | --- |
+/// | `versions` | [`MAX_VERSIONS`] = 100 | 1,959 (`createdBy` 512, `reason` 1024, fingerprint 80, stores 63, ...) | 195,900 |
+/// | `targets` | [`MAX_TARGETS`] = 64 | 1,259 (`message` 1024) | 80,576 |
+/// | `conditions` | 16 | 5,630 (`message` 4096, `reason` 1024, `type` 316) | 90,080 |
+/// | the rest | | | about 1,300 |
+///
+/// The bounds are in characters; keyhaven cuts every text it writes here that is not
+/// ASCII by construction (fingerprints, timestamps) to its bound in stored bytes
+/// ([`clamp_text`](super::clamp_text)), so the figure holds in bytes too.
+impl ClampToSchema for ManagedSecretStatus {
+    fn clamp_to_schema(&mut self) {
+        let extra = self.versions.len().saturating_sub(MAX_VERSIONS);
+        self.versions.drain(..extra);
+        // Names are cut too: a valid one is ASCII and within its bound already; one that is
+        // not (a profile naming a store that cannot exist) must not make the status larger.
+        for v in &mut self.versions {
+            clamp_text(&mut v.created_by, MAX_USER);
+            clamp_opt(&mut v.reason, MAX_REASON);
+            clamp_text(&mut v.store, MAX_STORE_NAME);
+            clamp_opt(&mut v.moved_from, MAX_STORE_NAME);
+        }
+        self.targets.truncate(MAX_TARGETS);
+        for t in &mut self.targets {
+            clamp_opt(&mut t.message, MAX_TARGET_MESSAGE);
+            clamp_text(&mut t.store, MAX_STORE_NAME);
+        }
+        if let Some(r) = &mut self.rotate_request {
+            *r = rotate_request_record(r);
+        }
+        clamp_opt(&mut self.secret_name, MAX_NAME);
+        clamp_opt(&mut self.profile, MAX_NAME);
+        clamp_opt(&mut self.migrated_from, MAX_STORE_NAME);
+        clamp_conditions(&mut self.conditions);
+    }
+}
+
 impl ManagedSecret {
     /// The secret object's path in the stores: `spec.path` or `<namespace>/<name>`.
     pub fn store_path(&self) -> String {
@@ -492,6 +597,16 @@ impl ManagedSecret {
         }
     }
 
+    /// The `keyhaven.io/rotate` annotation as `status.rotateRequest` records it once acted
+    /// on ([`rotate_request_record`]).
+    pub fn rotate_request(&self) -> Option<String> {
+        self.metadata
+            .annotations
+            .as_ref()?
+            .get(crate::labels::ROTATE_ANNOTATION)
+            .map(|v| rotate_request_record(v))
+    }
+
     /// The native Secret's name: `spec.target.name` or the ManagedSecret's name.
     pub fn secret_name(&self) -> String {
         self.spec
@@ -499,5 +614,42 @@ impl ManagedSecret {
             .name
             .clone()
             .unwrap_or_else(|| self.metadata.name.clone().unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    #[test]
+    fn a_clamped_status_keeps_the_newest_versions_and_short_texts() {
+        let record = |version| VersionRecord {
+            version,
+            fingerprint: "hmac-sha256-ns:00".into(),
+            store: "s".into(),
+            created_at: Time(jiff::Timestamp::UNIX_EPOCH),
+            created_by: "<".repeat(1000),
+            reason: Some("😀".repeat(2000)),
+            store_version: None,
+            moved_from: None,
+        };
+        let mut status = ManagedSecretStatus {
+            versions: (1..=150).map(record).collect(),
+            rotate_request: Some("r".repeat(300)),
+            ..Default::default()
+        };
+        status.clamp_to_schema();
+        assert_eq!(status.versions.len(), MAX_VERSIONS);
+        assert_eq!(status.versions[0].version, 51);
+        let v = &status.versions[99];
+        assert!(super::super::stored_text_len(&v.created_by) <= MAX_USER);
+        assert!(super::super::stored_text_len(v.reason.as_ref().unwrap()) <= MAX_REASON);
+        let digest = status.rotate_request.unwrap();
+        assert!(
+            digest.starts_with("sha256:") && digest.len() == 71,
+            "{digest}"
+        );
+        assert_eq!(rotate_request_record("now"), "now");
     }
 }

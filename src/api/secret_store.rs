@@ -4,7 +4,11 @@
 // duplicated attribute.
 #![allow(clippy::duplicated_attributes)]
 
-use super::common::{DURATION_PATTERN, SecretKeyRef, conditions_schema, named_enum};
+use super::common::{
+    ClampToSchema, DURATION_PATTERN, MAX_DURATION_TEXT, MAX_MESSAGE, MAX_NAME, MAX_NAMESPACE,
+    MAX_PATH, MAX_TIME, SecretKeyRef, clamp_conditions, clamp_opt, clamp_text, conditions_schema,
+    named_enum,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -73,6 +77,7 @@ pub struct KubernetesProvider {
     /// operator's namespace. The store reads, replaces and deletes only Secrets carrying its
     /// labels (`app.kubernetes.io/managed-by: keyhaven`, `keyhaven.io/store: <store>`).
     #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$') && size(self) <= 63").message("must be a namespace name"))]
+    #[schemars(length(max = MAX_NAMESPACE))]
     pub namespace: String,
 }
 
@@ -86,6 +91,7 @@ pub struct VaultProvider {
     /// The server's address, e.g. `https://vault.example.com:8200`. `https://` is required:
     /// an `http://` server is refused (the store is Invalid) unless `insecureHTTP` is set.
     #[x_kube(validation = Rule::new("self.matches('^https?://[^/?#]+$')").message("server is https://host[:port] (or http:// with insecureHTTP), without a path"))]
+    #[schemars(length(max = 512))]
     pub server: String,
     /// Allow an `http://` server: the token and every secret value then cross the network
     /// in plaintext. For a development server on loopback only. The store shows the
@@ -100,12 +106,14 @@ pub struct VaultProvider {
     /// The KV secrets engine's mount path. Default `secret`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$')").message("mount is a path without leading or trailing '/'"))]
+    #[schemars(length(max = MAX_PATH))]
     pub mount: Option<String>,
     /// The KV engine's version: `v2` (versioned; the default) or `v1`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<KvVersion>,
     /// The Vault Enterprise / OpenBao namespace, sent as `X-Vault-Namespace`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_PATH))]
     pub namespace: Option<String>,
     /// The PEM bundle of CAs that sign the server's certificate, from a Secret or a ConfigMap.
     /// The system's roots are used without it.
@@ -113,14 +121,14 @@ pub struct VaultProvider {
     pub ca_provider: Option<CaProvider>,
     /// How long one request may take (Go duration). Default `10s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = MAX_DURATION_TEXT))]
     pub request_timeout: Option<String>,
     /// How keyhaven logs in. Exactly one method is set.
     pub auth: VaultAuth,
     /// Log in afresh on this schedule (Go duration, e.g. `24h`) even when the token could
     /// still be renewed. Without it the token is renewed until it cannot be, then replaced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = MAX_DURATION_TEXT))]
     pub token_rotate: Option<String>,
 }
 
@@ -136,10 +144,12 @@ pub struct Pkcs11Provider {
     /// list (the store is Invalid otherwise, and nothing is loaded); it is loaded once per
     /// operator process.
     #[x_kube(validation = Rule::new("self.startsWith('/')").message("module is an absolute path"))]
+    #[schemars(length(max = 1024))]
     pub module: String,
     /// The label of the token holding the key-encryption key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("size(self) >= 1 && size(self) <= 32").message("a token label has 1 to 32 characters"))]
+    #[schemars(length(max = 32))]
     pub token_label: Option<String>,
     /// The slot of the token, where labels are ambiguous. Prefer `tokenLabel`: slot ids
     /// may change when tokens are added.
@@ -155,6 +165,7 @@ pub struct Pkcs11Provider {
     /// KEK: every data key of the store is re-wrapped under the new key, and the old key is
     /// then reported unused in `status.kekRotation`; keyhaven never deletes a key.
     #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$')").message("kekLabel has 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"))]
+    #[schemars(length(max = MAX_KEK_LABEL))]
     pub kek_label: String,
     /// Sessions keyhaven keeps open on the token at most (shared by every store on the
     /// same token; the largest setting wins). Default 16, the operator's default number of
@@ -182,11 +193,14 @@ pub struct CaProvider {
     #[serde(rename = "type")]
     pub type_: CaProviderType,
     /// The object's name.
+    #[schemars(length(max = MAX_NAME))]
     pub name: String,
     /// The object's namespace; default the operator's namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_NAMESPACE))]
     pub namespace: Option<String>,
     /// The key holding the PEM bundle.
+    #[schemars(length(max = MAX_NAME))]
     pub key: String,
 }
 
@@ -223,8 +237,10 @@ pub struct VaultAuth {
 pub struct VaultKubernetesAuth {
     /// Where the method is mounted. Default `kubernetes`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_PATH))]
     pub mount_path: Option<String>,
     /// The Vault role to log in as.
+    #[schemars(length(max = MAX_NAME))]
     pub role: String,
     /// The ServiceAccount whose token is presented. Default: the operator's own
     /// (`--service-account` in the operator's namespace).
@@ -234,7 +250,7 @@ pub struct VaultKubernetesAuth {
     /// the API server or any other service; set it to what the Vault role's `audience`
     /// expects.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 16))]
+    #[schemars(length(max = 16), inner(length(max = 512)))]
     pub audiences: Vec<String>,
 }
 
@@ -242,9 +258,11 @@ pub struct VaultKubernetesAuth {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceAccountRef {
+    #[schemars(length(max = MAX_NAME))]
     pub name: String,
     /// Default: the operator's namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_NAMESPACE))]
     pub namespace: Option<String>,
 }
 
@@ -257,9 +275,11 @@ pub struct ServiceAccountRef {
 pub struct VaultAppRoleAuth {
     /// Where the method is mounted. Default `approle`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_PATH))]
     pub path: Option<String>,
     /// The role id, inline (it is not a secret).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_NAME))]
     pub role_id: Option<String>,
     /// The role id, from a key of a Secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -291,15 +311,18 @@ pub struct SecretStoreStatus {
     pub phase: Option<StorePhase>,
     /// The provider kind: internal, kubernetes, vault or pkcs11.
     #[serde(default, skip_serializing_if = "Option::is_none", rename = "type")]
+    #[schemars(length(max = 16))]
     pub type_: Option<String>,
     /// How many secret objects (paths) the store holds for keyhaven.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secrets: Option<u64>,
     /// Why the store is in its phase.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_MESSAGE))]
     pub message: Option<String>,
     /// When the health was last checked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_TIME))]
     pub last_checked: Option<Time>,
     /// The generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -311,6 +334,7 @@ pub struct SecretStoreStatus {
     pub conditions: Vec<Condition>,
     /// pkcs11 stores: the label of the key-encryption key that wraps new data keys.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_KEK_LABEL))]
     pub active_kek: Option<String>,
     /// pkcs11 stores: the key-encryption key rotation in progress, or the last one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -324,8 +348,10 @@ pub struct SecretStoreStatus {
 pub struct KekRotationStatus {
     /// Labels of the keys data keys are moved off.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_KEK_LABELS), inner(length(max = MAX_KEK_LABEL)))]
     pub from: Vec<String>,
     /// Label of the key data keys are moved to (`spec.provider.pkcs11.kekLabel`).
+    #[schemars(length(max = MAX_KEK_LABEL))]
     pub to: String,
     /// `Rotating` or `Complete`.
     pub phase: KekRotationPhase,
@@ -337,16 +363,42 @@ pub struct KekRotationStatus {
     /// Keys of `from` that wrap no data key of this store any more. They stay on the
     /// token (keyhaven never deletes a key): delete them once no backup needs them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_KEK_LABELS), inner(length(max = MAX_KEK_LABEL)))]
     pub unused_keys: Vec<String>,
     /// Why the rotation is where it is (e.g. versions that could not be re-wrapped yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_MESSAGE))]
     pub message: Option<String>,
     /// When the rotation started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_TIME))]
     pub started_at: Option<Time>,
     /// When the last data key was re-wrapped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_TIME))]
     pub completed_at: Option<Time>,
+}
+
+/// The longest key-encryption key label (`kekLabel`'s rule).
+pub const MAX_KEK_LABEL: usize = 64;
+/// The most key labels a rotation lists in `from` and in `unusedKeys`.
+pub const MAX_KEK_LABELS: usize = 64;
+
+impl ClampToSchema for SecretStoreStatus {
+    fn clamp_to_schema(&mut self) {
+        clamp_opt(&mut self.message, MAX_MESSAGE);
+        clamp_conditions(&mut self.conditions);
+        clamp_opt(&mut self.active_kek, MAX_KEK_LABEL);
+        if let Some(r) = &mut self.kek_rotation {
+            r.from.truncate(MAX_KEK_LABELS);
+            r.unused_keys.truncate(MAX_KEK_LABELS);
+            for label in r.from.iter_mut().chain(&mut r.unused_keys) {
+                clamp_text(label, MAX_KEK_LABEL);
+            }
+            clamp_text(&mut r.to, MAX_KEK_LABEL);
+            clamp_opt(&mut r.message, MAX_MESSAGE);
+        }
+    }
 }
 
 /// The state of a key-encryption key rotation.

@@ -5,7 +5,10 @@
 // duplicated attribute.
 #![allow(clippy::duplicated_attributes)]
 
-use super::common::{DURATION_PATTERN, conditions_schema, named_enum};
+use super::common::{
+    ClampToSchema, DURATION_PATTERN, MAX_DURATION_TEXT, MAX_MESSAGE, MAX_STORE_NAME,
+    clamp_conditions, clamp_opt, clamp_text, conditions_schema, label_selector_schema, named_enum,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -45,10 +48,16 @@ pub struct VaultProfileSpec {
     /// The SecretStore that holds the authoritative copy: values are read from it
     /// (`content.fromStore`) or written to it first (`fromSecret`).
     #[x_kube(validation = Rule::new("size(self) > 0").message("source must name a SecretStore"))]
+    #[schemars(length(max = MAX_STORE_NAME))]
     pub source: String,
-    /// SecretStores that receive every version written to or read from the source.
+    /// SecretStores that receive every version written to or read from the source (at
+    /// most 32).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    #[schemars(
+        extend("x-kubernetes-list-type" = "set"),
+        length(max = 32),
+        inner(length(max = MAX_STORE_NAME))
+    )]
     pub sync_targets: Vec<String>,
     /// Move every version of every ManagedSecret of this profile out of this SecretStore
     /// into `source`: each version is written to the source, read back and compared by
@@ -58,12 +67,14 @@ pub struct VaultProfileSpec {
     /// Without it, changing `source` moves nothing: old versions stay readable where they
     /// were written, new ones go to the new source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_STORE_NAME))]
     pub migrate_from: Option<String>,
     /// Namespaces whose ManagedSecrets may use this profile (by `spec.profile`, the
     /// namespace annotation `keyhaven.io/profile`, as their default or as the fallback).
     /// Not set: every namespace. A ManagedSecret of a namespace it does not select is
     /// refused (`ProfileNotAllowed`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "label_selector_schema::<Option<LabelSelector>>")]
     pub namespace_selector: Option<LabelSelector>,
     /// The preferred profile of every namespace `namespaceSelector` selects: ManagedSecrets
     /// there without `spec.profile` (and without the namespace annotation
@@ -115,11 +126,11 @@ pub struct VaultProfileSpec {
 pub struct ProfileLimits {
     /// The shortest `refreshInterval` (Go duration; default 10s, at least 1s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = MAX_DURATION_TEXT))]
     pub min_refresh_interval: Option<String>,
     /// The shortest `rotation.interval` (Go duration; default 1h, at least 1m).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = MAX_DURATION_TEXT))]
     pub min_rotation_interval: Option<String>,
 }
 
@@ -182,6 +193,7 @@ pub struct SharedPath {
     )]
     pub path: String,
     /// The namespaces that may read it (required: sharing is granted explicitly).
+    #[schemars(schema_with = "label_selector_schema::<LabelSelector>")]
     pub namespace_selector: LabelSelector,
 }
 
@@ -234,6 +246,7 @@ pub struct VaultProfileStatus {
     pub phase: Option<ProfilePhase>,
     /// Why the profile is in its phase.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_MESSAGE))]
     pub message: Option<String>,
     /// ManagedSecrets using this profile.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -251,13 +264,26 @@ pub struct VaultProfileStatus {
     pub conditions: Vec<Condition>,
 }
 
+impl ClampToSchema for VaultProfileStatus {
+    fn clamp_to_schema(&mut self) {
+        clamp_opt(&mut self.message, MAX_MESSAGE);
+        clamp_conditions(&mut self.conditions);
+        if let Some(m) = &mut self.migration {
+            clamp_text(&mut m.from, MAX_STORE_NAME);
+            clamp_text(&mut m.to, MAX_STORE_NAME);
+        }
+    }
+}
+
 /// Progress of a profile's migration out of `spec.migrateFrom`.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MigrationStatus {
     /// The store versions move out of.
+    #[schemars(length(max = MAX_STORE_NAME))]
     pub from: String,
     /// The store they move to (the source).
+    #[schemars(length(max = MAX_STORE_NAME))]
     pub to: String,
     /// Migrating, Complete, or Failed (some secrets could not be moved; they are retried).
     pub phase: MigrationPhase,

@@ -47,6 +47,7 @@ pub async fn reconcile(store: Arc<SecretStore>, ctx: Arc<Context>) -> Result<Act
                 r.to, r.rewrapped, r.total
             );
         }
+        crate::api::clamp_text(&mut message, crate::api::MAX_MESSAGE);
         let mut status = SecretStoreStatus {
             phase: Some(phase),
             type_: Some(store.spec.provider_type().into()),

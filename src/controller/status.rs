@@ -1,6 +1,9 @@
 //! Status writes of every kind: one server-side apply of the whole status under the
 //! operator's field manager, skipped when nothing changed (an idle reconcile writes nothing).
+//! Every status is first cut to its CRD schema's bounds (a long error message or user name
+//! is shortened, never a reason for the API server to refuse the write).
 
+use crate::api::ClampToSchema;
 use crate::error::{Error, Result, Verb};
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -10,7 +13,7 @@ use std::fmt::Debug;
 
 /// A kind whose status keyhaven writes.
 pub trait HasStatus: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug {
-    type Status: Serialize + PartialEq + Clone + Default;
+    type Status: Serialize + PartialEq + Clone + Default + ClampToSchema;
     /// The status as the object holds it.
     fn status(&self) -> Option<&Self::Status>;
     /// The API of this object's kind (in its namespace, for a namespaced kind).
@@ -56,14 +59,17 @@ pub fn body<K: HasStatus>(status: &K::Status) -> serde_json::Value {
     })
 }
 
-/// Writes `status` onto `obj` unless `obj` already holds it; returns the object as stored
-/// after the write (None when nothing was written).
+/// Writes `status`, cut to its schema's bounds, onto `obj` unless `obj` already holds it;
+/// returns the object as stored after the write (None when nothing was written).
 pub async fn apply<K: HasStatus>(
     client: &Client,
     field_manager: &str,
     obj: &K,
     status: &K::Status,
 ) -> Result<Option<K>> {
+    let mut status = status.clone();
+    status.clamp_to_schema();
+    let status = &status;
     if obj.status() == Some(status) {
         return Ok(None);
     }

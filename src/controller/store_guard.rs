@@ -138,10 +138,11 @@ pub async fn guard(store: &SecretStore, ctx: &Context) -> Result<Option<Action>>
             if holders > 0 {
                 why.push(format!("{holders} ManagedSecret(s) keep versions in it (move them with a profile's migrateFrom)"));
             }
-            let message = format!(
+            let mut message = format!(
                 "deletion held: SecretStore {name}{held} {}; or annotate it {FORCE_DELETE_ANNOTATION}=true",
                 why.join(" and ")
             );
+            crate::api::clamp_text(&mut message, crate::api::MAX_MESSAGE);
             let mut status = store.status.clone().unwrap_or_default();
             let before = status.message.clone();
             status.message = Some(message.clone());

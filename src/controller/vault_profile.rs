@@ -128,6 +128,7 @@ pub fn profile_status(
     for c in conflicts {
         message = format!("{message}; {}", c.message);
     }
+    crate::api::clamp_text(&mut message, crate::api::MAX_MESSAGE);
     let generation = profile.metadata.generation;
     let previous = profile.status.clone().unwrap_or_default();
     let mut status = VaultProfileStatus {

@@ -143,8 +143,7 @@ pub struct NativeStep {
 pub fn defers(ms: &ManagedSecret, backlog: impl FnOnce() -> usize) -> bool {
     let settled = ms.status.as_ref().and_then(|s| s.observed_generation) == ms.metadata.generation
         && ms.status.as_ref().is_some_and(|s| {
-            s.phase == Some(ManagedSecretPhase::Synced)
-                && ms.annotations().get(ROTATE_ANNOTATION) == s.rotate_request.as_ref()
+            s.phase == Some(ManagedSecretPhase::Synced) && ms.rotate_request() == s.rotate_request
         });
     settled && backlog() > 0
 }
@@ -176,11 +175,16 @@ fn rules(ms: &ManagedSecret, profile: &VaultProfile) -> content::Rules {
 }
 
 fn rotation_input<'a>(ms: &'a ManagedSecret, status: &'a ManagedSecretStatus) -> RotationInput<'a> {
+    let requested = ms.annotations().get(ROTATE_ANNOTATION).map(String::as_str);
     RotationInput {
         interval: super::durations::rotation_interval(ms),
         latest_created: status.versions.last().map(|r| r.created_at.0),
-        requested: ms.annotations().get(ROTATE_ANNOTATION).map(String::as_str),
-        handled: status.rotate_request.as_deref(),
+        requested,
+        // A long request is recorded by its digest: the record still says it was handled.
+        handled: match ms.rotate_request() == status.rotate_request {
+            true => requested,
+            false => status.rotate_request.as_deref(),
+        },
     }
 }
 
@@ -210,7 +214,7 @@ pub fn generate_decision(
 pub fn author(ms: &ManagedSecret, status: &ManagedSecretStatus) -> String {
     let asked = status.versions.is_empty()
         || status.observed_generation != ms.metadata.generation
-        || ms.annotations().get(ROTATE_ANNOTATION) != status.rotate_request.as_ref();
+        || ms.rotate_request() != status.rotate_request;
     if !asked {
         return SYSTEM_AUTHOR.into();
     }
@@ -478,7 +482,7 @@ fn choose_content(
         }
         Content::Generate { fresh } => {
             let decision = generate_decision(ms, &g.profile, status, current.as_ref(), now);
-            let rotate_request = ms.annotations().get(ROTATE_ANNOTATION).cloned();
+            let rotate_request = ms.rotate_request();
             match (decision, current, fresh) {
                 (GenerateDecision::UseStored, Some(current), _) => Ok(Chosen {
                     rotate_request,

@@ -330,39 +330,41 @@ fn after_a_switch_the_version_stays_where_it_was_written() {
 
 #[test]
 fn a_generated_secret_rotates_on_request_once() {
-    let ms_rotating = {
-        let mut m = ms(serde_json::json!({"content": {"generate": {"length": 24}}}));
-        m.metadata.annotations = Some([("keyhaven.io/rotate".to_owned(), "now".to_owned())].into());
-        m
-    };
-    let status = ManagedSecretStatus {
-        versions: vec![record(1, "aaaaaaaaaaaaaaaaaaaaaaaa", "src")],
-        ..Default::default()
-    };
-    let mut g = gathered(
-        profile(serde_json::json!({})),
-        Some(held("aaaaaaaaaaaaaaaaaaaaaaaa", Some(1))),
-    );
-    g.content = Content::Generate {
-        fresh: Some(held("bbbbbbbbbbbbbbbbbbbbbbbb", None)),
-    };
-    let p = sync_plan(&ms_rotating, observe(status.clone(), g));
-    assert_eq!(p.decision, VersionDecision::New(2));
-    assert_eq!(p.rotate_request.as_deref(), Some("now"));
-    let reason = p.record.as_ref().unwrap().reason.clone().unwrap();
-    assert!(reason.contains("annotation"), "{reason}");
-    // Handled: the same annotation value keeps the stored value.
-    let handled = ManagedSecretStatus {
-        rotate_request: Some("now".into()),
-        ..status
-    };
-    let mut g = gathered(
-        profile(serde_json::json!({})),
-        Some(held("aaaaaaaaaaaaaaaaaaaaaaaa", Some(1))),
-    );
-    g.content = Content::Generate { fresh: None };
-    let p = sync_plan(&ms_rotating, observe(handled, g));
-    assert_eq!(p.decision, VersionDecision::Unchanged(1));
+    // A request too long for status.rotateRequest (recorded by its digest) is handled once too.
+    for request in ["now".to_owned(), "x".repeat(1000)] {
+        let recorded = crate::api::rotate_request_record(&request);
+        let mut ms_rotating = ms(serde_json::json!({"content": {"generate": {"length": 24}}}));
+        ms_rotating.metadata.annotations =
+            Some([("keyhaven.io/rotate".to_owned(), request.clone())].into());
+        let status = ManagedSecretStatus {
+            versions: vec![record(1, "aaaaaaaaaaaaaaaaaaaaaaaa", "src")],
+            ..Default::default()
+        };
+        let mut g = gathered(
+            profile(serde_json::json!({})),
+            Some(held("aaaaaaaaaaaaaaaaaaaaaaaa", Some(1))),
+        );
+        g.content = Content::Generate {
+            fresh: Some(held("bbbbbbbbbbbbbbbbbbbbbbbb", None)),
+        };
+        let p = sync_plan(&ms_rotating, observe(status.clone(), g));
+        assert_eq!(p.decision, VersionDecision::New(2));
+        assert_eq!(p.rotate_request.as_ref(), Some(&recorded));
+        let reason = p.record.as_ref().unwrap().reason.clone().unwrap();
+        assert!(reason.contains("annotation"), "{reason}");
+        // Handled: the same annotation value keeps the stored value.
+        let handled = ManagedSecretStatus {
+            rotate_request: Some(recorded),
+            ..status
+        };
+        let mut g = gathered(
+            profile(serde_json::json!({})),
+            Some(held("aaaaaaaaaaaaaaaaaaaaaaaa", Some(1))),
+        );
+        g.content = Content::Generate { fresh: None };
+        let p = sync_plan(&ms_rotating, observe(handled, g));
+        assert_eq!(p.decision, VersionDecision::Unchanged(1));
+    }
 }
 
 #[test]

@@ -13,6 +13,9 @@ pub const FINGERPRINT_ANNOTATION: &str = "keyhaven.io/fingerprint";
 /// The ManagedSecret (`namespace/name/uid`) that writes a path, on the objects a store keeps
 /// for it.
 pub const OWNER_ANNOTATION: &str = "keyhaven.io/owner";
+/// On a Namespace: a platform admin set it aside for kubernetes stores' Secrets (no tenant
+/// works there), so the ManagedSecrets of other namespaces may keep versions in it.
+pub const STORE_NAMESPACE_LABEL: &str = "keyhaven.io/store-namespace";
 
 // ManagedSecrets and the workloads that consume them.
 /// Any new value of this annotation on a generated ManagedSecret rotates it now.

@@ -232,6 +232,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         service_account: args.service_account,
         pkcs11_modules,
         credential_namespaces,
+        verified_identity: webhook.is_some(),
     };
     let runtime = Runtime {
         metrics,

@@ -107,9 +107,12 @@ pub fn space_conflicts<'a>(
     let name = profile.name_any();
     let ours = template(profile);
     let data_of = |store: &str| backend(store).unwrap_or_else(|| format!("store {store}"));
+    // The store a profile migrates from counts too: a migration reads and deletes there.
+    let touched = |p: &'a VaultProfile| p.spec.stores().chain(p.spec.migrate_from.as_deref());
     let mine: Vec<(String, String)> = profile
         .spec
         .stores()
+        .chain(profile.spec.migrate_from.as_deref())
         .map(|s| (s.to_owned(), data_of(s)))
         .collect();
     let mut out: Vec<Refusal> = all
@@ -117,9 +120,7 @@ pub fn space_conflicts<'a>(
         .filter(|other| other.name_any() != name)
         .filter_map(|other| {
             let shared = mine.iter().find_map(|(store, data)| {
-                other
-                    .spec
-                    .stores()
+                touched(other)
                     .any(|o| data_of(o) == *data)
                     .then_some(store.clone())
             })?;
@@ -177,6 +178,34 @@ pub fn ownership(
             ),
         }),
         _ => Ok(()),
+    }
+}
+
+/// Whether a ManagedSecret of `namespace` may keep versions in the kubernetes store `store`,
+/// whose Secrets live in `store_ns` (with `labels`): its own namespace, or one a platform
+/// admin set aside for stores ([`crate::labels::STORE_NAMESPACE_LABEL`]`=true`). Anyone who
+/// may read Secrets in a tenant's namespace would otherwise read every other tenant's
+/// versions kept there, and could plant values or owners.
+pub fn store_namespace(
+    store: &str,
+    store_ns: &str,
+    namespace: &str,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> Result<(), Refusal> {
+    let set_aside = labels
+        .get(crate::labels::STORE_NAMESPACE_LABEL)
+        .is_some_and(|v| v == "true");
+    match store_ns == namespace || set_aside {
+        true => Ok(()),
+        false => Err(Refusal {
+            reason: Reason::StoreNamespaceNotAllowed,
+            message: format!(
+                "store {store} keeps its Secrets in namespace {store_ns}, another tenant's: \
+                 ManagedSecrets of {namespace} may use a kubernetes store only in their own \
+                 namespace or in one labelled {}=true (set aside for stores)",
+                crate::labels::STORE_NAMESPACE_LABEL
+            ),
+        }),
     }
 }
 
@@ -317,6 +346,19 @@ mod tests {
                 .then(|| "vault http://bao secret".to_owned())
         };
         assert_eq!(space_conflicts(&a, [&elsewhere], one_mount).len(), 1);
+        // A profile migrating off a store another template still uses: a conflict (a
+        // migration reads and deletes there), said on both.
+        let legacy = named(
+            "legacy",
+            serde_json::json!({"source": "bao-old",
+            "secretSpace": {"prefix": "teams/{namespace}/"}}),
+        );
+        let moving = named(
+            "moving",
+            serde_json::json!({"source": "bao-new", "migrateFrom": "bao-old"}),
+        );
+        assert_eq!(space_conflicts(&moving, [&legacy], none).len(), 1);
+        assert_eq!(space_conflicts(&legacy, [&moving], none).len(), 1);
     }
 
     #[test]
@@ -373,5 +415,19 @@ mod tests {
         assert!(refused.message.contains("a/db"));
         // Once the first is gone (no live object with its uid), the path is free.
         assert!(ownership("s", "a/db", &me, Some(&first), |_| false).is_ok());
+    }
+
+    #[test]
+    fn a_kubernetes_store_serves_its_own_namespace_or_one_set_aside() {
+        let none = std::collections::BTreeMap::new();
+        let aside = std::collections::BTreeMap::from([(
+            crate::labels::STORE_NAMESPACE_LABEL.to_owned(),
+            "true".to_owned(),
+        )]);
+        assert!(store_namespace("k", "team-a", "team-a", &none).is_ok());
+        assert!(store_namespace("k", "secrets", "team-a", &aside).is_ok());
+        let r = store_namespace("k", "team-b", "team-a", &none).unwrap_err();
+        assert_eq!(r.reason, Reason::StoreNamespaceNotAllowed);
+        assert!(r.message.contains("namespace team-b"), "{}", r.message);
     }
 }

@@ -126,8 +126,8 @@ async fn from_store_syncs_every_target_and_follows_source_updates() {
     // The path lies in the namespace's secret space; the kubernetes store names it so.
     let db = format!("{}/app/db", fx.ns);
     let db_name = db.replace('/', ".");
-    let src_ns = fx.namespace("src").await;
-    let mirror_ns = fx.namespace("mirror").await;
+    let src_ns = fx.store_namespace("src").await;
+    let mirror_ns = fx.store_namespace("mirror").await;
     let source = fx
         .store("src", json!({"kubernetes": {"namespace": src_ns}}))
         .await;
@@ -601,7 +601,7 @@ async fn deletion_policies_and_garbage_collection() {
 async fn a_failing_store_never_blanks_the_native_secret() {
     let fx = Fixture::new("failing").await;
     let api = format!("{}/app/api", fx.ns);
-    let src_ns = fx.namespace("src").await;
+    let src_ns = fx.store_namespace("src").await;
     let source = fx
         .store("src", json!({"kubernetes": {"namespace": src_ns}}))
         .await;
@@ -697,7 +697,7 @@ async fn a_failing_store_never_blanks_the_native_secret() {
 async fn operator_killed_mid_way_creates_no_duplicate_version() {
     let mut fx = Fixture::new("restart").await;
     let internal = fx.store("internal", json!({"internal": {}})).await;
-    let mirror_ns = fx.namespace("mirror").await;
+    let mirror_ns = fx.store_namespace("mirror").await;
     let mirror = fx
         .store("mirror", json!({"kubernetes": {"namespace": mirror_ns}}))
         .await;

@@ -26,7 +26,7 @@ fn ready(ms: &ManagedSecret) -> (String, String) {
 #[tokio::test]
 async fn a_kubernetes_store_leaves_secrets_without_its_labels_alone() {
     let fx = Fixture::new("kstore-foreign").await;
-    let ns = fx.namespace("x").await;
+    let ns = fx.store_namespace("x").await;
     let secrets = fx.ns_api::<Secret>(&ns);
     // Someone else's Secrets, at the names of the paths team-b/db and team-b/api.
     let (read_value, push_target) = ("foreign-read-e2e-kstore", "foreign-push-e2e-kstore");

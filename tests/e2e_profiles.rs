@@ -67,7 +67,7 @@ async fn wait_profile_condition(
 async fn default_profiles_route_namespaces_by_labels_and_annotation() {
     let fx = Fixture::new("prof-route").await;
     let internal = fx.store("internal", json!({"internal": {}})).await;
-    let kube_ns = fx.namespace("kstore").await;
+    let kube_ns = fx.store_namespace("kstore").await;
     let kstore = fx
         .store("kstore", json!({"kubernetes": {"namespace": kube_ns}}))
         .await;

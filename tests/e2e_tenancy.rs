@@ -19,6 +19,7 @@ use e2e::operator::{Operator, SCOPE_LABEL};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::rbac::v1::RoleBinding;
 use keyhaven::api::ManagedSecret;
+use kube::ResourceExt;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -309,30 +310,61 @@ async fn tenants_under_the_chart_reach_only_their_own_secret_space() {
     apply_as(&a_dev, &managed(&fx, &a, "intermediate", intermediate));
     fx.wait_not_ready("intermediate", "IntermediateCANotAllowed")
         .await;
-    // A kubernetes store over B's namespace touches only Secrets with its labels: a Secret of
-    // B's at the name A's path maps to is neither read nor written; a store over the
-    // operator's namespace (its keys) is Invalid.
+    // A kubernetes store over B's namespace: A may not keep versions there (B could read
+    // and plant them). In a namespace set aside for stores it touches only Secrets with its
+    // labels: a Secret at the name A's path maps to is neither read nor written.
     let kb = fx
         .store("kb", json!({"kubernetes": {"namespace": b}}))
         .await;
     let kprof = fx.profile("kprof", &kb, &[]).await;
     let a_db = format!("{a}/db");
     let b_plain = format!("{a}.db");
-    fx.secret(&b, &b_plain, &[("password", "b-plain-e2e-tenancy")])
+    for (name, content) in [
+        ("k-read", json!({"fromStore": {}})),
+        ("k-write", json!({"fromSecret": {"name": "mine"}})),
+    ] {
+        let k = spec(&kprof, "password", Some(&a_db), content);
+        apply_as(&a_dev, &managed(&fx, &a, name, k));
+        refused(
+            &fx,
+            name,
+            "StoreNamespaceNotAllowed",
+            &format!("namespace {b}"),
+        )
         .await;
-    let k_read = spec(&kprof, "password", Some(&a_db), json!({"fromStore": {}}));
-    apply_as(&a_dev, &managed(&fx, &a, "k-read", k_read));
-    fx.wait_not_ready("k-read", "NotFoundInStore").await;
+    }
+    let in_b = fx
+        .ns_api::<Secret>(&b)
+        .list(&Default::default())
+        .await
+        .unwrap();
+    assert!(
+        !in_b
+            .items
+            .iter()
+            .any(|s| s.name_any().starts_with(&b_plain)),
+        "A's versions were written into B's namespace"
+    );
+    let aside = fx.store_namespace("kx").await;
+    let kx = fx
+        .store("kx", json!({"kubernetes": {"namespace": aside}}))
+        .await;
+    let kxprof = fx.profile("kxprof", &kx, &[]).await;
+    fx.secret(&aside, &b_plain, &[("password", "b-plain-e2e-tenancy")])
+        .await;
+    let k_read = spec(&kxprof, "password", Some(&a_db), json!({"fromStore": {}}));
+    apply_as(&a_dev, &managed(&fx, &a, "kx-read", k_read));
+    fx.wait_not_ready("kx-read", "NotFoundInStore").await;
     let k_write = spec(
-        &kprof,
+        &kxprof,
         "password",
         Some(&a_db),
         json!({"fromSecret": {"name": "mine"}}),
     );
-    apply_as(&a_dev, &managed(&fx, &a, "k-write", k_write));
-    refused(&fx, "k-write", "PathOwnedElsewhere", &a_db).await;
+    apply_as(&a_dev, &managed(&fx, &a, "kx-write", k_write));
+    refused(&fx, "kx-write", "PathOwnedElsewhere", &a_db).await;
     assert_eq!(
-        fx.secret_data(&b, &b_plain).await.unwrap()["password"],
+        fx.secret_data(&aside, &b_plain).await.unwrap()["password"],
         "b-plain-e2e-tenancy"
     );
     let kop = fx
@@ -526,7 +558,7 @@ async fn a_profile_maps_the_space_elsewhere_or_says_isolation_is_off() {
         .await;
     fx.wait_not_ready("unmapped", "PathNotInNamespace").await;
     // A profile without isolation says so (on a store of its own).
-    let scratch = fx.namespace("scratch").await;
+    let scratch = fx.store_namespace("scratch").await;
     let alone = fx
         .store("alone", json!({"kubernetes": {"namespace": scratch}}))
         .await;

@@ -310,7 +310,7 @@ async fn generated_password_and_ssh_key_are_stored_then_materialized() {
 #[tokio::test]
 async fn rotation_and_rollback_make_new_versions() {
     let fx = Fixture::new("rotate").await;
-    let src_ns = fx.namespace("src").await;
+    let src_ns = fx.store_namespace("src").await;
     let source = fx
         .store("src", json!({"kubernetes": {"namespace": src_ns}}))
         .await;
@@ -558,7 +558,7 @@ async fn schema_rules_for_generate_and_rotation() {
 #[tokio::test]
 async fn rollback_reads_the_store_the_version_was_written_to() {
     let fx = Fixture::new("rbstore").await;
-    let old_ns = fx.namespace("old").await;
+    let old_ns = fx.store_namespace("old").await;
     let old = fx
         .store("old", json!({"kubernetes": {"namespace": old_ns}}))
         .await;

@@ -528,7 +528,7 @@ async fn token_auth_kv_v2_versions_follow_the_source() {
         )
         .await;
     let internal = fx.store("internal", json!({"internal": {}})).await;
-    let mirror_ns = fx.namespace("mirror").await;
+    let mirror_ns = fx.store_namespace("mirror").await;
     let mirror = fx
         .store("mirror", json!({"kubernetes": {"namespace": mirror_ns}}))
         .await;

@@ -45,6 +45,7 @@ use std::collections::BTreeMap;
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.content.generate) || self.type in ['password', 'secret-key', 'api-key', 'ssh-key', 'private-key', 'certificate']").message("content.generate supports the types password, secret-key, api-key, ssh-key, private-key and certificate"))]
 #[x_kube(validation = Rule::new("!has(self.rotation) || has(self.content.generate)").message("rotation needs content.generate: only generated values can be rotated"))]
+#[x_kube(validation = Rule::new("has(oldSelf.path) == has(self.path)").message("path is immutable: it can be neither added nor removed"))]
 pub struct ManagedSecretSpec {
     /// The VaultProfile whose stores hold this secret. Not set: the namespace's annotation
     /// `keyhaven.io/profile`, else the default profile selecting the namespace, else the

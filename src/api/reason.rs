@@ -44,6 +44,8 @@ named_enum! {
         PathReserved,
         // Ownership: another ManagedSecret writes the path.
         PathOwnedElsewhere,
+        // A kubernetes store over another tenant's namespace.
+        StoreNamespaceNotAllowed,
         // The admission webhook: its certificate could not be issued.
         WebhookCertificateFailed,
         IntermediateCANotAllowed,

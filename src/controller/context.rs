@@ -44,6 +44,9 @@ pub struct Config {
     /// The namespaces besides `operator_namespace` that stores may read credentials and CA
     /// bundles from (`--credential-namespaces`); empty: none.
     pub credential_namespaces: super::stores::CredentialNamespaces,
+    /// This process serves the admission webhook, which writes who asked into each
+    /// ManagedSecret: versions record that as `createdBy` (else the unverified field manager).
+    pub verified_identity: bool,
 }
 
 /// What every reconcile shares.

@@ -88,6 +88,19 @@ impl Fixture {
         name
     }
 
+    /// A namespace `<ns>-<suffix>` set aside for kubernetes stores (labelled
+    /// `keyhaven.io/store-namespace=true`): the ManagedSecrets of other namespaces may keep
+    /// versions there.
+    pub async fn store_namespace(&self, suffix: &str) -> String {
+        let name = self.namespace(suffix).await;
+        let patch = json!({"metadata": {"labels": {"keyhaven.io/store-namespace": "true"}}});
+        self.cluster_api::<Namespace>()
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap_or_else(|e| panic!("label namespace {name}: {e}"));
+        name
+    }
+
     /// Server-side applies `obj` (a JSON manifest) through `api` as the test's field manager.
     pub async fn apply<K>(&self, api: Api<K>, obj: Value) -> K
     where

@@ -52,8 +52,9 @@ pub fn decide_version(
         return (VersionDecision::Adopt(s.version), s.fingerprint.clone());
     }
     let source_version = source.map_or(0, |s| s.version);
+    // A stamp at u64::MAX (written by hand) cannot be followed: the plan refuses it.
     (
-        VersionDecision::New(latest_version.max(source_version) + 1),
+        VersionDecision::New(latest_version.max(source_version).saturating_add(1)),
         content.current().clone(),
     )
 }

@@ -55,6 +55,8 @@ pub struct Gathered {
     /// The owner the stamps it writes record: this ManagedSecret for a writer, none for a
     /// reader (readers take no ownership).
     pub owner: Option<Owner>,
+    /// The requester annotation was written by this operator's admission webhook.
+    pub identity_verified: bool,
     /// The profile's `migrateFrom`, while it has versions of this secret to move.
     pub migration: Option<Result<migration::Observed>>,
     /// The source's current value at the path.
@@ -157,6 +159,31 @@ async fn gather(
     if let Some(generate) = &ms.spec.content.generate {
         tenancy::issuance(&profile, generate).map_err(refused)?;
     }
+    // A kubernetes store keeps versions as Secrets of its namespace: only this namespace's
+    // own, or one set aside for stores.
+    for store in profile
+        .spec
+        .stores()
+        .chain(profile.spec.migrate_from.as_deref())
+    {
+        let kube_ns = stores
+            .iter()
+            .find(|s| s.name_any() == store)
+            .and_then(|s| s.spec.provider.kubernetes.as_ref())
+            .map(|k| k.namespace.clone());
+        // (A store over the operator's namespace is Invalid: its own refusal says so.)
+        if let Some(kube_ns) = kube_ns
+            && kube_ns != ns.name
+            && kube_ns != ctx.config.operator_namespace
+        {
+            let labels = ctx
+                .caches
+                .namespace_info(&ctx.client, &kube_ns)
+                .await?
+                .labels;
+            tenancy::store_namespace(store, &kube_ns, &ns.name, &labels).map_err(refused)?;
+        }
+    }
     let me = owner_of(ms);
     // A writer of a path another live ManagedSecret owns is refused, in every store it
     // would write.
@@ -245,6 +272,7 @@ async fn gather(
         via,
         writes,
         owner: (!reads_only).then_some(me),
+        identity_verified: ctx.config.verified_identity,
         migration,
         source: current,
         carried,
@@ -532,6 +560,21 @@ async fn issuer_value(ctx: &Context, ns: &NamespaceInfo, name: &str) -> Result<S
         ));
     }
     tenancy::access(&profile, ns, &issuer.store_path()).map_err(refused)?;
+    // Nor may its profile's space overlap another's in a shared store (the issuer's own
+    // sync is refused then; issuing from it must be too).
+    let all = ctx.caches.profiles.state();
+    let stores = ctx.caches.stores.state();
+    let backend = |name: &str| {
+        let store = stores.iter().find(|s| s.name_any() == name)?;
+        store.spec.backend_identity()
+    };
+    if let Some(conflict) =
+        tenancy::space_conflicts(&profile, all.iter().map(|p| p.as_ref()), backend)
+            .into_iter()
+            .next()
+    {
+        return Err(refused(conflict));
+    }
     let store = ctx.backend(&profile.spec.source).await?;
     let value = store
         .read(&issuer.store_path(), None)

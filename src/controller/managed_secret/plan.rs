@@ -209,23 +209,34 @@ pub fn generate_decision(
 /// Who a version is recorded as created by: `system:keyhaven` for what keyhaven does on
 /// its own (a scheduled rotation, a refresh that found new content), else who asked for
 /// the ManagedSecret's current spec or rotate request — the user the admission webhook
-/// recorded, or, on a cluster without the webhook, the field manager of the newest spec
-/// change (unverified: any client names its own).
-pub fn author(ms: &ManagedSecret, status: &ManagedSecretStatus) -> String {
+/// recorded when `verified` (this operator serves the webhook that writes it), or else the
+/// field manager of the newest spec change (unverified: any client names its own).
+pub fn author(ms: &ManagedSecret, status: &ManagedSecretStatus, verified: bool) -> String {
+    // A rotate request counts for a generated secret only, and only while it is set and not
+    // yet acted on (removing the annotation asks for nothing).
+    let rotate_asked = ms.spec.content.generate.is_some()
+        && ms.rotate_request().is_some()
+        && ms.rotate_request() != status.rotate_request;
     let asked = status.versions.is_empty()
         || status.observed_generation != ms.metadata.generation
-        || ms.rotate_request() != status.rotate_request;
+        || rotate_asked;
     if !asked {
         return SYSTEM_AUTHOR.into();
     }
-    if let Some(user) = ms.annotations().get(REQUESTED_BY_ANNOTATION) {
+    if verified && let Some(user) = ms.annotations().get(REQUESTED_BY_ANNOTATION) {
         return user.clone();
     }
+    let touches_spec = |f: &&k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry| {
+        f.fields_v1
+            .as_ref()
+            .is_some_and(|v| v.0.get("f:spec").is_some())
+    };
     ms.metadata
         .managed_fields
         .iter()
         .flatten()
         .filter(|f| f.subresource.is_none() && f.manager.as_deref() != Some("keyhaven"))
+        .filter(touches_spec)
         .max_by_key(|f| f.time.as_ref().map(|t| t.0))
         .and_then(|f| f.manager.clone())
         .unwrap_or_else(|| SYSTEM_AUTHOR.into())
@@ -344,7 +355,7 @@ fn native_step(
 /// The record of a version made or adopted now.
 fn version_record(
     ms: &ManagedSecret,
-    status: &ManagedSecretStatus,
+    (status, verified): (&ManagedSecretStatus, bool),
     stamp: &VersionStamp,
     store: &str,
     chosen: &Chosen,
@@ -359,7 +370,7 @@ fn version_record(
         fingerprint: stamp.fingerprint.to_string(),
         store: store.to_owned(),
         created_at: Time(now),
-        created_by: author(ms, status),
+        created_by: author(ms, status, verified),
         reason: Some(reason),
         store_version: None,
         moved_from: None,
@@ -521,6 +532,7 @@ fn sync(
     status: &ManagedSecretStatus,
     now: jiff::Timestamp,
 ) -> Result<Box<SyncPlan>, Error> {
+    let verified = g.identity_verified;
     let kept_in = matches!(g.carried, Some(Some(_)))
         .then(|| status.versions.last().map(|r| r.store.clone()))
         .flatten();
@@ -538,6 +550,17 @@ fn sync(
         &chosen.value.fingerprint,
     );
     let version = decision.version();
+    if version == u64::MAX {
+        return Err(Error::config(
+            Reason::VersionMismatch,
+            format!(
+                "store {} stamps the value at {} with version {}: no version can follow it",
+                g.profile.spec.source,
+                ms.store_path(),
+                u64::MAX
+            ),
+        ));
+    }
     let stamp = VersionStamp {
         version,
         fingerprint: fp.clone(),
@@ -593,7 +616,7 @@ fn sync(
         decision,
         VersionDecision::New(_) | VersionDecision::Adopt(_)
     )
-    .then(|| version_record(ms, status, &stamp, &source.store, &chosen, now));
+    .then(|| version_record(ms, (status, verified), &stamp, &source.store, &chosen, now));
     let next_rotation = next_rotation_of(ms, status, record.as_ref(), now);
     Ok(Box::new(SyncPlan {
         now,

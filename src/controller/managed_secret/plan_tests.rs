@@ -102,6 +102,7 @@ fn gathered(profile: Arc<VaultProfile>, source: Option<Read>) -> Gathered {
         via: Via::Spec,
         writes: true,
         owner: None,
+        identity_verified: true,
         migration: None,
         source,
         carried: None,
@@ -585,32 +586,50 @@ fn a_refresh_yields_to_new_secrets_only_when_settled() {
 #[test]
 fn the_author_is_the_requester_or_keyhaven_for_its_own_work() {
     let mut m = ms(serde_json::json!({}));
+    let spec = serde_json::json!({"f:spec": {}});
+    let meta = serde_json::json!({"f:metadata": {"f:finalizers": {}}});
     m.metadata.managed_fields = Some(serde_json::from_value(serde_json::json!([
-        {"manager": "kubectl", "operation": "Update", "time": "2026-11-01T00:00:00Z"},
-        {"manager": "argocd", "operation": "Apply", "time": "2026-11-02T00:00:00Z"},
-        {"manager": "keyhaven", "operation": "Apply", "time": "2026-11-03T00:00:00Z"},
-        {"manager": "status-writer", "operation": "Apply", "time": "2026-11-04T00:00:00Z", "subresource": "status"},
+        {"manager": "kubectl", "operation": "Update", "time": "2026-11-01T00:00:00Z", "fieldsType": "FieldsV1", "fieldsV1": spec},
+        {"manager": "argocd", "operation": "Apply", "time": "2026-11-02T00:00:00Z", "fieldsType": "FieldsV1", "fieldsV1": spec},
+        {"manager": "keyhaven", "operation": "Apply", "time": "2026-11-03T00:00:00Z", "fieldsType": "FieldsV1", "fieldsV1": spec},
+        {"manager": "finalizer-patch", "operation": "Update", "time": "2026-11-04T00:00:00Z", "fieldsType": "FieldsV1", "fieldsV1": meta},
+        {"manager": "status-writer", "operation": "Apply", "time": "2026-11-05T00:00:00Z", "subresource": "status", "fieldsType": "FieldsV1", "fieldsV1": spec},
     ])).unwrap());
     let first = ManagedSecretStatus::default();
     assert_eq!(
-        author(&m, &first),
+        author(&m, &first, true),
         "argocd",
-        "no webhook: the field manager"
+        "no requester recorded: the newest writer of the spec"
     );
-    // The webhook's record wins.
+    // The webhook's record wins, when this operator's webhook wrote it.
     m.metadata.annotations =
         Some([("keyhaven.io/requested-by".to_owned(), "alice".to_owned())].into());
-    assert_eq!(author(&m, &first), "alice");
+    assert_eq!(author(&m, &first, true), "alice");
+    assert_eq!(
+        author(&m, &first, false),
+        "argocd",
+        "without the webhook the annotation is anyone's to write"
+    );
     // A refresh or scheduled rotation with nothing asked since the last sync: keyhaven's.
     let synced = ManagedSecretStatus {
         versions: vec![record(1, "pw", "vault")],
         observed_generation: m.metadata.generation,
         ..Default::default()
     };
-    assert_eq!(author(&m, &synced), "system:keyhaven");
+    assert_eq!(author(&m, &synced, true), "system:keyhaven");
+    // A rotate annotation on a secret that is not generated asks for nothing; removing
+    // one that was acted on asks for nothing either.
+    let mut pushed = m.clone();
+    pushed
+        .metadata
+        .annotations
+        .as_mut()
+        .unwrap()
+        .insert("keyhaven.io/rotate".into(), "x".into());
+    assert_eq!(author(&pushed, &synced, true), "system:keyhaven");
     // A spec change since: the requester again.
     m.metadata.generation = Some(m.metadata.generation.unwrap_or(1) + 1);
-    assert_eq!(author(&m, &synced), "alice");
+    assert_eq!(author(&m, &synced, true), "alice");
 }
 
 #[test]

@@ -16,6 +16,8 @@ mod plan;
 #[cfg(test)]
 mod plan_tests;
 mod report;
+#[cfg(test)]
+mod who_tests;
 
 pub use crate::labels::CLEANUP_FINALIZER as FINALIZER;
 

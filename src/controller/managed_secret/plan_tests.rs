@@ -5,7 +5,7 @@
 use super::decide::{RestartDecision, StoreAction, VersionDecision};
 use super::native::desired_secret;
 use super::observe::{Content, Gathered, Observation, Read};
-use super::plan::{Plan, SyncPlan, TargetStep, author, defers, plan, reads_carried};
+use super::plan::{Plan, SyncPlan, TargetStep, defers, plan, reads_carried};
 use super::report::{Outcome, expiring_condition, report};
 use crate::api::{
     ConditionType, ManagedSecret, ManagedSecretPhase, ManagedSecretStatus, Reason, TargetState,
@@ -22,11 +22,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use std::sync::Arc;
 use std::time::Duration;
 
-fn now() -> jiff::Timestamp {
+pub(super) fn now() -> jiff::Timestamp {
     "2026-12-01T12:00:00Z".parse().unwrap()
 }
 
-fn ms(spec: serde_json::Value) -> ManagedSecret {
+pub(super) fn ms(spec: serde_json::Value) -> ManagedSecret {
     let mut full = serde_json::json!({"type": "password", "content": {"fromStore": {}}});
     full.as_object_mut()
         .unwrap()
@@ -39,7 +39,7 @@ fn ms(spec: serde_json::Value) -> ManagedSecret {
     .unwrap()
 }
 
-fn profile(spec: serde_json::Value) -> Arc<VaultProfile> {
+pub(super) fn profile(spec: serde_json::Value) -> Arc<VaultProfile> {
     let mut full = serde_json::json!({"source": "src"});
     full.as_object_mut()
         .unwrap()
@@ -53,22 +53,22 @@ fn profile(spec: serde_json::Value) -> Arc<VaultProfile> {
     )
 }
 
-fn content(data: &SecretData) -> ContentFingerprint {
+pub(super) fn content(data: &SecretData) -> ContentFingerprint {
     Fingerprinter::new(zeroize::Zeroizing::new([3; 32])).content("ns", "password", data)
 }
 
-fn fp(data: &SecretData) -> Fingerprint {
+pub(super) fn fp(data: &SecretData) -> Fingerprint {
     content(data).current().clone()
 }
 
-fn password(p: &str) -> SecretData {
+pub(super) fn password(p: &str) -> SecretData {
     let mut d = SecretData::new();
     d.insert("password", p.as_bytes());
     d
 }
 
 /// A value as a store holds it, stamped with `version` when keyhaven wrote it.
-fn held(p: &str, version: Option<u64>) -> Read {
+pub(super) fn held(p: &str, version: Option<u64>) -> Read {
     let data = password(p);
     let fingerprint = content(&data);
     Read {
@@ -83,7 +83,7 @@ fn held(p: &str, version: Option<u64>) -> Read {
     }
 }
 
-fn record(version: u64, p: &str, store: &str) -> VersionRecord {
+pub(super) fn record(version: u64, p: &str, store: &str) -> VersionRecord {
     VersionRecord {
         version,
         fingerprint: fp(&password(p)).to_string(),
@@ -96,7 +96,7 @@ fn record(version: u64, p: &str, store: &str) -> VersionRecord {
     }
 }
 
-fn gathered(profile: Arc<VaultProfile>, source: Option<Read>) -> Gathered {
+pub(super) fn gathered(profile: Arc<VaultProfile>, source: Option<Read>) -> Gathered {
     Gathered {
         profile,
         via: Via::Spec,
@@ -112,7 +112,7 @@ fn gathered(profile: Arc<VaultProfile>, source: Option<Read>) -> Gathered {
     }
 }
 
-fn observe(status: ManagedSecretStatus, g: Gathered) -> Observation {
+pub(super) fn observe(status: ManagedSecretStatus, g: Gathered) -> Observation {
     Observation {
         now: now(),
         jitter: 1.0,
@@ -122,14 +122,14 @@ fn observe(status: ManagedSecretStatus, g: Gathered) -> Observation {
     }
 }
 
-fn sync_plan(ms: &ManagedSecret, obs: Observation) -> Box<SyncPlan> {
+pub(super) fn sync_plan(ms: &ManagedSecret, obs: Observation) -> Box<SyncPlan> {
     match plan(ms, obs) {
         Plan::Sync(p) => p,
         other => panic!("expected a sync, got {other:?}"),
     }
 }
 
-fn failure(ms: &ManagedSecret, obs: Observation) -> (ManagedSecretStatus, Error) {
+pub(super) fn failure(ms: &ManagedSecret, obs: Observation) -> (ManagedSecretStatus, Error) {
     match plan(ms, obs) {
         Plan::Fail(f) => (f.status, f.error),
         other => panic!("expected a failure, got {other:?}"),
@@ -137,11 +137,11 @@ fn failure(ms: &ManagedSecret, obs: Observation) -> (ManagedSecretStatus, Error)
 }
 
 /// The native Secret as keyhaven wrote it for `version` of `p`.
-fn native(ms: &ManagedSecret, p: &str, version: u64) -> Secret {
+pub(super) fn native(ms: &ManagedSecret, p: &str, version: u64) -> Secret {
     desired_secret(ms, "db", "Opaque", &password(p), version, &fp(&password(p)))
 }
 
-fn done(plan: &SyncPlan) -> Outcome {
+pub(super) fn done(plan: &SyncPlan) -> Outcome {
     Outcome {
         source_version: plan.source.store_version.or(Some(plan.stamp.version)),
         targets: plan.targets.iter().map(|_| Ok(())).collect(),
@@ -151,7 +151,7 @@ fn done(plan: &SyncPlan) -> Outcome {
 }
 
 /// The first sync of `ms`: the source holds an unstamped "pw".
-fn first_sync(ms: &ManagedSecret) -> Box<SyncPlan> {
+pub(super) fn first_sync(ms: &ManagedSecret) -> Box<SyncPlan> {
     let g = gathered(profile(serde_json::json!({})), Some(held("pw", None)));
     sync_plan(ms, observe(Default::default(), g))
 }
@@ -584,77 +584,6 @@ fn a_refresh_yields_to_new_secrets_only_when_settled() {
 }
 
 #[test]
-fn the_author_is_the_requester_or_keyhaven_for_its_own_work() {
-    let mut m = ms(serde_json::json!({}));
-    let spec = serde_json::json!({"f:spec": {}});
-    let meta = serde_json::json!({"f:metadata": {"f:finalizers": {}}});
-    m.metadata.managed_fields = Some(serde_json::from_value(serde_json::json!([
-        {"manager": "kubectl", "operation": "Update", "time": "2026-11-01T00:00:00Z", "fieldsType": "FieldsV1", "fieldsV1": spec},
-        {"manager": "argocd", "operation": "Apply", "time": "2026-11-02T00:00:00Z", "fieldsType": "FieldsV1", "fieldsV1": spec},
-        {"manager": "keyhaven", "operation": "Apply", "time": "2026-11-03T00:00:00Z", "fieldsType": "FieldsV1", "fieldsV1": spec},
-        {"manager": "finalizer-patch", "operation": "Update", "time": "2026-11-04T00:00:00Z", "fieldsType": "FieldsV1", "fieldsV1": meta},
-        {"manager": "status-writer", "operation": "Apply", "time": "2026-11-05T00:00:00Z", "subresource": "status", "fieldsType": "FieldsV1", "fieldsV1": spec},
-    ])).unwrap());
-    let first = ManagedSecretStatus::default();
-    assert_eq!(
-        author(&m, &first, true),
-        "argocd",
-        "no requester recorded: the newest writer of the spec"
-    );
-    // The webhook's record wins, when this operator's webhook wrote it.
-    m.metadata.annotations =
-        Some([("keyhaven.io/requested-by".to_owned(), "alice".to_owned())].into());
-    assert_eq!(author(&m, &first, true), "alice");
-    assert_eq!(
-        author(&m, &first, false),
-        "argocd",
-        "without the webhook the annotation is anyone's to write"
-    );
-    // A refresh or scheduled rotation with nothing asked since the last sync: keyhaven's.
-    let synced = ManagedSecretStatus {
-        versions: vec![record(1, "pw", "vault")],
-        observed_generation: m.metadata.generation,
-        ..Default::default()
-    };
-    assert_eq!(author(&m, &synced, true), "system:keyhaven");
-    // A rotate annotation on a secret that is not generated asks for nothing; removing
-    // one that was acted on asks for nothing either.
-    let mut pushed = m.clone();
-    pushed
-        .metadata
-        .annotations
-        .as_mut()
-        .unwrap()
-        .insert("keyhaven.io/rotate".into(), "x".into());
-    assert_eq!(author(&pushed, &synced, true), "system:keyhaven");
-    // A spec change since: the requester again.
-    m.metadata.generation = Some(m.metadata.generation.unwrap_or(1) + 1);
-    assert_eq!(author(&m, &synced, true), "alice");
-}
-
-#[test]
-fn a_shared_path_is_read_and_never_written() {
-    let ms = ms(serde_json::json!({"path": "shared/ca"}));
-    let mut g = gathered(
-        profile(serde_json::json!({"syncTargets": ["dr"]})),
-        Some(held("pw", None)),
-    );
-    g.writes = false;
-    let p = sync_plan(&ms, observe(Default::default(), g));
-    assert_eq!(
-        p.decision,
-        VersionDecision::New(1),
-        "recorded in the reader's own status"
-    );
-    assert!(
-        !p.source.write,
-        "an unstamped shared value is not stamped by a reader"
-    );
-    assert!(p.targets.is_empty(), "the reader makes no copies");
-    assert!(p.native.apply.is_some(), "its own native Secret is written");
-}
-
-#[test]
 fn only_a_plan_that_acts_on_history_needs_the_stored_status() {
     let ms = ms(serde_json::json!({}));
     let first = first_sync(&ms);
@@ -684,34 +613,4 @@ fn only_a_plan_that_acts_on_history_needs_the_stored_status() {
         plan(&ms, obs).decides_on_history(),
         "a failure must not drop a version"
     );
-}
-
-#[test]
-fn a_writer_records_itself_as_the_owner_of_a_path_in_sync() {
-    let ms = ms(serde_json::json!({}));
-    let status = {
-        let p = first_sync(&ms);
-        report(&ms, &p, &done(&p)).status
-    };
-    let me = crate::backend::Owner {
-        namespace: "ns".into(),
-        name: "db".into(),
-        uid: "u1".into(),
-    };
-    // Version 1 in the source, stamped before owners were recorded.
-    let mut g = gathered(profile(serde_json::json!({})), Some(held("pw", Some(1))));
-    g.native = Some(native(&ms, "pw", 1));
-    g.owner = Some(me.clone());
-    let p = sync_plan(&ms, observe(status.clone(), g));
-    assert_eq!(p.decision, VersionDecision::Unchanged(1));
-    assert!(p.source.write, "the stamp is written again, with the owner");
-    assert_eq!(p.stamp.owner.as_ref(), Some(&me));
-    assert!(p.record.is_none(), "no new version");
-    // Once it records the owner, the path is in sync.
-    let mut owned = held("pw", Some(1));
-    owned.stamp.as_mut().unwrap().owner = Some(me.clone());
-    let mut g = gathered(profile(serde_json::json!({})), Some(owned));
-    g.native = Some(native(&ms, "pw", 1));
-    g.owner = Some(me);
-    assert!(!sync_plan(&ms, observe(status, g)).source.write);
 }

@@ -292,9 +292,12 @@ pub async fn apply(
     // the new store.
     let recorded = write_status(ctx, ms, &status).await?;
     let base = recorded.unwrap_or_else(|| with_status(ms, status.clone()));
-    let deleted = match ctx.backend(&from).await {
-        Ok(old) => old.delete(&path).await.map_err(Error::from),
-        Err(e) => Err(e),
+    // Nothing of this ManagedSecret's was moved (a value written by hand, or none): the old
+    // store is left as it is — a migration deletes only what it copied and verified.
+    let deleted = match (n, ctx.backend(&from).await) {
+        (0, _) => Ok(()),
+        (_, Ok(old)) => old.delete(&path).await.map_err(Error::from),
+        (_, Err(e)) => Err(e),
     };
     let failed = match deleted {
         Ok(()) => {

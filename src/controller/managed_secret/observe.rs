@@ -176,12 +176,16 @@ async fn gather(
             && kube_ns != ns.name
             && kube_ns != ctx.config.operator_namespace
         {
-            let labels = ctx
-                .caches
-                .namespace_info(&ctx.client, &kube_ns)
-                .await?
-                .labels;
-            tenancy::store_namespace(store, &kube_ns, &ns.name, &labels).map_err(refused)?;
+            // A namespace that is gone holds nothing to protect: the store's own failure
+            // (Invalid) is reported when it is used.
+            let labels = match ctx.caches.namespace_info(&ctx.client, &kube_ns).await {
+                Ok(info) => Some(info.labels),
+                Err(e) if e.reason() == Reason::NamespaceNotFound => None,
+                Err(e) => return Err(e),
+            };
+            if let Some(labels) = labels {
+                tenancy::store_namespace(store, &kube_ns, &ns.name, &labels).map_err(refused)?;
+            }
         }
     }
     let me = owner_of(ms);

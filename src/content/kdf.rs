@@ -12,8 +12,16 @@
 //! of its encrypted safes, its shrouded keys outside them). The schemes of keys inside an
 //! encrypted safe are seen only once that safe is decrypted, by p12-keystore, whose caps
 //! (1,000,000 iterations, scrypt 1 GiB) apply to them.
+//!
+//! Caps per operation are not enough: the operator runs one CPU-heavy task per CPU, and
+//! a value is decrypted more than once. Every KDF therefore also takes its memory out of a
+//! process-wide [budget](reserve) of [`KDF_MEMORY_BUDGET`] (64 MiB) before it runs and
+//! gives it back when it is done: at most 64 MiB of KDF memory is live at once, whatever
+//! the number of CPUs or of tenants.
 
 use pkcs8::ObjectIdentifier;
+use std::sync::LazyLock;
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 pub const MAX_PBKDF2_ITERATIONS: u32 = 10_000_000;
 pub const MAX_PKCS12_ITERATIONS: u128 = 1_000_000;
@@ -21,6 +29,69 @@ pub const MAX_KDF_MEMORY: u128 = 64 << 20;
 pub const MAX_SCRYPT_PARALLELISM: u128 = 16;
 /// OpenSSH's default is 16 rounds; `ssh-keygen -a 100` is common.
 pub const MAX_BCRYPT_ROUNDS: u32 = 1000;
+
+/// The KDF memory the whole process may have live at once: all scrypt, PBKDF2,
+/// bcrypt-pbkdf and PKCS#12 derivations together, on every blocking thread. A quarter of
+/// the chart's 256 MiB memory limit, and no less than [`MAX_KDF_MEMORY`], so that a single
+/// operation within the cap always fits.
+pub const KDF_MEMORY_BUDGET: u128 = 64 << 20;
+const _: () = assert!(MAX_KDF_MEMORY <= KDF_MEMORY_BUDGET);
+
+/// The budget is counted in MiB; a KDF that needs little memory (PBKDF2, bcrypt-pbkdf, the
+/// PKCS#12 KDF) counts as one, which also bounds how many run at once.
+pub const MIB: u128 = 1 << 20;
+
+/// A byte-counted budget, in MiB permits (FIFO: a large request is not starved by small
+/// ones).
+pub(crate) struct Budget {
+    permits: Semaphore,
+    total_mib: u32,
+}
+
+impl Budget {
+    pub(crate) fn new(total: u128) -> Self {
+        let total_mib = u32::try_from(total / MIB).unwrap_or(u32::MAX).max(1);
+        Budget {
+            permits: Semaphore::new(total_mib as usize),
+            total_mib,
+        }
+    }
+
+    /// Waits (blocking this thread: KDFs run on blocking threads) until `bytes` of the
+    /// budget are free, and holds them until the permit is dropped. A request is rounded up
+    /// to whole MiB, at least 1, and at most the whole budget: one request alone always
+    /// fits, and no caller holds a permit while it waits for another, so this cannot
+    /// deadlock.
+    pub(crate) fn reserve(&self, bytes: u128) -> SemaphorePermit<'_> {
+        let mib = bytes.div_ceil(MIB).clamp(1, u128::from(self.total_mib)) as u32;
+        futures::executor::block_on(self.permits.acquire_many(mib))
+            .expect("the budget is never closed")
+    }
+}
+
+static BUDGET: LazyLock<Budget> = LazyLock::new(|| Budget::new(KDF_MEMORY_BUDGET));
+
+/// Takes `bytes` out of the process-wide KDF memory budget until the permit is dropped:
+/// call it right before a derivation, drop it right after, and never while holding another.
+pub(crate) fn reserve(bytes: u128) -> SemaphorePermit<'static> {
+    BUDGET.reserve(bytes)
+}
+
+/// The memory the KDF of an encrypted PKCS#8 key takes: `N * r * 128` bytes for scrypt,
+/// a token MiB for the others.
+pub(crate) fn pkcs8_memory(info: &pkcs8::EncryptedPrivateKeyInfo<'_>) -> u128 {
+    use pkcs8::pkcs5::pbes2::Kdf;
+    match info.encryption_algorithm.pbes2().map(|p| &p.kdf) {
+        Some(Kdf::Scrypt(p)) => {
+            scrypt_memory(u128::from(p.cost_parameter), u128::from(p.block_size))
+        }
+        _ => MIB,
+    }
+}
+
+fn scrypt_memory(n: u128, r: u128) -> u128 {
+    n.saturating_mul(r).saturating_mul(128)
+}
 
 const OID_PBKDF2: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.5.12");
 const OID_SCRYPT: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.6.1.4.1.11591.4.11");
@@ -31,7 +102,7 @@ const OID_PKCS5: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549
 
 /// Why scrypt parameters `n`, `r`, `p` are refused, if they are.
 fn scrypt_problem(n: u128, r: u128, p: u128) -> Option<String> {
-    let memory = n.saturating_mul(r).saturating_mul(128);
+    let memory = scrypt_memory(n, r);
     (memory > MAX_KDF_MEMORY || p > MAX_SCRYPT_PARALLELISM).then(|| {
         format!(
             "uses scrypt parameters above the accepted cost (N*r*128 = {} MiB; at most 64 MiB, p <= 16)",
@@ -304,6 +375,33 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("at most 64 MiB"), "{e}");
+    }
+
+    #[test]
+    fn the_budget_bounds_the_kdf_memory_live_at_once() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::time::Duration;
+        let budget = Budget::new(64 << 20);
+        let (running, most) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    let _permit = budget.reserve(32 << 20);
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(30));
+                    running.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        assert_eq!(most.load(Ordering::SeqCst), 2);
+        // A request above the whole budget takes all of it, and does not wait forever.
+        let all = budget.reserve(1 << 30);
+        assert_eq!(budget.permits.available_permits(), 0);
+        drop(all);
+        // Small ones count a MiB each.
+        let _small = budget.reserve(1);
+        assert_eq!(budget.permits.available_permits(), 63);
     }
 
     #[test]

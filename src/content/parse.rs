@@ -61,9 +61,11 @@ pub(crate) fn private_key_spki(text: &str, passphrase: Option<&[u8]>) -> Result<
             let info = pkcs8::EncryptedPrivateKeyInfo::from_der(&block.der)
                 .map_err(|_| "is not a valid encrypted PKCS#8 key".to_owned())?;
             super::kdf::check_pkcs8(&info)?;
-            let doc = info
-                .decrypt(passphrase)
-                .map_err(|_| "cannot be decrypted with the given passphrase".to_owned())?;
+            let doc = {
+                let _memory = super::kdf::reserve(super::kdf::pkcs8_memory(&info));
+                info.decrypt(passphrase)
+            }
+            .map_err(|_| "cannot be decrypted with the given passphrase".to_owned())?;
             pkcs8_spki(doc.as_bytes())
         }
         "RSA PRIVATE KEY" => {
@@ -261,6 +263,7 @@ pub(crate) fn ssh_public_key(text: &str, passphrase: Option<&[u8]>) -> Result<St
                 super::kdf::MAX_BCRYPT_ROUNDS
             ));
         }
+        let _memory = super::kdf::reserve(super::kdf::MIB);
         key.decrypt(passphrase)
             .map_err(|_| "cannot be decrypted with the given passphrase".to_owned())?;
     }
@@ -272,6 +275,7 @@ pub(crate) fn ssh_public_key(text: &str, passphrase: Option<&[u8]>) -> Result<St
 /// Opens a PKCS#12 keystore with its password; it must hold at least one entry.
 pub(crate) fn keystore(data: &[u8], password: &str) -> Result<usize, String> {
     super::kdf::check_pkcs12(data)?;
+    let _memory = super::kdf::reserve(super::kdf::KDF_MEMORY_BUDGET);
     let store = p12_keystore::KeyStore::from_pkcs12(
         data,
         password,

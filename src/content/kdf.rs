@@ -89,6 +89,91 @@ pub(crate) fn pkcs8_memory(info: &pkcs8::EncryptedPrivateKeyInfo<'_>) -> u128 {
     }
 }
 
+/// At most this many results are kept by [`once`] (least recently used out first).
+pub const MAX_CACHED: usize = 1024;
+
+/// What [`once`] remembers: by a keyed digest of the inputs, the outcome of a parse that ran
+/// a KDF — `Ok` with what it derived that is public (a public key, an entry count), or the
+/// problem (a fixed message, never a value). Never a private key, a passphrase or any
+/// decrypted byte.
+struct Cache {
+    /// The HMAC key, random per process: the digests are not a fast oracle for guessing a
+    /// passphrase (which the KDF exists to make slow).
+    key: [u8; 32],
+    entries: std::collections::HashMap<[u8; 32], (u64, Result<Vec<u8>, String>)>,
+    tick: u64,
+}
+
+static CACHE: LazyLock<std::sync::Mutex<Cache>> = LazyLock::new(|| {
+    let mut key = [0; 32];
+    rand::fill(&mut key[..]);
+    std::sync::Mutex::new(Cache {
+        key,
+        entries: Default::default(),
+        tick: 0,
+    })
+});
+
+#[cfg(test)]
+thread_local! {
+    /// How many times [`once`] ran its derivation on this thread (tests count KDF runs).
+    pub(crate) static DERIVED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// `derive()`, run once per distinct input: the outcome of a deterministic parse that runs
+/// a KDF over `parts` (the encrypted bytes and the passphrase), remembered by a keyed digest
+/// of `domain` and `parts`. Validating a value and rendering it, and every refresh of an
+/// unchanged value, then cost one derivation, not one each. The lock is not held while
+/// deriving (two threads missing the same input may both derive: the budget bounds them).
+pub(crate) fn once(
+    domain: &str,
+    parts: &[&[u8]],
+    derive: impl FnOnce() -> Result<Vec<u8>, String>,
+) -> Result<Vec<u8>, String> {
+    use hmac::{Hmac, KeyInit, Mac};
+    let lock = || {
+        CACHE
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
+    let digest: [u8; 32] = {
+        let mut mac = <Hmac<sha2::Sha256> as KeyInit>::new_from_slice(&lock().key)
+            .expect("HMAC takes any key length");
+        mac.update(b"keyhaven kdf cache v1\0");
+        for field in std::iter::once(domain.as_bytes()).chain(parts.iter().copied()) {
+            mac.update(&(field.len() as u64).to_be_bytes());
+            mac.update(field);
+        }
+        mac.finalize().into_bytes().into()
+    };
+    {
+        let mut cache = lock();
+        cache.tick += 1;
+        let tick = cache.tick;
+        if let Some((used, outcome)) = cache.entries.get_mut(&digest) {
+            *used = tick;
+            return outcome.clone();
+        }
+    }
+    #[cfg(test)]
+    DERIVED.with(|n| n.set(n.get() + 1));
+    let outcome = derive();
+    let mut cache = lock();
+    if cache.entries.len() >= MAX_CACHED
+        && let Some(oldest) = cache
+            .entries
+            .iter()
+            .min_by_key(|(_, (used, _))| *used)
+            .map(|(k, _)| *k)
+    {
+        cache.entries.remove(&oldest);
+    }
+    cache.tick += 1;
+    let tick = cache.tick;
+    cache.entries.insert(digest, (tick, outcome.clone()));
+    outcome
+}
+
 fn scrypt_memory(n: u128, r: u128) -> u128 {
     n.saturating_mul(r).saturating_mul(128)
 }
@@ -402,6 +487,32 @@ mod tests {
         // Small ones count a MiB each.
         let _small = budget.reserve(1);
         assert_eq!(budget.permits.available_permits(), 63);
+    }
+
+    #[test]
+    fn a_derivation_runs_once_per_input_and_the_cache_is_bounded() {
+        let runs = std::cell::Cell::new(0);
+        let derive = |out: &'static str| {
+            runs.set(runs.get() + 1);
+            Ok(out.as_bytes().to_vec())
+        };
+        let salt = rand::random::<u64>().to_be_bytes();
+        let a = once("test", &[&salt, b"a"], || derive("A")).unwrap();
+        let again = once("test", &[&salt, b"a"], || derive("X")).unwrap();
+        assert_eq!((a, again, runs.get()), (b"A".to_vec(), b"A".to_vec(), 1));
+        // Fields are length-prefixed: ("ab", "") is not ("a", "b").
+        once("test", &[&salt, b"ab", b""], || derive("B")).unwrap();
+        once("test", &[&salt, b"a", b"b"], || derive("C")).unwrap();
+        assert_eq!(runs.get(), 3);
+        // Problems are remembered too (a wrong passphrase does not derive on every retry).
+        let wrong = || Err::<Vec<u8>, _>("cannot be decrypted".to_owned());
+        once("test", &[&salt, b"w"], wrong).unwrap_err();
+        let e = once("test", &[&salt, b"w"], || derive("no")).unwrap_err();
+        assert_eq!((e.as_str(), runs.get()), ("cannot be decrypted", 3));
+        for i in 0..MAX_CACHED + 10 {
+            once("test-fill", &[&salt, &i.to_be_bytes()], || Ok(vec![])).unwrap();
+        }
+        assert!(CACHE.lock().unwrap().entries.len() <= MAX_CACHED);
     }
 
     #[test]

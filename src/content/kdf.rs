@@ -8,10 +8,11 @@
 //!   [`MAX_PKCS12_ITERATIONS`] (1,000,000, the cap of the p12-keystore crate itself);
 //! - bcrypt-pbkdf of an OpenSSH key: at most [`MAX_BCRYPT_ROUNDS`] (1000).
 //!
-//! A PKCS#12 is checked as far as it can be read before decrypting (its MAC, the schemes
-//! of its encrypted safes, its shrouded keys outside them). The schemes of keys inside an
-//! encrypted safe are seen only once that safe is decrypted, by p12-keystore, whose caps
-//! (1,000,000 iterations, scrypt 1 GiB) apply to them.
+//! A PKCS#12 is checked all the way down before p12-keystore (whose own scrypt cap is
+//! 1 GiB) opens it: its MAC, the schemes of its encrypted safes and its shrouded keys
+//! outside them as they are; the keys inside a PBES2-encrypted safe once keyhaven has
+//! decrypted that safe itself; a safe encrypted with a legacy PKCS#12 scheme (PBES1), which
+//! keyhaven cannot open, is refused ([`inspect_pkcs12`]).
 //!
 //! Caps per operation are not enough: the operator runs one CPU-heavy task per CPU, and
 //! a value is decrypted more than once. Every KDF therefore also takes its memory out of a
@@ -302,9 +303,23 @@ fn algorithm_problem(oid: &[u8], params: Option<(u8, &[u8])>) -> Option<String> 
     }
 }
 
+/// The memory of the algorithm `oid` with `params`: `N * r * 128` for scrypt, else 0.
+fn algorithm_memory(oid: &[u8], params: Option<(u8, &[u8])>) -> u128 {
+    let fields = params
+        .filter(|(tag, _)| *tag == SEQUENCE && oid == OID_SCRYPT.as_bytes())
+        .and_then(|(_, content)| elements(content))
+        .unwrap_or_default();
+    let int = |i: usize| fields.get(i).copied().and_then(integer);
+    match (int(1), int(2)) {
+        (Some(n), Some(r)) => scrypt_memory(n, r),
+        _ => 0,
+    }
+}
+
 /// Walks `der` (at most `depth` levels more, into OCTET STRINGs that hold DER too),
-/// checking every algorithm identifier it can see.
-fn walk(der: &[u8], depth: u8) -> Result<(), String> {
+/// checking every algorithm identifier it can see; `memory` becomes at least the largest
+/// scrypt memory among them.
+fn walk(der: &[u8], depth: u8, memory: &mut u128) -> Result<(), String> {
     let Some(items) = elements(der) else {
         return Ok(()); // not DER (ciphertext, text): nothing to see
     };
@@ -316,21 +331,23 @@ fn walk(der: &[u8], depth: u8) -> Result<(), String> {
             if tag == SEQUENCE
                 && let Some(children) = elements(content)
                 && let Some((OID, oid)) = children.first().copied()
-                && let Some(problem) = algorithm_problem(oid, children.get(1).copied())
             {
-                return Err(problem);
+                if let Some(problem) = algorithm_problem(oid, children.get(1).copied()) {
+                    return Err(problem);
+                }
+                *memory = (*memory).max(algorithm_memory(oid, children.get(1).copied()));
             }
-            walk(content, depth - 1)?;
+            walk(content, depth - 1, memory)?;
         } else if tag == OCTET_STRING {
-            walk(content, depth - 1)?;
+            walk(content, depth - 1, memory)?;
         }
     }
     Ok(())
 }
 
 /// The costs a PKCS#12 keystore asks for (as far as they can be read before decrypting),
-/// within the caps.
-pub fn check_pkcs12(der: &[u8]) -> Result<(), String> {
+/// within the caps; `Ok` with the largest scrypt memory among them.
+pub fn check_pkcs12(der: &[u8]) -> Result<u128, String> {
     // PFX: version, authSafe, macData { mac, macSalt, iterations DEFAULT 1 }.
     if let Some((SEQUENCE, pfx, _)) = element(der)
         && let Some(fields) = elements(pfx)
@@ -343,7 +360,136 @@ pub fn check_pkcs12(der: &[u8]) -> Result<(), String> {
             "uses {n} MAC iterations; at most {MAX_PKCS12_ITERATIONS} are accepted"
         ));
     }
-    walk(der, 24)
+    let mut memory = 0;
+    walk(der, 24, &mut memory)?;
+    Ok(memory)
+}
+
+const OID_PBES2: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.5.13");
+const OID_DATA: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.7.1");
+const OID_ENCRYPTED_DATA: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.7.6");
+/// `[0]`, constructed (an explicit tag) and primitive (`encryptedContent`, implicit).
+const CONTEXT_0: u8 = 0xa0;
+const CONTEXT_0_PRIMITIVE: u8 = 0x80;
+
+const NOT_PKCS12: &str = "is not a PKCS#12 keystore (PFX, DER)";
+const DOES_NOT_OPEN: &str = "is not a PKCS#12 keystore that opens with `password`";
+
+/// Each DER element of `der` as its tag, its contents and all of its bytes.
+fn elements_whole(mut der: &[u8]) -> Option<Vec<(u8, &[u8], &[u8])>> {
+    let mut out = vec![];
+    while !der.is_empty() {
+        let (tag, content, rest) = element(der)?;
+        out.push((tag, content, &der[..der.len() - rest.len()]));
+        der = rest;
+    }
+    Some(out)
+}
+
+/// What a PKCS#12 keystore costs to open with `password`, checked all the way down before
+/// p12-keystore opens it: `Ok` with the largest memory one of its KDFs takes (at least a
+/// MiB), which the caller reserves from the budget for the whole parse.
+///
+/// Why this way: the keys in an *encrypted* safe (OpenSSL and keytool put certificates
+/// there, and may put shrouded keys) are invisible until the safe is decrypted, and
+/// p12-keystore, which decrypts them, cannot be told a cap: its own allows scrypt of 1 GiB,
+/// four times the pod's memory. Holding the whole budget while it runs would serialise
+/// keystores but not make 1 GiB fit. So keyhaven opens each encrypted safe itself first, when
+/// it is PBES2 (PBKDF2 or scrypt, within the caps, under the budget), and checks the keys
+/// inside like the rest; a safe encrypted with a legacy PKCS#12 scheme (PBES1:
+/// pbeWithSHAAnd3-KeyTripleDES-CBC, RC2-40, ...), which it cannot open, is refused rather than
+/// opened blind. Such keystores re-export as PBES2 (`openssl pkcs12 -export` of OpenSSL 3
+/// without `-legacy`, keytool of JDK 17+). The structure is read strictly: a keystore this
+/// cannot follow is refused, so p12-keystore never opens anything not checked here. The cost:
+/// each PBES2 safe is derived twice (here, then by p12-keystore), once per keystore and
+/// password (the outcome is remembered).
+pub fn inspect_pkcs12(der: &[u8], password: &str) -> Result<u128, String> {
+    let mut memory = check_pkcs12(der)?;
+    // PFX: version, authSafe ContentInfo { data, [0] OCTET STRING AuthenticatedSafe }, ...
+    let pfx = match element(der) {
+        Some((SEQUENCE, pfx, rest)) if rest.is_empty() => pfx,
+        _ => return Err(NOT_PKCS12.into()),
+    };
+    let fields = elements(pfx).ok_or(NOT_PKCS12)?;
+    let auth_safe = fields
+        .get(1)
+        .filter(|(tag, _)| *tag == SEQUENCE)
+        .and_then(|(_, c)| elements(c))
+        .ok_or(NOT_PKCS12)?;
+    let safes = match auth_safe.as_slice() {
+        [(OID, oid), (CONTEXT_0, explicit)] if *oid == OID_DATA.as_bytes() => {
+            match elements(explicit).as_deref() {
+                Some([(OCTET_STRING, octets)]) => match elements(octets).as_deref() {
+                    Some([(SEQUENCE, safes)]) => elements(safes).ok_or(NOT_PKCS12)?,
+                    _ => return Err(NOT_PKCS12.into()),
+                },
+                _ => return Err(NOT_PKCS12.into()),
+            }
+        }
+        _ => return Err(NOT_PKCS12.into()),
+    };
+    for (tag, content_info) in safes {
+        let info = (tag == SEQUENCE)
+            .then(|| elements(content_info))
+            .flatten()
+            .ok_or(NOT_PKCS12)?;
+        let Some(&(OID, kind)) = info.first() else {
+            return Err(NOT_PKCS12.into());
+        };
+        if kind != OID_ENCRYPTED_DATA.as_bytes() {
+            continue; // a data safe: walked above; any other, p12-keystore refuses
+        }
+        // [0] EncryptedData { version, EncryptedContentInfo { type, algorithm, [0] bytes } }
+        let encrypted_content_info = match info.get(1) {
+            Some((CONTEXT_0, explicit)) => match elements(explicit).as_deref() {
+                Some([(SEQUENCE, data)]) => match elements(data).as_deref() {
+                    Some([(INTEGER, _), (SEQUENCE, eci)]) => {
+                        elements_whole(eci).ok_or(NOT_PKCS12)?
+                    }
+                    _ => return Err(NOT_PKCS12.into()),
+                },
+                _ => return Err(NOT_PKCS12.into()),
+            },
+            _ => return Err(NOT_PKCS12.into()),
+        };
+        let (algorithm, ciphertext) = match encrypted_content_info.as_slice() {
+            [(OID, ..), (SEQUENCE, algorithm, _)] => (algorithm, None),
+            [
+                (OID, ..),
+                (SEQUENCE, algorithm, _),
+                (CONTEXT_0_PRIMITIVE, bytes, _),
+            ] => (algorithm, Some(*bytes)),
+            _ => return Err(NOT_PKCS12.into()),
+        };
+        let algorithm = elements_whole(algorithm).ok_or(NOT_PKCS12)?;
+        let (oid, params) = match algorithm.as_slice() {
+            [(OID, oid, _), (_, _, params)] => (*oid, *params),
+            [(OID, oid, _)] => (*oid, &[][..]),
+            _ => return Err(NOT_PKCS12.into()),
+        };
+        if oid != OID_PBES2.as_bytes() {
+            return Err("has a safe encrypted with a legacy PKCS#12 scheme (PBES1), whose keys cannot be checked before they are decrypted: export it with PBES2 (AES-256-CBC; OpenSSL 3 without -legacy, keytool of JDK 17+)".into());
+        }
+        let Some(ciphertext) = ciphertext else {
+            continue; // nothing encrypted: p12-keystore reads it as empty
+        };
+        use pkcs8::der::Decode as _;
+        let params = pkcs8::pkcs5::pbes2::Parameters::from_der(params)
+            .map_err(|_| "has an encrypted safe whose PBES2 parameters cannot be read")?;
+        let cost = match &params.kdf {
+            pkcs8::pkcs5::pbes2::Kdf::Scrypt(p) => {
+                scrypt_memory(u128::from(p.cost_parameter), u128::from(p.block_size))
+            }
+            _ => MIB,
+        };
+        let plain = {
+            let _memory = reserve(cost);
+            params.decrypt(password.as_bytes(), ciphertext)
+        }
+        .map_err(|_| DOES_NOT_OPEN)?;
+        walk(&plain, 24, &mut memory)?;
+    }
+    Ok(memory.max(MIB))
 }
 
 #[cfg(test)]
@@ -449,6 +595,87 @@ mod tests {
         assert!(check_pkcs12(&pfx(shrouded_key(huge), 1)).is_err());
     }
 
+    /// A PFX (MAC of 2048 iterations) whose authSafe holds `safes` (ContentInfos).
+    fn pfx_of(safes: &[Vec<u8>]) -> Vec<u8> {
+        let data = ObjectIdentifier::new_unwrap("1.2.840.113549.1.7.1");
+        let auth_safe = seq(&[oid(data), tlv(0xa0, &tlv(OCTET_STRING, &seq(safes)))]);
+        seq(&[int(3), auth_safe])
+    }
+
+    /// An encryptedData safe: `algorithm` (an AlgorithmIdentifier) over `ciphertext`.
+    fn encrypted_safe(algorithm: Vec<u8>, ciphertext: &[u8]) -> Vec<u8> {
+        let eci = seq(&[oid(OID_DATA), algorithm, tlv(0x80, ciphertext)]);
+        seq(&[oid(OID_ENCRYPTED_DATA), tlv(0xa0, &seq(&[int(0), eci]))])
+    }
+
+    /// `bags` (SafeContents), encrypted with PBES2 (PBKDF2, AES-256-CBC) under `password`.
+    fn pbes2_safe(bags: &[Vec<u8>], password: &str) -> Vec<u8> {
+        use pkcs8::der::Encode as _;
+        let params =
+            pkcs8::pkcs5::pbes2::Parameters::pbkdf2_sha256_aes256cbc(2048, &[3; 16], &[4; 16])
+                .unwrap();
+        let ciphertext = params.encrypt(password, &seq(bags)).unwrap();
+        let algorithm = seq(&[oid(OID_PBES2), params.to_der().unwrap()]);
+        encrypted_safe(algorithm, &ciphertext)
+    }
+
+    #[test]
+    fn keys_inside_an_encrypted_safe_are_checked_before_p12_keystore_opens_it() {
+        // Within the caps: its largest scrypt (16 MiB) is what the parse reserves.
+        let store = pfx_of(&[pbes2_safe(&[shrouded_key(scrypt(1 << 14, 8, 1))], "pw")]);
+        assert_eq!(inspect_pkcs12(&store, "pw").unwrap(), 16 << 20);
+        assert_eq!(
+            inspect_pkcs12(&pfx_of(&[pbes2_safe(&[], "pw")]), "pw").unwrap(),
+            MIB
+        );
+        // 1 GiB of scrypt (within p12-keystore's own cap) hidden in an encrypted safe.
+        let hidden = pfx_of(&[pbes2_safe(&[shrouded_key(scrypt(1 << 20, 8, 1))], "pw")]);
+        check_pkcs12(&hidden).unwrap(); // invisible from outside
+        let e = inspect_pkcs12(&hidden, "pw").unwrap_err();
+        assert!(e.contains("1024 MiB; at most 64 MiB"), "{e}");
+        assert_eq!(inspect_pkcs12(&hidden, "wrong").unwrap_err(), DOES_NOT_OPEN);
+        // A legacy PKCS#12 PBE (3DES): cannot be opened here, so it is not opened at all.
+        let pbe_3des = ObjectIdentifier::new_unwrap("1.2.840.113549.1.12.1.3");
+        let legacy = encrypted_safe(
+            seq(&[oid(pbe_3des), seq(&[tlv(OCTET_STRING, &[5; 8]), int(2048)])]),
+            &[0; 64],
+        );
+        let e = inspect_pkcs12(&pfx_of(&[legacy]), "pw").unwrap_err();
+        assert!(e.contains("legacy PKCS#12 scheme (PBES1)"), "{e}");
+        // Structure it cannot follow: refused too.
+        let mut trailing = store.clone();
+        trailing.push(0);
+        assert_eq!(inspect_pkcs12(&trailing, "pw").unwrap_err(), NOT_PKCS12);
+        let not_data = seq(&[int(3), seq(&[oid(OID_ENCRYPTED_DATA), tlv(0xa0, &[])])]);
+        assert_eq!(inspect_pkcs12(&not_data, "pw").unwrap_err(), NOT_PKCS12);
+    }
+
+    #[test]
+    fn p12_keystore_files_pbes2_opens_pbes1_is_refused() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["a.example".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let chain = p12_keystore::PrivateKeyChain::new(
+            vec![1u8; 20],
+            p12_keystore::PrivateKey::from_der(&key.serialize_der()).unwrap(),
+            [p12_keystore::Certificate::from_der(cert.der()).unwrap()],
+        );
+        let mut store = p12_keystore::KeyStore::new();
+        store.add_entry("a", p12_keystore::KeyStoreEntry::PrivateKeyChain(chain));
+        let modern = store.writer("pw").write().unwrap();
+        assert_eq!(inspect_pkcs12(&modern, "pw").unwrap(), MIB);
+        assert_eq!(inspect_pkcs12(&modern, "nope").unwrap_err(), DOES_NOT_OPEN);
+        let legacy = store
+            .writer("pw")
+            .encryption_algorithm(p12_keystore::EncryptionAlgorithm::PbeWithShaAnd3KeyTripleDesCbc)
+            .write()
+            .unwrap();
+        let e = inspect_pkcs12(&legacy, "pw").unwrap_err();
+        assert!(e.contains("legacy"), "{e}");
+    }
+
     #[test]
     fn a_keystore_value_is_checked_before_it_is_opened() {
         let store = pfx(shrouded_key(scrypt(1 << 20, 8, 1)), 2048);
@@ -525,6 +752,8 @@ mod tests {
             &[0xff; 64],
         ] {
             check_pkcs12(junk).unwrap();
+            // ... which does not open what this cannot follow.
+            assert_eq!(inspect_pkcs12(junk, "pw").unwrap_err(), NOT_PKCS12);
         }
     }
 }

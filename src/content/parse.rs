@@ -284,8 +284,9 @@ pub(crate) fn ssh_public_key(text: &str, passphrase: Option<&[u8]>) -> Result<St
 /// of the same keystore derives nothing.
 pub(crate) fn keystore(data: &[u8], password: &str) -> Result<usize, String> {
     let entries = super::kdf::once("pkcs12", &[data, password.as_bytes()], || {
-        super::kdf::check_pkcs12(data)?;
-        let _memory = super::kdf::reserve(super::kdf::KDF_MEMORY_BUDGET);
+        // Every KDF inside checked first (see there); p12-keystore runs them one at a time.
+        let memory = super::kdf::inspect_pkcs12(data, password)?;
+        let _memory = super::kdf::reserve(memory);
         let store = p12_keystore::KeyStore::from_pkcs12(
             data,
             password,

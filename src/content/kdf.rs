@@ -101,9 +101,12 @@ struct Cache {
     /// The HMAC key, random per process: the digests are not a fast oracle for guessing a
     /// passphrase (which the KDF exists to make slow).
     key: [u8; 32],
-    entries: std::collections::HashMap<[u8; 32], (u64, Result<Vec<u8>, String>)>,
+    /// By digest: when last used (a tick), and the outcome.
+    entries: std::collections::HashMap<[u8; 32], (u64, Outcome)>,
     tick: u64,
 }
+
+type Outcome = Result<Vec<u8>, String>;
 
 static CACHE: LazyLock<std::sync::Mutex<Cache>> = LazyLock::new(|| {
     let mut key = [0; 32];
@@ -375,8 +378,11 @@ const CONTEXT_0_PRIMITIVE: u8 = 0x80;
 const NOT_PKCS12: &str = "is not a PKCS#12 keystore (PFX, DER)";
 const DOES_NOT_OPEN: &str = "is not a PKCS#12 keystore that opens with `password`";
 
-/// Each DER element of `der` as its tag, its contents and all of its bytes.
-fn elements_whole(mut der: &[u8]) -> Option<Vec<(u8, &[u8], &[u8])>> {
+/// A DER element: its tag, its contents and all of its bytes.
+type Whole<'a> = (u8, &'a [u8], &'a [u8]);
+
+/// Each DER element of `der`, whole.
+fn elements_whole(mut der: &[u8]) -> Option<Vec<Whole<'_>>> {
     let mut out = vec![];
     while !der.is_empty() {
         let (tag, content, rest) = element(der)?;
@@ -407,7 +413,7 @@ pub fn inspect_pkcs12(der: &[u8], password: &str) -> Result<u128, String> {
     let mut memory = check_pkcs12(der)?;
     // PFX: version, authSafe ContentInfo { data, [0] OCTET STRING AuthenticatedSafe }, ...
     let pfx = match element(der) {
-        Some((SEQUENCE, pfx, rest)) if rest.is_empty() => pfx,
+        Some((SEQUENCE, pfx, [])) => pfx,
         _ => return Err(NOT_PKCS12.into()),
     };
     let fields = elements(pfx).ok_or(NOT_PKCS12)?;

@@ -2,6 +2,11 @@
 //! and keystores, running their KDFs — on tokio's blocking threads, at most one per CPU at
 //! a time (a process-wide semaphore), so that the async workers keep serving `/healthz`,
 //! the Lease renewal and the other reconciles while an RSA key is made or a PBKDF2 runs.
+//!
+//! CPUs bound the threads, not the memory: a KDF running on one of them also takes its
+//! memory out of the process-wide KDF budget (`kdf::reserve`, 64 MiB in all), inside the
+//! blocking work, right before it derives. A thread holding a CPU permit may wait there for
+//! memory; nothing holding memory waits for a CPU, so the two never deadlock.
 
 use super::ContentError;
 use crate::api::{Generate, SecretType};

@@ -8,12 +8,21 @@
 //!   [`MAX_PKCS12_ITERATIONS`] (1,000,000, the cap of the p12-keystore crate itself);
 //! - bcrypt-pbkdf of an OpenSSH key: at most [`MAX_BCRYPT_ROUNDS`] (1000).
 //!
-//! A PKCS#12 is checked as far as it can be read before decrypting (its MAC, the schemes
-//! of its encrypted safes, its shrouded keys outside them). The schemes of keys inside an
-//! encrypted safe are seen only once that safe is decrypted, by p12-keystore, whose caps
-//! (1,000,000 iterations, scrypt 1 GiB) apply to them.
+//! A PKCS#12 is checked all the way down before p12-keystore (whose own scrypt cap is
+//! 1 GiB) opens it: its MAC, the schemes of its encrypted safes and its shrouded keys
+//! outside them as they are; the keys inside a PBES2-encrypted safe once keyhaven has
+//! decrypted that safe itself; a safe encrypted with a legacy PKCS#12 scheme (PBES1), which
+//! keyhaven cannot open, is refused ([`inspect_pkcs12`]).
+//!
+//! Caps per operation are not enough: the operator runs one CPU-heavy task per CPU, and
+//! a value is decrypted more than once. Every KDF therefore also takes its memory out of a
+//! process-wide [budget](reserve) of [`KDF_MEMORY_BUDGET`] (64 MiB) before it runs and
+//! gives it back when it is done: at most 64 MiB of KDF memory is live at once, whatever
+//! the number of CPUs or of tenants.
 
 use pkcs8::ObjectIdentifier;
+use std::sync::LazyLock;
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 pub const MAX_PBKDF2_ITERATIONS: u32 = 10_000_000;
 pub const MAX_PKCS12_ITERATIONS: u128 = 1_000_000;
@@ -21,6 +30,157 @@ pub const MAX_KDF_MEMORY: u128 = 64 << 20;
 pub const MAX_SCRYPT_PARALLELISM: u128 = 16;
 /// OpenSSH's default is 16 rounds; `ssh-keygen -a 100` is common.
 pub const MAX_BCRYPT_ROUNDS: u32 = 1000;
+
+/// The KDF memory the whole process may have live at once: all scrypt, PBKDF2,
+/// bcrypt-pbkdf and PKCS#12 derivations together, on every blocking thread. A quarter of
+/// the chart's 256 MiB memory limit, and no less than [`MAX_KDF_MEMORY`], so that a single
+/// operation within the cap always fits.
+pub const KDF_MEMORY_BUDGET: u128 = 64 << 20;
+const _: () = assert!(MAX_KDF_MEMORY <= KDF_MEMORY_BUDGET);
+
+/// The budget is counted in MiB; a KDF that needs little memory (PBKDF2, bcrypt-pbkdf, the
+/// PKCS#12 KDF) counts as one, which also bounds how many run at once.
+pub const MIB: u128 = 1 << 20;
+
+/// A byte-counted budget, in MiB permits (FIFO: a large request is not starved by small
+/// ones).
+pub(crate) struct Budget {
+    permits: Semaphore,
+    total_mib: u32,
+}
+
+impl Budget {
+    pub(crate) fn new(total: u128) -> Self {
+        let total_mib = u32::try_from(total / MIB).unwrap_or(u32::MAX).max(1);
+        Budget {
+            permits: Semaphore::new(total_mib as usize),
+            total_mib,
+        }
+    }
+
+    /// Waits (blocking this thread: KDFs run on blocking threads) until `bytes` of the
+    /// budget are free, and holds them until the permit is dropped. A request is rounded up
+    /// to whole MiB, at least 1, and at most the whole budget: one request alone always
+    /// fits, and no caller holds a permit while it waits for another, so this cannot
+    /// deadlock.
+    pub(crate) fn reserve(&self, bytes: u128) -> SemaphorePermit<'_> {
+        let mib = bytes.div_ceil(MIB).clamp(1, u128::from(self.total_mib)) as u32;
+        futures::executor::block_on(self.permits.acquire_many(mib))
+            .expect("the budget is never closed")
+    }
+}
+
+static BUDGET: LazyLock<Budget> = LazyLock::new(|| Budget::new(KDF_MEMORY_BUDGET));
+
+/// Takes `bytes` out of the process-wide KDF memory budget until the permit is dropped:
+/// call it right before a derivation, drop it right after, and never while holding another.
+pub(crate) fn reserve(bytes: u128) -> SemaphorePermit<'static> {
+    BUDGET.reserve(bytes)
+}
+
+/// The memory the KDF of an encrypted PKCS#8 key takes: `N * r * 128` bytes for scrypt,
+/// a token MiB for the others.
+pub(crate) fn pkcs8_memory(info: &pkcs8::EncryptedPrivateKeyInfo<'_>) -> u128 {
+    use pkcs8::pkcs5::pbes2::Kdf;
+    match info.encryption_algorithm.pbes2().map(|p| &p.kdf) {
+        Some(Kdf::Scrypt(p)) => {
+            scrypt_memory(u128::from(p.cost_parameter), u128::from(p.block_size))
+        }
+        _ => MIB,
+    }
+}
+
+/// At most this many results are kept by [`once`] (least recently used out first).
+pub const MAX_CACHED: usize = 1024;
+
+/// What [`once`] remembers: by a keyed digest of the inputs, the outcome of a parse that ran
+/// a KDF — `Ok` with what it derived that is public (a public key, an entry count), or the
+/// problem (a fixed message, never a value). Never a private key, a passphrase or any
+/// decrypted byte.
+struct Cache {
+    /// The HMAC key, random per process: the digests are not a fast oracle for guessing a
+    /// passphrase (which the KDF exists to make slow).
+    key: [u8; 32],
+    /// By digest: when last used (a tick), and the outcome.
+    entries: std::collections::HashMap<[u8; 32], (u64, Outcome)>,
+    tick: u64,
+}
+
+type Outcome = Result<Vec<u8>, String>;
+
+static CACHE: LazyLock<std::sync::Mutex<Cache>> = LazyLock::new(|| {
+    let mut key = [0; 32];
+    rand::fill(&mut key[..]);
+    std::sync::Mutex::new(Cache {
+        key,
+        entries: Default::default(),
+        tick: 0,
+    })
+});
+
+#[cfg(test)]
+thread_local! {
+    /// How many times [`once`] ran its derivation on this thread (tests count KDF runs).
+    pub(crate) static DERIVED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// `derive()`, run once per distinct input: the outcome of a deterministic parse that runs
+/// a KDF over `parts` (the encrypted bytes and the passphrase), remembered by a keyed digest
+/// of `domain` and `parts`. Validating a value and rendering it, and every refresh of an
+/// unchanged value, then cost one derivation, not one each. The lock is not held while
+/// deriving (two threads missing the same input may both derive: the budget bounds them).
+pub(crate) fn once(
+    domain: &str,
+    parts: &[&[u8]],
+    derive: impl FnOnce() -> Result<Vec<u8>, String>,
+) -> Result<Vec<u8>, String> {
+    use hmac::{Hmac, KeyInit, Mac};
+    let lock = || {
+        CACHE
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
+    let digest: [u8; 32] = {
+        let mut mac = <Hmac<sha2::Sha256> as KeyInit>::new_from_slice(&lock().key)
+            .expect("HMAC takes any key length");
+        mac.update(b"keyhaven kdf cache v1\0");
+        for field in std::iter::once(domain.as_bytes()).chain(parts.iter().copied()) {
+            mac.update(&(field.len() as u64).to_be_bytes());
+            mac.update(field);
+        }
+        mac.finalize().into_bytes().into()
+    };
+    {
+        let mut cache = lock();
+        cache.tick += 1;
+        let tick = cache.tick;
+        if let Some((used, outcome)) = cache.entries.get_mut(&digest) {
+            *used = tick;
+            return outcome.clone();
+        }
+    }
+    #[cfg(test)]
+    DERIVED.with(|n| n.set(n.get() + 1));
+    let outcome = derive();
+    let mut cache = lock();
+    if cache.entries.len() >= MAX_CACHED
+        && let Some(oldest) = cache
+            .entries
+            .iter()
+            .min_by_key(|(_, (used, _))| *used)
+            .map(|(k, _)| *k)
+    {
+        cache.entries.remove(&oldest);
+    }
+    cache.tick += 1;
+    let tick = cache.tick;
+    cache.entries.insert(digest, (tick, outcome.clone()));
+    outcome
+}
+
+fn scrypt_memory(n: u128, r: u128) -> u128 {
+    n.saturating_mul(r).saturating_mul(128)
+}
 
 const OID_PBKDF2: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.5.12");
 const OID_SCRYPT: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.6.1.4.1.11591.4.11");
@@ -31,7 +191,7 @@ const OID_PKCS5: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549
 
 /// Why scrypt parameters `n`, `r`, `p` are refused, if they are.
 fn scrypt_problem(n: u128, r: u128, p: u128) -> Option<String> {
-    let memory = n.saturating_mul(r).saturating_mul(128);
+    let memory = scrypt_memory(n, r);
     (memory > MAX_KDF_MEMORY || p > MAX_SCRYPT_PARALLELISM).then(|| {
         format!(
             "uses scrypt parameters above the accepted cost (N*r*128 = {} MiB; at most 64 MiB, p <= 16)",
@@ -146,9 +306,23 @@ fn algorithm_problem(oid: &[u8], params: Option<(u8, &[u8])>) -> Option<String> 
     }
 }
 
+/// The memory of the algorithm `oid` with `params`: `N * r * 128` for scrypt, else 0.
+fn algorithm_memory(oid: &[u8], params: Option<(u8, &[u8])>) -> u128 {
+    let fields = params
+        .filter(|(tag, _)| *tag == SEQUENCE && oid == OID_SCRYPT.as_bytes())
+        .and_then(|(_, content)| elements(content))
+        .unwrap_or_default();
+    let int = |i: usize| fields.get(i).copied().and_then(integer);
+    match (int(1), int(2)) {
+        (Some(n), Some(r)) => scrypt_memory(n, r),
+        _ => 0,
+    }
+}
+
 /// Walks `der` (at most `depth` levels more, into OCTET STRINGs that hold DER too),
-/// checking every algorithm identifier it can see.
-fn walk(der: &[u8], depth: u8) -> Result<(), String> {
+/// checking every algorithm identifier it can see; `memory` becomes at least the largest
+/// scrypt memory among them.
+fn walk(der: &[u8], depth: u8, memory: &mut u128) -> Result<(), String> {
     let Some(items) = elements(der) else {
         return Ok(()); // not DER (ciphertext, text): nothing to see
     };
@@ -160,21 +334,23 @@ fn walk(der: &[u8], depth: u8) -> Result<(), String> {
             if tag == SEQUENCE
                 && let Some(children) = elements(content)
                 && let Some((OID, oid)) = children.first().copied()
-                && let Some(problem) = algorithm_problem(oid, children.get(1).copied())
             {
-                return Err(problem);
+                if let Some(problem) = algorithm_problem(oid, children.get(1).copied()) {
+                    return Err(problem);
+                }
+                *memory = (*memory).max(algorithm_memory(oid, children.get(1).copied()));
             }
-            walk(content, depth - 1)?;
+            walk(content, depth - 1, memory)?;
         } else if tag == OCTET_STRING {
-            walk(content, depth - 1)?;
+            walk(content, depth - 1, memory)?;
         }
     }
     Ok(())
 }
 
 /// The costs a PKCS#12 keystore asks for (as far as they can be read before decrypting),
-/// within the caps.
-pub fn check_pkcs12(der: &[u8]) -> Result<(), String> {
+/// within the caps; `Ok` with the largest scrypt memory among them.
+pub fn check_pkcs12(der: &[u8]) -> Result<u128, String> {
     // PFX: version, authSafe, macData { mac, macSalt, iterations DEFAULT 1 }.
     if let Some((SEQUENCE, pfx, _)) = element(der)
         && let Some(fields) = elements(pfx)
@@ -187,7 +363,139 @@ pub fn check_pkcs12(der: &[u8]) -> Result<(), String> {
             "uses {n} MAC iterations; at most {MAX_PKCS12_ITERATIONS} are accepted"
         ));
     }
-    walk(der, 24)
+    let mut memory = 0;
+    walk(der, 24, &mut memory)?;
+    Ok(memory)
+}
+
+const OID_PBES2: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.5.13");
+const OID_DATA: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.7.1");
+const OID_ENCRYPTED_DATA: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.7.6");
+/// `[0]`, constructed (an explicit tag) and primitive (`encryptedContent`, implicit).
+const CONTEXT_0: u8 = 0xa0;
+const CONTEXT_0_PRIMITIVE: u8 = 0x80;
+
+const NOT_PKCS12: &str = "is not a PKCS#12 keystore (PFX, DER)";
+const DOES_NOT_OPEN: &str = "is not a PKCS#12 keystore that opens with `password`";
+
+/// A DER element: its tag, its contents and all of its bytes.
+type Whole<'a> = (u8, &'a [u8], &'a [u8]);
+
+/// Each DER element of `der`, whole.
+fn elements_whole(mut der: &[u8]) -> Option<Vec<Whole<'_>>> {
+    let mut out = vec![];
+    while !der.is_empty() {
+        let (tag, content, rest) = element(der)?;
+        out.push((tag, content, &der[..der.len() - rest.len()]));
+        der = rest;
+    }
+    Some(out)
+}
+
+/// What a PKCS#12 keystore costs to open with `password`, checked all the way down before
+/// p12-keystore opens it: `Ok` with the largest memory one of its KDFs takes (at least a
+/// MiB), which the caller reserves from the budget for the whole parse.
+///
+/// Why this way: the keys in an *encrypted* safe (OpenSSL and keytool put certificates
+/// there, and may put shrouded keys) are invisible until the safe is decrypted, and
+/// p12-keystore, which decrypts them, cannot be told a cap: its own allows scrypt of 1 GiB,
+/// four times the pod's memory. Holding the whole budget while it runs would serialise
+/// keystores but not make 1 GiB fit. So keyhaven opens each encrypted safe itself first, when
+/// it is PBES2 (PBKDF2 or scrypt, within the caps, under the budget), and checks the keys
+/// inside like the rest; a safe encrypted with a legacy PKCS#12 scheme (PBES1:
+/// pbeWithSHAAnd3-KeyTripleDES-CBC, RC2-40, ...), which it cannot open, is refused rather than
+/// opened blind. Such keystores re-export as PBES2 (`openssl pkcs12 -export` of OpenSSL 3
+/// without `-legacy`, keytool of JDK 17+). The structure is read strictly: a keystore this
+/// cannot follow is refused, so p12-keystore never opens anything not checked here. The cost:
+/// each PBES2 safe is derived twice (here, then by p12-keystore), once per keystore and
+/// password (the outcome is remembered).
+pub fn inspect_pkcs12(der: &[u8], password: &str) -> Result<u128, String> {
+    let mut memory = check_pkcs12(der)?;
+    // PFX: version, authSafe ContentInfo { data, [0] OCTET STRING AuthenticatedSafe }, ...
+    let pfx = match element(der) {
+        Some((SEQUENCE, pfx, [])) => pfx,
+        _ => return Err(NOT_PKCS12.into()),
+    };
+    let fields = elements(pfx).ok_or(NOT_PKCS12)?;
+    let auth_safe = fields
+        .get(1)
+        .filter(|(tag, _)| *tag == SEQUENCE)
+        .and_then(|(_, c)| elements(c))
+        .ok_or(NOT_PKCS12)?;
+    let safes = match auth_safe.as_slice() {
+        [(OID, oid), (CONTEXT_0, explicit)] if *oid == OID_DATA.as_bytes() => {
+            match elements(explicit).as_deref() {
+                Some([(OCTET_STRING, octets)]) => match elements(octets).as_deref() {
+                    Some([(SEQUENCE, safes)]) => elements(safes).ok_or(NOT_PKCS12)?,
+                    _ => return Err(NOT_PKCS12.into()),
+                },
+                _ => return Err(NOT_PKCS12.into()),
+            }
+        }
+        _ => return Err(NOT_PKCS12.into()),
+    };
+    for (tag, content_info) in safes {
+        let info = (tag == SEQUENCE)
+            .then(|| elements(content_info))
+            .flatten()
+            .ok_or(NOT_PKCS12)?;
+        let Some(&(OID, kind)) = info.first() else {
+            return Err(NOT_PKCS12.into());
+        };
+        if kind != OID_ENCRYPTED_DATA.as_bytes() {
+            continue; // a data safe: walked above; any other, p12-keystore refuses
+        }
+        // [0] EncryptedData { version, EncryptedContentInfo { type, algorithm, [0] bytes } }
+        let encrypted_content_info = match info.get(1) {
+            Some((CONTEXT_0, explicit)) => match elements(explicit).as_deref() {
+                Some([(SEQUENCE, data)]) => match elements(data).as_deref() {
+                    Some([(INTEGER, _), (SEQUENCE, eci)]) => {
+                        elements_whole(eci).ok_or(NOT_PKCS12)?
+                    }
+                    _ => return Err(NOT_PKCS12.into()),
+                },
+                _ => return Err(NOT_PKCS12.into()),
+            },
+            _ => return Err(NOT_PKCS12.into()),
+        };
+        let (algorithm, ciphertext) = match encrypted_content_info.as_slice() {
+            [(OID, ..), (SEQUENCE, algorithm, _)] => (algorithm, None),
+            [
+                (OID, ..),
+                (SEQUENCE, algorithm, _),
+                (CONTEXT_0_PRIMITIVE, bytes, _),
+            ] => (algorithm, Some(*bytes)),
+            _ => return Err(NOT_PKCS12.into()),
+        };
+        let algorithm = elements_whole(algorithm).ok_or(NOT_PKCS12)?;
+        let (oid, params) = match algorithm.as_slice() {
+            [(OID, oid, _), (_, _, params)] => (*oid, *params),
+            [(OID, oid, _)] => (*oid, &[][..]),
+            _ => return Err(NOT_PKCS12.into()),
+        };
+        if oid != OID_PBES2.as_bytes() {
+            return Err("has a safe encrypted with a legacy PKCS#12 scheme (PBES1), whose keys cannot be checked before they are decrypted: export it with PBES2 (AES-256-CBC; OpenSSL 3 without -legacy, keytool of JDK 17+)".into());
+        }
+        let Some(ciphertext) = ciphertext else {
+            continue; // nothing encrypted: p12-keystore reads it as empty
+        };
+        use pkcs8::der::Decode as _;
+        let params = pkcs8::pkcs5::pbes2::Parameters::from_der(params)
+            .map_err(|_| "has an encrypted safe whose PBES2 parameters cannot be read")?;
+        let cost = match &params.kdf {
+            pkcs8::pkcs5::pbes2::Kdf::Scrypt(p) => {
+                scrypt_memory(u128::from(p.cost_parameter), u128::from(p.block_size))
+            }
+            _ => MIB,
+        };
+        let plain = {
+            let _memory = reserve(cost);
+            params.decrypt(password.as_bytes(), ciphertext)
+        }
+        .map_err(|_| DOES_NOT_OPEN)?;
+        walk(&plain, 24, &mut memory)?;
+    }
+    Ok(memory.max(MIB))
 }
 
 #[cfg(test)]
@@ -293,6 +601,87 @@ mod tests {
         assert!(check_pkcs12(&pfx(shrouded_key(huge), 1)).is_err());
     }
 
+    /// A PFX (MAC of 2048 iterations) whose authSafe holds `safes` (ContentInfos).
+    fn pfx_of(safes: &[Vec<u8>]) -> Vec<u8> {
+        let data = ObjectIdentifier::new_unwrap("1.2.840.113549.1.7.1");
+        let auth_safe = seq(&[oid(data), tlv(0xa0, &tlv(OCTET_STRING, &seq(safes)))]);
+        seq(&[int(3), auth_safe])
+    }
+
+    /// An encryptedData safe: `algorithm` (an AlgorithmIdentifier) over `ciphertext`.
+    fn encrypted_safe(algorithm: Vec<u8>, ciphertext: &[u8]) -> Vec<u8> {
+        let eci = seq(&[oid(OID_DATA), algorithm, tlv(0x80, ciphertext)]);
+        seq(&[oid(OID_ENCRYPTED_DATA), tlv(0xa0, &seq(&[int(0), eci]))])
+    }
+
+    /// `bags` (SafeContents), encrypted with PBES2 (PBKDF2, AES-256-CBC) under `password`.
+    fn pbes2_safe(bags: &[Vec<u8>], password: &str) -> Vec<u8> {
+        use pkcs8::der::Encode as _;
+        let params =
+            pkcs8::pkcs5::pbes2::Parameters::pbkdf2_sha256_aes256cbc(2048, &[3; 16], &[4; 16])
+                .unwrap();
+        let ciphertext = params.encrypt(password, &seq(bags)).unwrap();
+        let algorithm = seq(&[oid(OID_PBES2), params.to_der().unwrap()]);
+        encrypted_safe(algorithm, &ciphertext)
+    }
+
+    #[test]
+    fn keys_inside_an_encrypted_safe_are_checked_before_p12_keystore_opens_it() {
+        // Within the caps: its largest scrypt (16 MiB) is what the parse reserves.
+        let store = pfx_of(&[pbes2_safe(&[shrouded_key(scrypt(1 << 14, 8, 1))], "pw")]);
+        assert_eq!(inspect_pkcs12(&store, "pw").unwrap(), 16 << 20);
+        assert_eq!(
+            inspect_pkcs12(&pfx_of(&[pbes2_safe(&[], "pw")]), "pw").unwrap(),
+            MIB
+        );
+        // 1 GiB of scrypt (within p12-keystore's own cap) hidden in an encrypted safe.
+        let hidden = pfx_of(&[pbes2_safe(&[shrouded_key(scrypt(1 << 20, 8, 1))], "pw")]);
+        check_pkcs12(&hidden).unwrap(); // invisible from outside
+        let e = inspect_pkcs12(&hidden, "pw").unwrap_err();
+        assert!(e.contains("1024 MiB; at most 64 MiB"), "{e}");
+        assert_eq!(inspect_pkcs12(&hidden, "wrong").unwrap_err(), DOES_NOT_OPEN);
+        // A legacy PKCS#12 PBE (3DES): cannot be opened here, so it is not opened at all.
+        let pbe_3des = ObjectIdentifier::new_unwrap("1.2.840.113549.1.12.1.3");
+        let legacy = encrypted_safe(
+            seq(&[oid(pbe_3des), seq(&[tlv(OCTET_STRING, &[5; 8]), int(2048)])]),
+            &[0; 64],
+        );
+        let e = inspect_pkcs12(&pfx_of(&[legacy]), "pw").unwrap_err();
+        assert!(e.contains("legacy PKCS#12 scheme (PBES1)"), "{e}");
+        // Structure it cannot follow: refused too.
+        let mut trailing = store.clone();
+        trailing.push(0);
+        assert_eq!(inspect_pkcs12(&trailing, "pw").unwrap_err(), NOT_PKCS12);
+        let not_data = seq(&[int(3), seq(&[oid(OID_ENCRYPTED_DATA), tlv(0xa0, &[])])]);
+        assert_eq!(inspect_pkcs12(&not_data, "pw").unwrap_err(), NOT_PKCS12);
+    }
+
+    #[test]
+    fn p12_keystore_files_pbes2_opens_pbes1_is_refused() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["a.example".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let chain = p12_keystore::PrivateKeyChain::new(
+            vec![1u8; 20],
+            p12_keystore::PrivateKey::from_der(&key.serialize_der()).unwrap(),
+            [p12_keystore::Certificate::from_der(cert.der()).unwrap()],
+        );
+        let mut store = p12_keystore::KeyStore::new();
+        store.add_entry("a", p12_keystore::KeyStoreEntry::PrivateKeyChain(chain));
+        let modern = store.writer("pw").write().unwrap();
+        assert_eq!(inspect_pkcs12(&modern, "pw").unwrap(), MIB);
+        assert_eq!(inspect_pkcs12(&modern, "nope").unwrap_err(), DOES_NOT_OPEN);
+        let legacy = store
+            .writer("pw")
+            .encryption_algorithm(p12_keystore::EncryptionAlgorithm::PbeWithShaAnd3KeyTripleDesCbc)
+            .write()
+            .unwrap();
+        let e = inspect_pkcs12(&legacy, "pw").unwrap_err();
+        assert!(e.contains("legacy"), "{e}");
+    }
+
     #[test]
     fn a_keystore_value_is_checked_before_it_is_opened() {
         let store = pfx(shrouded_key(scrypt(1 << 20, 8, 1)), 2048);
@@ -307,6 +696,59 @@ mod tests {
     }
 
     #[test]
+    fn the_budget_bounds_the_kdf_memory_live_at_once() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::time::Duration;
+        let budget = Budget::new(64 << 20);
+        let (running, most) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    let _permit = budget.reserve(32 << 20);
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(30));
+                    running.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        assert_eq!(most.load(Ordering::SeqCst), 2);
+        // A request above the whole budget takes all of it, and does not wait forever.
+        let all = budget.reserve(1 << 30);
+        assert_eq!(budget.permits.available_permits(), 0);
+        drop(all);
+        // Small ones count a MiB each.
+        let _small = budget.reserve(1);
+        assert_eq!(budget.permits.available_permits(), 63);
+    }
+
+    #[test]
+    fn a_derivation_runs_once_per_input_and_the_cache_is_bounded() {
+        let runs = std::cell::Cell::new(0);
+        let derive = |out: &'static str| {
+            runs.set(runs.get() + 1);
+            Ok(out.as_bytes().to_vec())
+        };
+        let salt = rand::random::<u64>().to_be_bytes();
+        let a = once("test", &[&salt, b"a"], || derive("A")).unwrap();
+        let again = once("test", &[&salt, b"a"], || derive("X")).unwrap();
+        assert_eq!((a, again, runs.get()), (b"A".to_vec(), b"A".to_vec(), 1));
+        // Fields are length-prefixed: ("ab", "") is not ("a", "b").
+        once("test", &[&salt, b"ab", b""], || derive("B")).unwrap();
+        once("test", &[&salt, b"a", b"b"], || derive("C")).unwrap();
+        assert_eq!(runs.get(), 3);
+        // Problems are remembered too (a wrong passphrase does not derive on every retry).
+        let wrong = || Err::<Vec<u8>, _>("cannot be decrypted".to_owned());
+        once("test", &[&salt, b"w"], wrong).unwrap_err();
+        let e = once("test", &[&salt, b"w"], || derive("no")).unwrap_err();
+        assert_eq!((e.as_str(), runs.get()), ("cannot be decrypted", 3));
+        for i in 0..MAX_CACHED + 10 {
+            once("test-fill", &[&salt, &i.to_be_bytes()], || Ok(vec![])).unwrap();
+        }
+        assert!(CACHE.lock().unwrap().entries.len() <= MAX_CACHED);
+    }
+
+    #[test]
     fn anything_that_is_not_der_is_left_to_the_parser() {
         for junk in [
             &b""[..],
@@ -316,6 +758,8 @@ mod tests {
             &[0xff; 64],
         ] {
             check_pkcs12(junk).unwrap();
+            // ... which does not open what this cannot follow.
+            assert_eq!(inspect_pkcs12(junk, "pw").unwrap_err(), NOT_PKCS12);
         }
     }
 }

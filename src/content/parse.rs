@@ -58,13 +58,18 @@ pub(crate) fn private_key_spki(text: &str, passphrase: Option<&[u8]>) -> Result<
             let Some(passphrase) = passphrase else {
                 return Err("is an encrypted PKCS#8 key: set key `passphrase`".into());
             };
-            let info = pkcs8::EncryptedPrivateKeyInfo::from_der(&block.der)
-                .map_err(|_| "is not a valid encrypted PKCS#8 key".to_owned())?;
-            super::kdf::check_pkcs8(&info)?;
-            let doc = info
-                .decrypt(passphrase)
+            // Validation, rendering and each refresh ask for the same public key: one KDF.
+            super::kdf::once("pkcs8", &[&block.der, passphrase], || {
+                let info = pkcs8::EncryptedPrivateKeyInfo::from_der(&block.der)
+                    .map_err(|_| "is not a valid encrypted PKCS#8 key".to_owned())?;
+                super::kdf::check_pkcs8(&info)?;
+                let doc = {
+                    let _memory = super::kdf::reserve(super::kdf::pkcs8_memory(&info));
+                    info.decrypt(passphrase)
+                }
                 .map_err(|_| "cannot be decrypted with the given passphrase".to_owned())?;
-            pkcs8_spki(doc.as_bytes())
+                pkcs8_spki(doc.as_bytes())
+            })
         }
         "RSA PRIVATE KEY" => {
             let key = rsa::RsaPrivateKey::from_pkcs1_der(&block.der)
@@ -261,8 +266,13 @@ pub(crate) fn ssh_public_key(text: &str, passphrase: Option<&[u8]>) -> Result<St
                 super::kdf::MAX_BCRYPT_ROUNDS
             ));
         }
-        key.decrypt(passphrase)
-            .map_err(|_| "cannot be decrypted with the given passphrase".to_owned())?;
+        // Whether the passphrase opens it, derived once per key and passphrase.
+        super::kdf::once("openssh", &[text.as_bytes(), passphrase], || {
+            let _memory = super::kdf::reserve(super::kdf::MIB);
+            key.decrypt(passphrase)
+                .map(|_| vec![])
+                .map_err(|_| "cannot be decrypted with the given passphrase".to_owned())
+        })?;
     }
     key.public_key()
         .to_openssh()
@@ -270,18 +280,26 @@ pub(crate) fn ssh_public_key(text: &str, passphrase: Option<&[u8]>) -> Result<St
 }
 
 /// Opens a PKCS#12 keystore with its password; it must hold at least one entry.
+/// The outcome is remembered per keystore and password ([`super::kdf::once`]): a refresh
+/// of the same keystore derives nothing.
 pub(crate) fn keystore(data: &[u8], password: &str) -> Result<usize, String> {
-    super::kdf::check_pkcs12(data)?;
-    let store = p12_keystore::KeyStore::from_pkcs12(
-        data,
-        password,
-        p12_keystore::Pkcs12ImportPolicy::Relaxed,
-    )
-    .map_err(|_| "is not a PKCS#12 keystore that opens with `password`".to_owned())?;
-    if store.entries_len() == 0 {
-        return Err("is a PKCS#12 keystore with no entries".into());
-    }
-    Ok(store.entries_len())
+    let entries = super::kdf::once("pkcs12", &[data, password.as_bytes()], || {
+        // Every KDF inside checked first (see there); p12-keystore runs them one at a time.
+        let memory = super::kdf::inspect_pkcs12(data, password)?;
+        let _memory = super::kdf::reserve(memory);
+        let store = p12_keystore::KeyStore::from_pkcs12(
+            data,
+            password,
+            p12_keystore::Pkcs12ImportPolicy::Relaxed,
+        )
+        .map_err(|_| "is not a PKCS#12 keystore that opens with `password`".to_owned())?;
+        if store.entries_len() == 0 {
+            return Err("is a PKCS#12 keystore with no entries".into());
+        }
+        Ok((store.entries_len() as u64).to_be_bytes().to_vec())
+    })?;
+    let entries: [u8; 8] = entries.try_into().expect("8 bytes, as stored");
+    Ok(u64::from_be_bytes(entries) as usize)
 }
 
 /// Checks a JWT's shape: three base64url parts, a JSON header with `alg`, JSON claims.

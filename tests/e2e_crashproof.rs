@@ -60,7 +60,7 @@ async fn hostile_durations_fail_their_secret_and_never_the_process() {
     fx.wait_synced("spin", 1).await;
 
     // Six seconds: the refresh floor (1 s) and the failures' retry (30 s) bound the work;
-    // the rotation floor (1 min) makes no second version.
+    // the rotation floor (10 s) makes no second version.
     let before = fx.op.metrics().await;
     tokio::time::sleep(Duration::from_secs(6)).await;
     let after = fx.op.metrics().await;
@@ -76,7 +76,7 @@ async fn hostile_durations_fail_their_secret_and_never_the_process() {
         .get("spin")
         .await
         .unwrap();
-    assert_eq!(versions(&spin), [1], "a rotation interval of 1ms is 1 min");
+    assert_eq!(versions(&spin), [1], "a rotation interval of 1ms is 10 s");
     assert_eq!(
         after
             .sample(r#"keyhaven_reconcile_panics_total{kind="ManagedSecret"}"#)

@@ -346,53 +346,48 @@ pub async fn external(client: &Client, namespace: &str, name: &str) -> Result<St
 /// Sets `caBundle` of every webhook of the configurations named `name` (validating and
 /// mutating) to `bundle`; a configuration that does not exist is skipped.
 pub async fn patch_ca_bundles(client: &Client, name: &str, bundle: &str) -> Result<()> {
-    let encoded = ByteString(bundle.as_bytes().to_vec());
-    let validating: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
-    if let Some(mut config) = validating.get_opt(name).await.map_err(Error::kube(
-        Verb::Read,
-        format!("ValidatingWebhookConfiguration {name}"),
-    ))? {
-        let webhooks = config.webhooks.get_or_insert_default();
-        if webhooks
-            .iter()
-            .any(|w| w.client_config.ca_bundle.as_ref() != Some(&encoded))
-        {
-            for w in webhooks.iter_mut() {
-                w.client_config.ca_bundle = Some(encoded.clone());
-            }
-            let patch = serde_json::json!({"webhooks": config.webhooks});
-            validating
-                .patch(name, &PatchParams::default(), &Patch::Strategic(&patch))
-                .await
-                .map_err(Error::kube(
-                    Verb::Patch,
-                    format!("ValidatingWebhookConfiguration {name}"),
-                ))?;
-        }
+    use base64::Engine as _;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(bundle);
+    patch_bundle::<ValidatingWebhookConfiguration>(client, name, &encoded).await?;
+    patch_bundle::<MutatingWebhookConfiguration>(client, name, &encoded).await
+}
+
+/// Sets `caBundle` (base64, as stored) of every webhook of the configuration `name` of kind
+/// `K`, when one differs.
+async fn patch_bundle<K>(client: &Client, name: &str, encoded: &str) -> Result<()>
+where
+    K: kube::Resource<DynamicType = (), Scope = kube::core::ClusterResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+{
+    let object = format!("{} {name}", K::kind(&()));
+    let api: Api<K> = Api::all(client.clone());
+    let Some(config) = api
+        .get_opt(name)
+        .await
+        .map_err(Error::kube(Verb::Read, object.clone()))?
+    else {
+        return Ok(());
+    };
+    let mut value = serde_json::to_value(&config).unwrap_or_default();
+    let Some(hooks) = value.get_mut("webhooks").and_then(|w| w.as_array_mut()) else {
+        return Ok(());
+    };
+    if hooks
+        .iter()
+        .all(|w| w["clientConfig"]["caBundle"] == encoded)
+    {
+        return Ok(());
     }
-    let mutating: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-    if let Some(mut config) = mutating.get_opt(name).await.map_err(Error::kube(
-        Verb::Read,
-        format!("MutatingWebhookConfiguration {name}"),
-    ))? {
-        let webhooks = config.webhooks.get_or_insert_default();
-        if webhooks
-            .iter()
-            .any(|w| w.client_config.ca_bundle.as_ref() != Some(&encoded))
-        {
-            for w in webhooks.iter_mut() {
-                w.client_config.ca_bundle = Some(encoded.clone());
-            }
-            let patch = serde_json::json!({"webhooks": config.webhooks});
-            mutating
-                .patch(name, &PatchParams::default(), &Patch::Strategic(&patch))
-                .await
-                .map_err(Error::kube(
-                    Verb::Patch,
-                    format!("MutatingWebhookConfiguration {name}"),
-                ))?;
-        }
+    for w in hooks.iter_mut() {
+        w["clientConfig"]["caBundle"] = encoded.into();
     }
+    let patch = serde_json::json!({"webhooks": hooks});
+    api.patch(name, &PatchParams::default(), &Patch::Strategic(&patch))
+        .await
+        .map_err(Error::kube(Verb::Patch, object))?;
     Ok(())
 }
 

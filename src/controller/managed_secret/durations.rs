@@ -18,7 +18,7 @@ pub const DEFAULT_EXPIRY_WARNING: Duration = Duration::from_secs(720 * 3600);
 /// The shortest refresh interval the operator uses.
 pub const MIN_REFRESH: Duration = Duration::from_secs(1);
 /// The shortest rotation interval the operator uses.
-pub const MIN_ROTATION: Duration = Duration::from_secs(60);
+pub const MIN_ROTATION: Duration = Duration::from_secs(10);
 
 /// The duration fields of `ms`'s spec: `(field, value)`.
 fn fields(ms: &ManagedSecret) -> [(&'static str, Option<&str>); 3] {

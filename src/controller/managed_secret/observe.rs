@@ -138,19 +138,8 @@ async fn gather(
     let path = ms.store_path();
     // The secret space first: a path outside it is refused before anything is read, and so
     // is every path of a profile whose space may overlap another's in a shared store.
-    let all = ctx.caches.profiles.state();
+    no_space_conflict(ctx, &profile)?;
     let stores = ctx.caches.stores.state();
-    let backend = |name: &str| {
-        let store = stores.iter().find(|s| s.name_any() == name)?;
-        store.spec.backend_identity()
-    };
-    if let Some(conflict) =
-        tenancy::space_conflicts(&profile, all.iter().map(|p| p.as_ref()), backend)
-            .into_iter()
-            .next()
-    {
-        return Err(refused(conflict));
-    }
     let access = tenancy::access(&profile, &ns, &path).map_err(refused)?;
     let reads_only = ms.spec.rollback_to.is_none() && ms.spec.content.from_store.is_some();
     if !access.may_write() && !reads_only {
@@ -423,6 +412,24 @@ async fn alive(ctx: &Context, owner: &Owner) -> bool {
     }
 }
 
+/// [`tenancy::space_conflicts`] of `profile` against the cached profiles and stores: the
+/// first one, as the sync's error.
+fn no_space_conflict(ctx: &Context, profile: &VaultProfile) -> Result<()> {
+    let all = ctx.caches.profiles.state();
+    let stores = ctx.caches.stores.state();
+    let backend = |name: &str| {
+        let store = stores.iter().find(|s| s.name_any() == name)?;
+        store.spec.backend_identity()
+    };
+    match tenancy::space_conflicts(profile, all.iter().map(|p| p.as_ref()), backend)
+        .into_iter()
+        .next()
+    {
+        Some(conflict) => Err(refused(conflict)),
+        None => Ok(()),
+    }
+}
+
 /// A secret-space refusal as the sync's error.
 fn refused(r: tenancy::Refusal) -> Error {
     Error::config(r.reason, r.message)
@@ -566,19 +573,7 @@ async fn issuer_value(ctx: &Context, ns: &NamespaceInfo, name: &str) -> Result<S
     tenancy::access(&profile, ns, &issuer.store_path()).map_err(refused)?;
     // Nor may its profile's space overlap another's in a shared store (the issuer's own
     // sync is refused then; issuing from it must be too).
-    let all = ctx.caches.profiles.state();
-    let stores = ctx.caches.stores.state();
-    let backend = |name: &str| {
-        let store = stores.iter().find(|s| s.name_any() == name)?;
-        store.spec.backend_identity()
-    };
-    if let Some(conflict) =
-        tenancy::space_conflicts(&profile, all.iter().map(|p| p.as_ref()), backend)
-            .into_iter()
-            .next()
-    {
-        return Err(refused(conflict));
-    }
+    no_space_conflict(ctx, &profile)?;
     let store = ctx.backend(&profile.spec.source).await?;
     let value = store
         .read(&issuer.store_path(), None)

@@ -223,6 +223,11 @@ named_enum! {
         Isolated,
         /// SecretStore: it talks to its backend without TLS (`insecureHTTP`).
         Insecure,
+        /// ManagedSecret (profiles with `approval`): its last change is approved (False:
+        /// it waits, was rejected or expired; the reason says which).
+        Approved,
+        /// ManagedSecret (profiles with `compliance`): its value meets every rule.
+        Compliant,
     }
 }
 

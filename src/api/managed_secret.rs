@@ -379,7 +379,7 @@ pub enum DeletionPolicy {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ManagedSecretStatus {
-    /// Synced, Degraded or Error.
+    /// Synced, Degraded, Error, PendingApproval, Rejected, ApprovalExpired or NonCompliant.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<ManagedSecretPhase>,
     /// The version the native Secret holds.
@@ -422,6 +422,18 @@ pub struct ManagedSecretStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = MAX_STORE_NAME))]
     pub migrated_from: Option<String>,
+    /// The change waiting for approval, or the last one decided (profiles with
+    /// `approval` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<super::ApprovalRequest>,
+    /// The content source the current version came from (`fromStore`, `fromSecret/<name>`,
+    /// `generate`) under `status.profile`: a change of either is a `changeSource`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 300))]
+    pub source: Option<String>,
+    /// The last compliance check (profiles with `compliance` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compliance: Option<super::ComplianceStatus>,
     /// `Ready`, `Synced`, (for expiring types) `Expiring` and (while the profile migrates)
     /// `Migrated`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -491,12 +503,20 @@ pub struct TargetStatus {
 named_enum! {
     /// Where a ManagedSecret stands: Synced (every store of the profile and the native
     /// Secret hold the current version), Degraded (the native Secret holds it, some sync
-    /// target does not) or Error (the last sync failed: condition Ready says why; what
-    /// existed is left as it was).
+    /// target does not), Error (the last sync failed: condition Ready says why; what
+    /// existed is left as it was), PendingApproval (a change waits for approval: nothing
+    /// is written meanwhile), Rejected (the change was rejected: the previous version, if
+    /// any, stays in force), ApprovalExpired (the request expired undecided) or NonCompliant
+    /// (the profile's compliance rules, enforced with Deny, refused the new value: nothing
+    /// was written).
     pub enum ManagedSecretPhase {
         Synced,
         Degraded,
         Error,
+        PendingApproval,
+        Rejected,
+        ApprovalExpired,
+        NonCompliant,
     }
 }
 
@@ -581,6 +601,21 @@ impl ClampToSchema for ManagedSecretStatus {
         clamp_opt(&mut self.secret_name, MAX_NAME);
         clamp_opt(&mut self.profile, MAX_NAME);
         clamp_opt(&mut self.migrated_from, MAX_STORE_NAME);
+        clamp_opt(&mut self.source, 300);
+        if let Some(a) = &mut self.approval {
+            clamp_text(&mut a.summary, MAX_REASON);
+            clamp_text(&mut a.requested_by, MAX_USER);
+            let extra = a.decisions.len().saturating_sub(10);
+            a.decisions.drain(..extra);
+            for d in &mut a.decisions {
+                clamp_text(&mut d.by, MAX_USER);
+                clamp_text(&mut d.name, MAX_NAME);
+                clamp_opt(&mut d.comment, MAX_REASON);
+            }
+        }
+        if let Some(c) = &mut self.compliance {
+            c.failing.truncate(super::MAX_FAILING_RULES);
+        }
         clamp_conditions(&mut self.conditions);
     }
 }

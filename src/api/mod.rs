@@ -4,13 +4,17 @@
 //! `kubectl explain` shows them; validation that can be checked statically lives
 //! next to the field it guards (schema patterns, enums and CEL rules).
 
+mod approval;
 mod common;
+mod compliance;
 mod managed_secret;
 mod reason;
 mod secret_store;
 mod vault_profile;
 
+pub use approval::*;
 pub use common::*;
+pub use compliance::*;
 pub use managed_secret::*;
 pub use reason::Reason;
 pub use secret_store::*;
@@ -28,6 +32,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         SecretStore::crd(),
         VaultProfile::crd(),
         ManagedSecret::crd(),
+        SecretApproval::crd(),
     ]
 }
 

@@ -102,6 +102,15 @@ named_enum! {
         MigrationVerifyFailed,
         // ManagedSecret: a duration of the spec out of range (the message names the field).
         InvalidSpec,
+        // ManagedSecret: approvals (the request's state) and compliance.
+        Pending,
+        Approved,
+        Rejected,
+        ApprovalExpired,
+        ApprovalNotRequired,
+        DecisionIgnored,
+        Compliant,
+        NonCompliant,
         // The process; a reconcile that panicked (caught: it failed, nothing else did).
         LeaderElectionFailed,
         ReconcilePanicked,

@@ -118,6 +118,14 @@ pub struct VaultProfileSpec {
     /// this profile (a test or a fast-rotating environment).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<ProfileLimits>,
+    /// Changes of the ManagedSecrets under this profile that wait for approval (four
+    /// eyes): see `SecretApproval`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<super::ApprovalPolicy>,
+    /// Rules every ManagedSecret under this profile is checked against (condition
+    /// `Compliant`); `enforcement: Deny` refuses a new version that breaks one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compliance: Option<super::CompliancePolicy>,
 }
 
 /// Minimums the admission webhook holds the ManagedSecrets of a profile to.
@@ -257,6 +265,10 @@ pub struct VaultProfileStatus {
     /// The migration `spec.migrateFrom` asks for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<MigrationStatus>,
+    /// How many of the profile's ManagedSecrets meet its compliance rules (with
+    /// `spec.compliance` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compliance: Option<super::ComplianceSummary>,
     /// `Ready`, and `Conflict` (True while this profile is a default or fallback together
     /// with another one).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -56,3 +56,13 @@ pub const PATH_ANNOTATION: &str = "keyhaven.io/path";
 pub const KEK_ID_ANNOTATION: &str = "keyhaven.io/kek-id";
 /// What an operator-held key Secret is for.
 pub const DESCRIPTION_ANNOTATION: &str = "keyhaven.io/description";
+
+// Approvals.
+/// On a SecretApproval: who made the decision, written by the admission webhook on create
+/// (whatever the user wrote there) and immutable after.
+pub const DECIDED_BY_ANNOTATION: &str = "keyhaven.io/decided-by";
+/// The groups of the user in [`DECIDED_BY_ANNOTATION`], comma-separated.
+pub const DECIDED_GROUPS_ANNOTATION: &str = "keyhaven.io/decided-groups";
+/// On a ManagedSecret being deleted: who deleted it, written by the admission webhook when
+/// it admits the deletion (a deletion cannot be mutated); nobody else may set it.
+pub const DELETION_REQUESTED_BY_ANNOTATION: &str = "keyhaven.io/deletion-requested-by";

@@ -1,7 +1,9 @@
 //! keyhaven: a Kubernetes operator for typed, versioned secrets kept in several stores.
 
+pub mod access_review;
 pub mod api;
 pub mod backend;
+pub mod compliance;
 pub mod content;
 pub mod controller;
 pub mod crypto;

@@ -2,10 +2,12 @@
 //! native Secret.
 
 pub mod cpu;
+pub(crate) mod facts;
 mod generate;
-mod kdf;
+pub(crate) mod kdf;
 mod parse;
 
+pub use facts::{CertificateFacts, Facts, KeyFacts, facts};
 pub use generate::{generate, generate_with};
 pub use kdf::{MAX_KDF_MEMORY, MAX_PBKDF2_ITERATIONS, MAX_PKCS12_ITERATIONS};
 
@@ -69,21 +71,25 @@ pub fn password_weakness(password: &str, policy: &crate::api::PasswordPolicy) ->
             policy.min_length
         ));
     }
-    let classes = [
-        password.chars().any(|c| c.is_lowercase()),
-        password.chars().any(|c| c.is_uppercase()),
-        password.chars().any(|c| c.is_ascii_digit()),
-        password.chars().any(|c| !c.is_alphanumeric()),
-    ]
-    .iter()
-    .filter(|x| **x)
-    .count();
+    let classes = character_classes(password).iter().filter(|x| **x).count();
     let wanted = policy.min_classes.unwrap_or(1) as usize;
     (classes < wanted).then(|| {
         format!(
             "uses {classes} of the 4 character classes (lower, upper, digit, other); the profile's policy asks for {wanted}"
         )
     })
+}
+
+/// Which of the four character classes `password` uses: lower-case, upper-case, (ASCII)
+/// digits, other (not alphanumeric). A letter or digit of none of the first three (e.g. a
+/// CJK character) counts in none.
+pub fn character_classes(password: &str) -> [bool; 4] {
+    [
+        password.chars().any(|c| c.is_lowercase()),
+        password.chars().any(|c| c.is_uppercase()),
+        password.chars().any(|c| c.is_ascii_digit()),
+        password.chars().any(|c| !c.is_alphanumeric()),
+    ]
 }
 
 /// What validation learnt about a value (never the value itself).
@@ -470,7 +476,7 @@ pub fn native_secret_labels(managed_secret: &str) -> BTreeMap<String, String> {
 pub use crate::labels::{MANAGED_LABEL, MANAGED_LABEL_VALUE, MANAGED_SECRET_LABEL};
 
 #[cfg(test)]
-mod type_tests;
+pub(crate) mod type_tests;
 
 #[cfg(test)]
 mod tests {

@@ -95,7 +95,7 @@ fn spki_der(doc: Result<pkcs8::Document, pkcs8::spki::Error>) -> Result<Vec<u8>,
         .map_err(|_| "has a public key that cannot be encoded".to_owned())
 }
 
-fn pkcs8_spki(der: &[u8]) -> Result<Vec<u8>, String> {
+pub(crate) fn pkcs8_spki(der: &[u8]) -> Result<Vec<u8>, String> {
     let info =
         pkcs8::PrivateKeyInfo::from_der(der).map_err(|_| "is not a valid PKCS#8 key".to_owned())?;
     let oid = info.algorithm.oid;
@@ -279,11 +279,22 @@ pub(crate) fn ssh_public_key(text: &str, passphrase: Option<&[u8]>) -> Result<St
         .map_err(|_| "has a public key that cannot be encoded".to_owned())
 }
 
-/// Opens a PKCS#12 keystore with its password; it must hold at least one entry.
-/// The outcome is remembered per keystore and password ([`super::kdf::once`]): a refresh
-/// of the same keystore derives nothing.
+/// Opens a PKCS#12 keystore with its password; it must hold at least one entry. Returns
+/// the number of entries.
 pub(crate) fn keystore(data: &[u8], password: &str) -> Result<usize, String> {
-    let entries = super::kdf::once("pkcs12", &[data, password.as_bytes()], || {
+    keystore_facts(data, password).map(|(entries, _)| entries)
+}
+
+/// Opens a PKCS#12 keystore with its password, as [`keystore`]; returns the number of
+/// entries and the [facts](super::facts) of its first private key entry (by alias) and that
+/// entry's leaf certificate. The outcome is remembered per keystore and password
+/// ([`super::kdf::once`]): a refresh of the same keystore, or its compliance check, derives
+/// nothing.
+pub(crate) fn keystore_facts(
+    data: &[u8],
+    password: &str,
+) -> Result<(usize, super::facts::Facts), String> {
+    let outcome = super::kdf::once("pkcs12", &[data, password.as_bytes()], || {
         // Every KDF inside checked first (see there); p12-keystore runs them one at a time.
         let memory = super::kdf::inspect_pkcs12(data, password)?;
         let _memory = super::kdf::reserve(memory);
@@ -296,10 +307,25 @@ pub(crate) fn keystore(data: &[u8], password: &str) -> Result<usize, String> {
         if store.entries_len() == 0 {
             return Err("is a PKCS#12 keystore with no entries".into());
         }
-        Ok((store.entries_len() as u64).to_be_bytes().to_vec())
+        // Public facts only (algorithm, sizes, validity): never a key byte in the cache.
+        let facts = store
+            .private_key_chain()
+            .map(|(_, chain)| {
+                let leaf = chain.certs().first().map(p12_keystore::Certificate::as_der);
+                super::facts::keystore_entry_facts(chain.key().as_der(), leaf)
+            })
+            .unwrap_or_default();
+        let mut out = (store.entries_len() as u64).to_be_bytes().to_vec();
+        out.extend_from_slice(&super::facts::encode(&facts));
+        Ok(out)
     })?;
+    let (entries, facts) = outcome.split_at(8);
     let entries: [u8; 8] = entries.try_into().expect("8 bytes, as stored");
-    Ok(u64::from_be_bytes(entries) as usize)
+    let facts = facts.try_into().expect("the encoded facts, as stored");
+    Ok((
+        u64::from_be_bytes(entries) as usize,
+        super::facts::decode(facts),
+    ))
 }
 
 /// Checks a JWT's shape: three base64url parts, a JSON header with `alg`, JSON claims.

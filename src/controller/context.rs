@@ -174,6 +174,8 @@ pub struct Caches {
     pub stores: Store<SecretStore>,
     pub profiles: Store<VaultProfile>,
     pub managed: Store<ManagedSecret>,
+    /// SecretApprovals (the watched namespace only, with `--watch-namespace`).
+    pub approvals: Store<crate::api::SecretApproval>,
     /// Whether `managed` holds the first full list (counts made before would be short).
     pub managed_synced: Arc<AtomicBool>,
     /// Namespaces' metadata (labels, annotations): the watched namespace only, with
@@ -297,6 +299,7 @@ mod cache_tests {
             stores: writer.as_reader(),
             profiles: Writer::default().as_reader(),
             managed: Writer::default().as_reader(),
+            approvals: Writer::default().as_reader(),
             managed_synced: Default::default(),
             namespaces: Writer::default().as_reader(),
         };

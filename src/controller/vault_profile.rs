@@ -1,12 +1,13 @@
 //! The VaultProfile reconciler: Ready when its source and sync targets exist and are Active;
-//! condition `Conflict` when it is a default (or the fallback) together with another profile.
+//! condition `Conflict` when it is a default (or the fallback) together with another profile;
+//! the counts of its ManagedSecrets (all, and by compliance) and its migration's progress.
 
 use super::context::Context;
 use super::events::Note;
 use crate::api::{
-    ConditionType, ManagedSecret, MigrationPhase, MigrationStatus, ProfilePhase, Reason,
-    StorePhase, VaultProfile, VaultProfileSpec, VaultProfileStatus, condition, find_condition,
-    set_condition,
+    ComplianceState, ComplianceSummary, ConditionType, ManagedSecret, MigrationPhase,
+    MigrationStatus, ProfilePhase, Reason, StorePhase, VaultProfile, VaultProfileSpec,
+    VaultProfileStatus, condition, find_condition, set_condition,
 };
 use crate::error::{Error, Result};
 use crate::profiles::{NamespaceInfo, conflicts};
@@ -55,7 +56,8 @@ pub async fn reconcile(profile: Arc<VaultProfile>, ctx: Arc<Context>) -> Result<
                 }),
         );
         let previous = profile.status.clone().unwrap_or_default();
-        let status = profile_status(&profile, &problems, &mine, &conflicts);
+        let compliance = compliance_summary(&profile, managed.iter().map(|ms| ms.as_ref()));
+        let status = profile_status(&profile, &problems, &mine, &conflicts, compliance);
         let notes = migration_notes(previous.migration.as_ref(), status.migration.as_ref());
         ctx.events.publish_all(profile.as_ref(), &notes).await;
         let conflict = find_condition(&status.conditions, ConditionType::Conflict);
@@ -112,12 +114,14 @@ async fn store_problems(profile: &VaultProfile, ctx: &Context) -> Result<Vec<Str
 }
 
 /// The status of `profile`: Ready unless a store has a problem, the secrets using it, the
-/// migration's progress, and whether it conflicts with another default or fallback.
+/// migration's progress, whether it conflicts with another default or fallback, and its
+/// `compliance` summary ([`compliance_summary`]).
 pub fn profile_status(
     profile: &VaultProfile,
     problems: &[String],
     mine: &[&ManagedSecret],
     conflicts: &[crate::profiles::Refused],
+    compliance: Option<ComplianceSummary>,
 ) -> VaultProfileStatus {
     let ready = problems.is_empty();
     let mut message = if ready {
@@ -141,6 +145,7 @@ pub fn profile_status(
         secrets: Some(mine.len() as u64),
         observed_generation: generation,
         migration: migration_progress(&profile.spec, mine),
+        compliance,
         conditions: previous.conditions,
     };
     let reason = if ready {
@@ -191,6 +196,34 @@ pub fn profile_status(
     };
     set_condition(&mut status.conditions, isolated);
     status
+}
+
+/// How many ManagedSecrets meet the profile's compliance rules, of those last checked under
+/// it (`status.profile`) against its current rules (`status.compliance.profileGeneration`
+/// is its generation): a secret not yet checked again after the rules changed is not
+/// counted. `None` when the profile has no `spec.compliance`.
+pub fn compliance_summary<'a>(
+    profile: &VaultProfile,
+    secrets: impl IntoIterator<Item = &'a ManagedSecret>,
+) -> Option<ComplianceSummary> {
+    profile.spec.compliance.as_ref()?;
+    let name = profile.name_any();
+    let generation = profile.metadata.generation;
+    let mut summary = ComplianceSummary::default();
+    let checked = secrets
+        .into_iter()
+        .filter_map(|ms| ms.status.as_ref())
+        .filter(|s| s.profile.as_deref() == Some(name.as_str()))
+        .filter_map(|s| s.compliance.as_ref())
+        .filter(|c| generation.is_some() && c.profile_generation == generation);
+    for c in checked {
+        summary.checked += 1;
+        match c.state {
+            ComplianceState::Compliant => summary.compliant += 1,
+            ComplianceState::NonCompliant => summary.non_compliant += 1,
+        }
+    }
+    Some(summary)
 }
 
 /// Where the migration `spec.migrateFrom` asks for stands, from the status of the
@@ -323,7 +356,7 @@ mod tests {
     #[test]
     fn ready_counts_and_migration_progress() {
         let (a, b) = (ms("a", true), ms("b", false));
-        let status = profile_status(&profile(), &[], &[&a, &b], &[]);
+        let status = profile_status(&profile(), &[], &[&a, &b], &[], None);
         assert_eq!(status.phase, Some(ProfilePhase::Ready));
         assert_eq!(status.secrets, Some(2));
         let m = status.migration.unwrap();
@@ -335,7 +368,7 @@ mod tests {
             &status.conditions,
             ConditionType::Conflict
         ));
-        let status = profile_status(&profile(), &[], &[&a], &[]);
+        let status = profile_status(&profile(), &[], &[&a], &[], None);
         assert_eq!(status.migration.unwrap().phase, MigrationPhase::Complete);
     }
 
@@ -376,6 +409,59 @@ mod tests {
     }
 
     #[test]
+    fn compliance_counts_the_secrets_checked_against_the_current_rules() {
+        use crate::api::{ComplianceStatus, Enforcement};
+        let checked = |name: &str, profile: &str, generation: Option<i64>, state| {
+            let mut ms = ms(name, false);
+            let status = ms.status.as_mut().unwrap();
+            status.profile = Some(profile.to_owned());
+            status.compliance = Some(ComplianceStatus {
+                state,
+                failing: match state {
+                    ComplianceState::NonCompliant => vec!["rsa-min-bits".into()],
+                    ComplianceState::Compliant => vec![],
+                },
+                enforcement: Enforcement::Warn,
+                profile_generation: generation,
+                checked_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    jiff::Timestamp::UNIX_EPOCH,
+                ),
+            });
+            ms
+        };
+        let secrets = [
+            checked("a", "p", Some(3), ComplianceState::Compliant),
+            checked("b", "p", Some(3), ComplianceState::NonCompliant),
+            checked("c", "p", Some(3), ComplianceState::NonCompliant),
+            // Checked against the rules before they changed: not counted.
+            checked("d", "p", Some(2), ComplianceState::Compliant),
+            checked("e", "p", None, ComplianceState::Compliant),
+            // Under another profile.
+            checked("f", "q", Some(3), ComplianceState::Compliant),
+            // Never checked.
+            ms("g", false),
+        ];
+        let mut p = profile();
+        assert_eq!(compliance_summary(&p, &secrets), None, "no spec.compliance");
+        p.spec.compliance = Some(Default::default());
+        let summary = compliance_summary(&p, &secrets).unwrap();
+        assert_eq!(
+            summary,
+            ComplianceSummary {
+                checked: 3,
+                compliant: 1,
+                non_compliant: 2
+            }
+        );
+        assert_eq!(
+            compliance_summary(&p, std::iter::empty()),
+            Some(ComplianceSummary::default())
+        );
+        let status = profile_status(&p, &[], &[], &[], Some(summary.clone()));
+        assert_eq!(status.compliance, Some(summary));
+    }
+
+    #[test]
     fn a_store_problem_or_a_conflict_is_said() {
         let conflict = crate::profiles::Refused {
             reason: Reason::DefaultProfileConflict,
@@ -386,6 +472,7 @@ mod tests {
             &["SecretStore old is Sealed".into()],
             &[],
             std::slice::from_ref(&conflict),
+            None,
         );
         assert_eq!(status.phase, Some(ProfilePhase::NotReady));
         let message = status.message.unwrap();

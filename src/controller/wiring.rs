@@ -6,7 +6,7 @@ use super::context::{Caches, Config, Context, HealthChecks};
 use super::events::Events;
 use super::stores::StoreRegistry;
 use super::{managed_secret, secret_store, vault_profile};
-use crate::api::{ManagedSecret, SecretStore, VaultProfile};
+use crate::api::{ManagedSecret, SecretApproval, SecretStore, VaultProfile};
 use crate::crypto::OperatorKeys;
 use crate::error::Result;
 use crate::http::Probes;
@@ -290,6 +290,19 @@ pub(super) async fn run_controllers(
         }
     })
     .touched_objects();
+    // SecretApprovals: each decision wakes the ManagedSecret it answers.
+    let approvals_api: Api<SecretApproval> = match &config.watch_namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let approvals_writer = reflector::store::Writer::<SecretApproval>::default();
+    let approvals = approvals_writer.as_reader();
+    let approval_changes = reflector(
+        approvals_writer,
+        watcher::watcher(approvals_api, watcher::Config::default())
+            .modify(|obj| trim_managed_fields(obj.meta_mut())),
+    )
+    .touched_objects();
     let managed_synced = Arc::new(AtomicBool::new(false));
     let mut counts = ProfileCounts::new(managed_synced.clone(), profiles_recheck);
     let managed_ctl = controller(
@@ -312,6 +325,7 @@ pub(super) async fn run_controllers(
             stores: store_ctl.store(),
             profiles: profile_ctl.store(),
             managed: managed_ctl.store(),
+            approvals,
             managed_synced,
             namespaces,
         },
@@ -349,7 +363,10 @@ pub(super) async fn run_controllers(
                 .collect::<Vec<_>>()
         });
     let managed_ctl =
-        watch_for_managed(managed_ctl, &ctx, profile_changes, ns_changes, secrets_api);
+        watch_for_managed(managed_ctl, &ctx, profile_changes, ns_changes, secrets_api)
+            .watches_stream(approval_changes, |a: SecretApproval| {
+                Some(ObjectRef::new(&a.spec.secret_ref.name).within(&a.namespace()?))
+            });
 
     let controller_config =
         kube::runtime::controller::Config::default().concurrency(config.concurrency);

@@ -4,6 +4,7 @@
 //! certificate [`certs`] keeps in the operator's namespace. It is registered for keyhaven's
 //! own kinds only, so a keyhaven outage never blocks Secrets, Namespaces or workloads.
 
+pub mod approvals;
 pub mod certs;
 pub mod identity;
 pub mod validate;
@@ -178,6 +179,10 @@ fn is_managed_secret(req: &AdmissionRequest<DynamicObject>) -> bool {
     req.kind.group == "keyhaven.io" && req.kind.kind == "ManagedSecret"
 }
 
+fn is_approval(req: &AdmissionRequest<DynamicObject>) -> bool {
+    req.kind.group == "keyhaven.io" && req.kind.kind == "SecretApproval"
+}
+
 async fn mutate(
     State(_shared): State<Arc<Shared>>,
     Json(review): Json<AdmissionReview<DynamicObject>>,
@@ -187,14 +192,20 @@ async fn mutate(
         Err(resp) => return Json(resp.into_review()),
     };
     let resp = AdmissionResponse::from(&req);
-    let (Some(new), true) = (json_of(&req.object), is_managed_secret(&req)) else {
+    let (Some(new), true) = (
+        json_of(&req.object),
+        is_managed_secret(&req) || is_approval(&req),
+    ) else {
         return Json(resp.into_review());
     };
     if !matches!(req.operation, Operation::Create | Operation::Update) {
         return Json(resp.into_review());
     }
     let old = json_of(&req.old_object);
-    let stamped = identity::stamp(new.clone(), old.as_ref(), &req.user_info);
+    let stamped = match is_approval(&req) {
+        true => approvals::stamp(new.clone(), old.as_ref(), &req.user_info),
+        false => identity::stamp(new.clone(), old.as_ref(), &req.user_info),
+    };
     let patch = json_patch::diff(&new, &stamped);
     let resp = match resp.clone().with_patch(patch) {
         Ok(r) => r,
@@ -216,6 +227,9 @@ async fn validate(
         (true, Some(new)) => {
             let old = json_of(&req.old_object);
             check_managed(&shared.client, &req, &new, old.as_ref(), resp).await
+        }
+        (false, Some(new)) if is_approval(&req) && req.operation == Operation::Create => {
+            check_approval(&shared.client, &req, &new, resp).await
         }
         _ => resp,
     };
@@ -272,6 +286,35 @@ async fn check_managed(
                 .collect::<Vec<_>>()
                 .join("; "),
         ),
+    }
+}
+
+/// A new SecretApproval: refused unless its decider may decide the secret's open request.
+async fn check_approval(
+    client: &Client,
+    req: &AdmissionRequest<DynamicObject>,
+    new: &serde_json::Value,
+    resp: AdmissionResponse,
+) -> AdmissionResponse {
+    let approval: crate::api::SecretApproval = match serde_path_to_error::deserialize(new) {
+        Ok(a) => a,
+        Err(e) => return resp.deny(format!("{}: {}", e.path(), e.inner())),
+    };
+    let namespace = req.namespace.clone().unwrap_or_default();
+    let name = approval.spec.secret_ref.name.clone();
+    let ms = match Api::<ManagedSecret>::namespaced(client.clone(), &namespace)
+        .get_opt(&name)
+        .await
+    {
+        Ok(ms) => ms,
+        Err(e) => return resp.deny(format!("keyhaven could not read ManagedSecret {name}: {e}")),
+    };
+    let user = req.user_info.username.clone().unwrap_or_default();
+    let groups = req.user_info.groups.clone().unwrap_or_default();
+    let may = crate::access_review::may_approve(client, &user, &groups, &namespace, &name).await;
+    match approvals::refusal(&approval, ms.as_ref(), &user, may, jiff::Timestamp::now()) {
+        Some(why) => resp.deny(why),
+        None => resp,
     }
 }
 

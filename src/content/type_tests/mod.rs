@@ -2,7 +2,7 @@
 //! input comes from a generator seeded per run ([`seeded`]); a failing test prints the seed.
 
 mod kdf_costs;
-mod seeded;
+pub(crate) mod seeded;
 
 use super::*;
 use crate::api::{CharClass, Generate, KeyAlgorithm};

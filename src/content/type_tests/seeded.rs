@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 /// The seed of this run's random test inputs: `KEYHAVEN_TEST_SEED` when set (to repeat a
 /// failing run), else a fresh one. Each test derives its own generator from it and its name
 /// ([`TestRng::new`]), so a test's inputs do not depend on which other tests run.
-pub(super) fn run_seed() -> u64 {
+pub(crate) fn run_seed() -> u64 {
     static SEED: OnceLock<u64> = OnceLock::new();
     *SEED.get_or_init(|| match std::env::var("KEYHAVEN_TEST_SEED") {
         Ok(s) if !s.trim().is_empty() => s
@@ -26,12 +26,12 @@ pub(super) fn run_seed() -> u64 {
 ///
 /// Randomness the tests do not choose stays unseeded: the generators under test
 /// ([`generate`]) and the PKCS#12 writer's salts draw their own.
-pub(super) struct TestRng(rand::rngs::StdRng);
+pub(crate) struct TestRng(rand::rngs::StdRng);
 
 impl TestRng {
     /// The generator of the test `name`. Prints the run's seed: `cargo test` shows it with
     /// the output of a failing test, and `KEYHAVEN_TEST_SEED=<seed>` repeats its inputs.
-    pub(super) fn new(name: &str) -> TestRng {
+    pub(crate) fn new(name: &str) -> TestRng {
         let seed = run_seed();
         eprintln!("{name}: random inputs from KEYHAVEN_TEST_SEED={seed}");
         // FNV-1a of the name: stable across runs and Rust versions.
@@ -41,7 +41,7 @@ impl TestRng {
         TestRng(rand::rngs::StdRng::seed_from_u64(seed ^ salt))
     }
 
-    pub(super) fn rand(&mut self) -> &mut rand::rngs::StdRng {
+    pub(crate) fn rand(&mut self) -> &mut rand::rngs::StdRng {
         &mut self.0
     }
 }
@@ -68,13 +68,13 @@ impl rsa::rand_core::CryptoRng for TestRng {}
 
 /// A P-256 key for rcgen drawn from a [`TestRng`], signing deterministically (RFC 6979)
 /// so that a certificate made with it depends on the seed only.
-pub(super) struct SeededKey {
-    pub(super) key: p256::ecdsa::SigningKey,
-    pub(super) public: Vec<u8>,
+pub(crate) struct SeededKey {
+    pub(crate) key: p256::ecdsa::SigningKey,
+    pub(crate) public: Vec<u8>,
 }
 
 impl SeededKey {
-    pub(super) fn new(rng: &mut TestRng) -> SeededKey {
+    pub(crate) fn new(rng: &mut TestRng) -> SeededKey {
         let key = p256::ecdsa::SigningKey::random(rng);
         let public = key
             .verifying_key()
@@ -85,7 +85,7 @@ impl SeededKey {
     }
 
     /// The private key as PKCS#8 PEM.
-    pub(super) fn pem(&self) -> String {
+    pub(crate) fn pem(&self) -> String {
         p256::SecretKey::from(&self.key)
             .to_pkcs8_pem(LineEnding::LF)
             .unwrap()
@@ -93,7 +93,7 @@ impl SeededKey {
     }
 
     /// The private key as PKCS#8 DER.
-    pub(super) fn der(&self) -> Vec<u8> {
+    pub(crate) fn der(&self) -> Vec<u8> {
         p256::SecretKey::from(&self.key)
             .to_pkcs8_der()
             .unwrap()
@@ -119,18 +119,18 @@ impl rcgen::SigningKey for SeededKey {
     }
 }
 
-pub(super) fn data(kv: &[(&str, &[u8])]) -> SecretData {
+pub(crate) fn data(kv: &[(&str, &[u8])]) -> SecretData {
     kv.iter().map(|(k, v)| (*k, v.to_vec())).collect()
 }
 
-pub(super) fn problem(r: Result<Inspected, ContentError>) -> String {
+pub(crate) fn problem(r: Result<Inspected, ContentError>) -> String {
     match r {
         Ok(_) => panic!("expected an error"),
         Err(e) => e.to_string(),
     }
 }
 
-pub(super) fn p256_pkcs8(rng: &mut TestRng) -> String {
+pub(crate) fn p256_pkcs8(rng: &mut TestRng) -> String {
     p256::SecretKey::random(rng)
         .to_pkcs8_pem(LineEnding::LF)
         .unwrap()
@@ -138,14 +138,14 @@ pub(super) fn p256_pkcs8(rng: &mut TestRng) -> String {
 }
 
 /// A CA, an intermediate and a leaf (with its key), as PEM.
-pub(super) struct Pki {
-    pub(super) root: String,
-    pub(super) intermediate: String,
-    pub(super) leaf: String,
-    pub(super) leaf_key: String,
+pub(crate) struct Pki {
+    pub(crate) root: String,
+    pub(crate) intermediate: String,
+    pub(crate) leaf: String,
+    pub(crate) leaf_key: String,
 }
 
-pub(super) fn pki(rng: &mut TestRng) -> Pki {
+pub(crate) fn pki(rng: &mut TestRng) -> Pki {
     let ca = |cn: &str| {
         let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         p.distinguished_name.push(rcgen::DnType::CommonName, cn);
@@ -169,7 +169,7 @@ pub(super) fn pki(rng: &mut TestRng) -> Pki {
     }
 }
 
-pub(super) fn jwt(header: &str, claims: &str) -> String {
+pub(crate) fn jwt(header: &str, claims: &str) -> String {
     let b = base64::engine::general_purpose::URL_SAFE_NO_PAD;
     format!(
         "{}.{}.{}",

@@ -197,6 +197,9 @@ pub fn native_action(
     }
 }
 
+/// The reason recorded with a version a scheduled rotation makes.
+pub const SCHEDULED_ROTATION: &str = "rotated (rotation.interval)";
+
 /// Whether a generated secret keeps the value its source store holds or gets a new one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GenerateDecision {
@@ -265,7 +268,7 @@ pub fn decide_generate(
     }
     if next_rotation(rotation).is_some_and(|due| due <= now) {
         return GenerateDecision::Generate {
-            reason: "rotated (rotation.interval)".into(),
+            reason: SCHEDULED_ROTATION.into(),
         };
     }
     GenerateDecision::UseStored

@@ -6,16 +6,23 @@
 //! retry.
 
 mod apply;
+pub mod approval;
+#[cfg(test)]
+mod approval_tests;
 pub mod decide;
 #[cfg(test)]
 mod decide_tests;
+mod decisions;
+mod deletion;
 mod durations;
+pub mod gates;
 mod native;
 mod observe;
 mod plan;
 #[cfg(test)]
 mod plan_tests;
 mod report;
+mod who;
 #[cfg(test)]
 mod who_tests;
 
@@ -45,14 +52,27 @@ pub async fn reconcile(ms: Arc<ManagedSecret>, ctx: Arc<Context>) -> Result<Acti
     let span = tracing::info_span!("reconcile", kind = "ManagedSecret", namespace = %ms.namespace().unwrap_or_default(), name = %ms.name_any());
     async move {
         // Without a cleanup to do (the default: the garbage collector deletes the Secret
-        // the ManagedSecret owns), no finalizer: it would cost a write and a reconcile on
-        // every creation and deletion. One already there is honoured.
-        if native::cleanup(&ms).is_none() && !ms.finalizers().iter().any(|f| f == FINALIZER) {
+        // the ManagedSecret owns) or a deletion to approve, no finalizer: it would cost a
+        // write and a reconcile on every creation and deletion. One already there is
+        // honoured.
+        let deletion = deletion::policy(&ms, &ctx).await;
+        let has_finalizer = ms.finalizers().iter().any(|f| f == FINALIZER);
+        if native::cleanup(&ms).is_none() && deletion.is_none() && !has_finalizer {
             if ms.metadata.deletion_timestamp.is_some() {
                 ctx.status_writes.forget(&ms);
                 return Ok(Action::await_change());
             }
             return sync(&ms, &ctx).await;
+        }
+        // A deletion that needs approval waits (the finalizer holds it) until approved.
+        if ms.metadata.deletion_timestamp.is_some()
+            && has_finalizer
+            && let Some(profile) = deletion
+            && let Some(hold) = deletion::gate(&ms, &ctx, &profile).await
+        {
+            ctx.events.publish_all(ms.as_ref(), &hold.notes).await;
+            write_status(&ctx, &ms, &hold.status).await?;
+            return Ok(Action::requeue(hold.requeue));
         }
         let namespace = ms.namespace().unwrap_or_default();
         let api: Api<ManagedSecret> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -120,6 +140,11 @@ async fn sync(ms: &ManagedSecret, ctx: &Context) -> Result<Action> {
             }
         }
         Plan::Fail(failure) => fail(ctx, ms, failure).await,
+        Plan::Hold(hold) => {
+            ctx.events.publish_all(ms, &hold.notes).await;
+            write_status(ctx, ms, &hold.status).await?;
+            Ok(Action::requeue(hold.requeue))
+        }
         Plan::Migrate { .. } => Err(Error::config(
             Reason::MigrationConflict,
             "a second migration step in one reconcile",

@@ -57,6 +57,8 @@ pub struct Gathered {
     pub owner: Option<Owner>,
     /// The requester annotation was written by this operator's admission webhook.
     pub identity_verified: bool,
+    /// The decisions on its approval requests, and the previous profile's policy.
+    pub approvals: super::gates::ApprovalFacts,
     /// The profile's `migrateFrom`, while it has versions of this secret to move.
     pub migration: Option<Result<migration::Observed>>,
     /// The source's current value at the path.
@@ -233,10 +235,11 @@ async fn gather(
         _ => None,
     };
     let fresh_base = carried.as_ref().map_or(current.as_ref(), Option::as_ref);
+    let approvals = super::decisions::facts(ctx, ms, status, &profile).await;
     let content = observe_content(
         ms,
         ctx,
-        (&profile, &ns),
+        (&profile, &ns, &approvals),
         status,
         fresh_base,
         now,
@@ -266,6 +269,7 @@ async fn gather(
         writes,
         owner: (!reads_only).then_some(me),
         identity_verified: ctx.config.verified_identity,
+        approvals,
         migration,
         source: current,
         carried,
@@ -280,7 +284,7 @@ async fn gather(
 async fn observe_content(
     ms: &ManagedSecret,
     ctx: &Context,
-    (profile, ns): (&VaultProfile, &NamespaceInfo),
+    (profile, ns, approvals): (&VaultProfile, &NamespaceInfo, &super::gates::ApprovalFacts),
     status: &ManagedSecretStatus,
     current: Option<&Read>,
     now: jiff::Timestamp,
@@ -312,8 +316,21 @@ async fn observe_content(
             }
             (None, None, None, Some(spec)) => {
                 let decision = generate_decision(ms, profile, status, current, now).await;
+                // Nothing is generated while the generation waits for approval.
+                let held = (profile.spec.approval.is_some() || approvals.previous.is_some())
+                    && matches!(
+                        super::gates::generate_gate(
+                            ms,
+                            (profile, approvals, ctx.config.verified_identity),
+                            status,
+                            current,
+                            now
+                        ),
+                        Some(super::approval::Gate::Hold(_))
+                    );
                 let fresh = match decision {
                     GenerateDecision::UseStored => None,
+                    GenerateDecision::Generate { .. } if held => None,
                     GenerateDecision::Generate { .. } => {
                         let issuer = match &spec.issuer_ref {
                             Some(r) if ms.spec.type_ == SecretType::Certificate => {
@@ -461,7 +478,7 @@ async fn observe_migration(
 /// The VaultProfile `ms` uses: [`profiles::resolve`] of its `spec.profile`, its namespace's
 /// labels and annotations, and the profiles this operator manages. A refusal is confirmed
 /// on a fresh list of the profiles (the cache may not hold one created a moment ago).
-async fn resolve_profile(
+pub(super) async fn resolve_profile(
     ms: &ManagedSecret,
     ctx: &Context,
 ) -> Result<(Arc<VaultProfile>, Via, NamespaceInfo)> {

@@ -3,22 +3,26 @@
 //! decision, the write to the source and to each sync target, the native Secret, the
 //! restarts, and the version record. No I/O; every decision is a unit test.
 
+use super::approval::{self, Gate};
 use super::decide::{
     GenerateDecision, NativeAction, RestartDecision, RotationInput, StoreAction, StoreObservation,
     Stored, VersionDecision, decide_generate, decide_version, native_action, next_rotation,
     restart_decision, rollback_source, store_action,
 };
+use super::gates::{self, Hold, Stop, generate_gate};
 use super::native::{desired_secret, observe_native};
 use super::observe::{Content, Gathered, Observation, Read};
+pub use super::who::author;
 use crate::api::{
-    ConditionType, ManagedSecret, ManagedSecretPhase, ManagedSecretStatus, Reason, VaultProfile,
-    VersionRecord, condition, set_condition,
+    ApprovalRequest, ComplianceStatus, ConditionType, ManagedSecret, ManagedSecretPhase,
+    ManagedSecretStatus, Reason, VaultProfile, VersionRecord, condition, set_condition,
 };
 use crate::backend::VersionStamp;
 use crate::content;
+use crate::controller::events::Note;
 use crate::controller::migration;
 use crate::error::Error;
-use crate::labels::{REQUESTED_BY_ANNOTATION, ROTATE_ANNOTATION};
+use crate::labels::ROTATE_ANNOTATION;
 use crate::profiles::Via;
 use crate::secret_data::SecretData;
 use k8s_openapi::api::core::v1::Secret;
@@ -38,6 +42,9 @@ pub enum Plan {
     Fail(Failure),
     /// Bring every store and the native Secret to a version.
     Sync(Box<SyncPlan>),
+    /// Write nothing: the change waits for approval, was rejected, or breaks the profile's
+    /// compliance rules.
+    Hold(Box<Hold>),
 }
 
 impl Plan {
@@ -47,7 +54,7 @@ impl Plan {
     /// predate this process's last write.
     pub fn decides_on_history(&self) -> bool {
         match self {
-            Plan::Migrate { .. } | Plan::Fail(_) => true,
+            Plan::Migrate { .. } | Plan::Fail(_) | Plan::Hold(_) => true,
             Plan::Sync(p) => p.record.is_some() || p.restart == RestartDecision::Restart,
         }
     }
@@ -89,6 +96,16 @@ pub struct SyncPlan {
     pub base: ManagedSecretStatus,
     /// A migration step failed (retried soon; the sync goes on from the old store).
     pub migration_failed: bool,
+    /// `status.approval` after the sync (None: no request to record), and the Events of
+    /// the decisions counted.
+    pub approval: Option<ApprovalRequest>,
+    pub approval_notes: Vec<Note>,
+    /// The compliance check of the value (None: the profile has no rules).
+    pub compliance: Option<ComplianceStatus>,
+    /// When the compliance rule `max-version-age` is next due.
+    pub next_compliance_check: Option<jiff::Timestamp>,
+    /// `status.source` after the sync.
+    pub source_descriptor: String,
 }
 
 /// The source store's part.
@@ -206,45 +223,6 @@ pub fn generate_decision(
     decide_generate(stored, &rotation_input(ms, status), now)
 }
 
-/// Who a version is recorded as created by: `system:keyhaven` for what keyhaven does on
-/// its own (a scheduled rotation, a refresh that found new content), else who asked for
-/// the ManagedSecret's current spec or rotate request — the user the admission webhook
-/// recorded when `verified` (this operator serves the webhook that writes it), or else the
-/// field manager of the newest spec change (unverified: any client names its own).
-pub fn author(ms: &ManagedSecret, status: &ManagedSecretStatus, verified: bool) -> String {
-    // A rotate request counts for a generated secret only, and only while it is set and not
-    // yet acted on (removing the annotation asks for nothing).
-    let rotate_asked = ms.spec.content.generate.is_some()
-        && ms.rotate_request().is_some()
-        && ms.rotate_request() != status.rotate_request;
-    let asked = status.versions.is_empty()
-        || status.observed_generation != ms.metadata.generation
-        || rotate_asked;
-    if !asked {
-        return SYSTEM_AUTHOR.into();
-    }
-    if verified && let Some(user) = ms.annotations().get(REQUESTED_BY_ANNOTATION) {
-        return user.clone();
-    }
-    let touches_spec = |f: &&k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry| {
-        f.fields_v1
-            .as_ref()
-            .is_some_and(|v| v.0.get("f:spec").is_some())
-    };
-    ms.metadata
-        .managed_fields
-        .iter()
-        .flatten()
-        .filter(|f| f.subresource.is_none() && f.manager.as_deref() != Some("keyhaven"))
-        .filter(touches_spec)
-        .max_by_key(|f| f.time.as_ref().map(|t| t.0))
-        .and_then(|f| f.manager.clone())
-        .unwrap_or_else(|| SYSTEM_AUTHOR.into())
-}
-
-/// `createdBy` of the versions keyhaven makes on its own.
-pub const SYSTEM_AUTHOR: &str = "system:keyhaven";
-
 /// Whether `reason` says the ManagedSecret's profile cannot be resolved.
 fn is_resolution(reason: Reason) -> bool {
     matches!(
@@ -322,7 +300,11 @@ pub fn plan(ms: &ManagedSecret, obs: Observation) -> Plan {
             plan.migration_failed = migration_failed;
             Plan::Sync(plan)
         }
-        Err(e) => Plan::Fail(failure(ms, base, e)),
+        Err(Stop::Fail(e)) => Plan::Fail(failure(ms, base, e)),
+        Err(Stop::Held(held)) => Plan::Hold(Box::new(gates::held_status(ms, base, &held))),
+        Err(Stop::Refused(checked, message)) => Plan::Hold(Box::new(gates::refused_status(
+            ms, base, &checked, &message,
+        ))),
     }
 }
 
@@ -531,11 +513,26 @@ fn sync(
     mut g: Gathered,
     status: &ManagedSecretStatus,
     now: jiff::Timestamp,
-) -> Result<Box<SyncPlan>, Error> {
+) -> Result<Box<SyncPlan>, Stop> {
     let verified = g.identity_verified;
     let kept_in = matches!(g.carried, Some(Some(_)))
         .then(|| status.versions.last().map(|r| r.store.clone()))
         .flatten();
+    // A generation waiting for approval generates nothing (the observation did not either).
+    let generated = match matches!(g.content, Content::Generate { .. }) {
+        true => {
+            let current = match &g.carried {
+                Some(kept) => kept.as_ref(),
+                None => g.source.as_ref(),
+            };
+            let facts = (g.profile.as_ref(), &g.approvals, verified);
+            generate_gate(ms, facts, status, current, now)
+        }
+        false => None,
+    };
+    if let Some(Gate::Hold(held)) = generated {
+        return Err(Stop::Held(held));
+    }
     let chosen = choose_content(ms, &mut g, status, now)?;
     let secret_type = ms.spec.type_;
     let inspected = content::validate_with(secret_type, &chosen.value.data, rules(ms, &g.profile))?;
@@ -550,8 +547,48 @@ fn sync(
         &chosen.value.fingerprint,
     );
     let version = decision.version();
+    let new_version = matches!(decision, VersionDecision::New(_));
+    // Compliance first: a value the rules refuse is not even asked to be approved.
+    let checked = gates::compliance(
+        ms,
+        &g.profile,
+        &chosen.value.data,
+        new_version,
+        status.versions.last().map(|v| v.created_at.0),
+        now,
+    );
+    if let Some(message) = checked.refused.clone() {
+        return Err(Stop::Refused(Box::new(checked), message));
+    }
+    let gate = match generated {
+        Some(gate) => gate,
+        None => {
+            let changes = approval::changes(
+                ms,
+                status,
+                &g.profile.name_any(),
+                new_version,
+                false,
+                &gates::content_binding(&chosen.value),
+                &chosen.origin,
+            );
+            let requester = author(ms, status, verified);
+            gates::approval(
+                ms,
+                &g.profile,
+                &g.approvals,
+                status,
+                &changes,
+                (&requester, verified, now),
+            )
+        }
+    };
+    let (approval_record, approval_notes) = match gate {
+        Gate::Hold(held) => return Err(Stop::Held(held)),
+        Gate::Proceed { record, notes } => (record, notes),
+    };
     if version == u64::MAX {
-        return Err(Error::config(
+        return Err(Stop::Fail(Error::config(
             Reason::VersionMismatch,
             format!(
                 "store {} stamps the value at {} with version {}: no version can follow it",
@@ -559,7 +596,7 @@ fn sync(
                 ms.store_path(),
                 u64::MAX
             ),
-        ));
+        )));
     }
     let stamp = VersionStamp {
         version,
@@ -638,5 +675,10 @@ fn sync(
         next_rotation,
         base: ManagedSecretStatus::default(),
         migration_failed: false,
+        approval: approval_record,
+        approval_notes,
+        compliance: checked.status,
+        next_compliance_check: checked.next_check,
+        source_descriptor: approval::source_descriptor(ms),
     }))
 }

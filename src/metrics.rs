@@ -65,6 +65,12 @@ struct PhaseLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuleLabels {
+    profile: String,
+    rule: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ObjectLabels {
     namespace: String,
     name: String,
@@ -391,6 +397,19 @@ fn encode_managed(
         "ManagedSecrets whose value expires within their expiryWarning window (condition Expiring=True)",
         &expiring,
     )?;
+    let noncompliant = Family::<RuleLabels, Gauge>::default();
+    let all = managed.state();
+    for ((profile, rule), n) in noncompliant_counts(all.iter().map(|m| m.as_ref())) {
+        noncompliant
+            .get_or_create(&RuleLabels { profile, rule })
+            .set(n);
+    }
+    emit(
+        encoder,
+        "noncompliant_secrets",
+        "ManagedSecrets breaking a compliance rule of their profile, by profile and rule",
+        &noncompliant,
+    )?;
     let family = Family::<PhaseLabels, Gauge>::default();
     for (phase, n) in by_phase {
         family.get_or_create(&PhaseLabels { phase }).set(n);
@@ -401,6 +420,28 @@ fn encode_managed(
         "ManagedSecrets in the cache, by status phase",
         &family,
     )
+}
+
+/// Non-compliant ManagedSecrets per (profile, failing rule).
+pub fn noncompliant_counts<'a>(
+    managed: impl Iterator<Item = &'a ManagedSecret>,
+) -> BTreeMap<(String, String), i64> {
+    let mut out = BTreeMap::new();
+    for ms in managed {
+        let Some(status) = ms.status.as_ref() else {
+            continue;
+        };
+        let (Some(profile), Some(c)) = (&status.profile, &status.compliance) else {
+            continue;
+        };
+        if c.state != crate::api::ComplianceState::NonCompliant {
+            continue;
+        }
+        for rule in &c.failing {
+            *out.entry((profile.clone(), rule.clone())).or_default() += 1;
+        }
+    }
+    out
 }
 
 /// Wraps a freshly built backend so that its calls are counted and timed (by store).
@@ -586,6 +627,31 @@ mod tests {
             r#"keyhaven_reconcile_errors_total{kind="ManagedSecret",reason="ReconcilePanicked"} 1"#
         ));
         assert!(!text.contains(secret));
+    }
+
+    #[test]
+    fn noncompliant_secrets_count_per_profile_and_rule() {
+        let ms = |state: &str, failing: &[&str]| -> ManagedSecret {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "keyhaven.io/v1alpha1", "kind": "ManagedSecret",
+                "metadata": {"name": "x", "namespace": "n"},
+                "spec": {"type": "password", "content": {"fromStore": {}}},
+                "status": {"profile": "p", "compliance": {"state": state, "failing": failing,
+                    "enforcement": "Warn", "checkedAt": "2026-12-01T00:00:00Z"}}}))
+            .unwrap()
+        };
+        let all = [
+            ms(
+                "NonCompliant",
+                &["password-min-length", "password-min-entropy"],
+            ),
+            ms("NonCompliant", &["password-min-length"]),
+            ms("Compliant", &[]),
+        ];
+        let counts = noncompliant_counts(all.iter());
+        assert_eq!(counts[&("p".into(), "password-min-length".into())], 2);
+        assert_eq!(counts[&("p".into(), "password-min-entropy".into())], 1);
+        assert_eq!(counts.len(), 2);
     }
 
     /// A panic is caught only when it unwinds: the release profile must not abort.

@@ -37,14 +37,18 @@ fn free_port() -> u16 {
 /// The webhook configurations: by URL, for keyhaven's kinds in `ns` only.
 fn configurations(name: &str, ns: &str, port: u16) -> (Value, Value) {
     let hook = |kind: &str| {
+        let (side_effects, operations) = match kind {
+            "validate" => ("NoneOnDryRun", json!(["CREATE", "UPDATE", "DELETE"])),
+            _ => ("None", json!(["CREATE", "UPDATE"])),
+        };
         json!({"name": format!("{kind}.managedsecrets.keyhaven.io"),
-            "admissionReviewVersions": ["v1"], "sideEffects": "None",
+            "admissionReviewVersions": ["v1"], "sideEffects": side_effects,
             "failurePolicy": "Fail", "timeoutSeconds": 5,
             "clientConfig": {"url": format!("https://127.0.0.1:{port}/{kind}")},
             "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
             "rules": [{"apiGroups": ["keyhaven.io"], "apiVersions": ["*"],
                 "resources": ["managedsecrets", "secretapprovals"],
-                "operations": ["CREATE", "UPDATE"], "scope": "Namespaced"}]})
+                "operations": operations, "scope": "Namespaced"}]})
     };
     (
         json!({"apiVersion": "admissionregistration.k8s.io/v1",
@@ -248,7 +252,7 @@ async fn changes_wait_for_approval_by_someone_else_with_approve() {
         .profile_spec(
             "four-eyes",
             json!({"source": store, "limits": {"minRefreshInterval": "1s"},
-                "approval": {"operations": ["create", "update", "changeSource"]}}),
+                "approval": {"operations": ["create", "update", "changeSource", "delete"]}}),
         )
         .await;
     let path = format!("{}/app", fx.ns);
@@ -439,6 +443,61 @@ async fn changes_wait_for_approval_by_someone_else_with_approve() {
         "{late}"
     );
     assert!(fx.secret_data(&fx.ns, "late").await.is_none());
+
+    // alice's deletion of app is held by the finalizer; she may neither drop the finalizer
+    // nor approve it; bob's approval lets it go.
+    let alice = user_name(&fx, "alice");
+    let (ok, out) = kubectl_as(
+        &alice,
+        &[
+            "-n",
+            &fx.ns,
+            "delete",
+            "managedsecret",
+            "app",
+            "--wait=false",
+        ],
+        None,
+    );
+    assert!(ok, "{out}");
+    let ms = pending(&fx, "app").await;
+    let deletion = ms.status.as_ref().unwrap().approval.clone().unwrap();
+    assert_eq!(deletion.operation.as_str(), "delete");
+    assert_eq!(deletion.requested_by, alice);
+    let unhook = json!({"metadata": {"finalizers": null}}).to_string();
+    let (ok, out) = kubectl_as(
+        &alice,
+        &[
+            "-n",
+            &fx.ns,
+            "patch",
+            "managedsecret",
+            "app",
+            "--type",
+            "merge",
+            "-p",
+            &unhook,
+        ],
+        None,
+    );
+    assert!(!ok && out.contains("removed by keyhaven only"), "{out}");
+    let own = decide(&fx, "alice", "a-del", "app", &deletion.id, true).unwrap_err();
+    assert!(own.contains("requester"), "{own}");
+    assert_eq!(
+        fx.secret_data(&fx.ns, "app").await.unwrap()["token"],
+        "v-three"
+    );
+    decide(&fx, "bob", "b-del", "app", &deletion.id, true).unwrap();
+    let gone = wait_until(Duration::from_secs(30), || async {
+        fx.ns_api::<ManagedSecret>(&fx.ns)
+            .get_opt("app")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(gone.is_some(), "the approved deletion did not happen");
     fx.assert_values_never_leaked(&["v-one", "v-two", "v-three"])
         .await;
 }

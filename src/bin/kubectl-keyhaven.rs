@@ -1,14 +1,18 @@
-//! `kubectl keyhaven`: a kubectl plugin for keyhaven. It only reads and patches resources;
+//! `kubectl keyhaven`: a kubectl plugin for keyhaven. It only reads and patches resources
+//! (and creates SecretApprovals);
 //! the controller does the work, so RBAC on keyhaven's kinds governs what it may do.
 //!
 //! Put the binary on PATH as `kubectl-keyhaven` and run `kubectl keyhaven <command>`.
 
 use clap::{Parser, Subcommand, ValueEnum};
 use k8s_openapi::api::core::v1::Namespace;
-use keyhaven::api::{ManagedSecret, SecretStore, VaultProfile};
+use keyhaven::api::{
+    ComplianceState, Decision, ManagedSecret, RequestState, SecretApproval, SecretStore,
+    VaultProfile,
+};
 use keyhaven::controller::ROTATE_ANNOTATION;
 use keyhaven::profiles::{self, NamespaceInfo};
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -72,6 +76,22 @@ enum Command {
         #[arg(long)]
         to: String,
     },
+    /// ManagedSecrets whose change waits for approval (this namespace, or -A every one).
+    Pending {
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+    },
+    /// Approve (or --reject) SECRET's open request: creates a SecretApproval for it. The
+    /// admission webhook refuses it from the requester or a user without `approve`.
+    Approve {
+        secret: String,
+        #[arg(long)]
+        reject: bool,
+        #[arg(long)]
+        comment: Option<String>,
+    },
+    /// PROFILE's ManagedSecrets (every namespace) and the compliance rules they break.
+    Compliance { profile: String },
 }
 
 #[tokio::main]
@@ -117,8 +137,156 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let (p, message) = migrate(&Api::all(client), &profile, &to).await?;
             print_done(output, &p, &message)?;
         }
+        Command::Pending { all_namespaces } => {
+            let api = match all_namespaces {
+                true => Api::all(client),
+                false => managed,
+            };
+            let items = api.list(&ListParams::default()).await?.items;
+            let waiting: Vec<&ManagedSecret> = items.iter().filter(|m| is_pending(m)).collect();
+            print(
+                output,
+                &waiting,
+                &[
+                    "NAMESPACE",
+                    "NAME",
+                    "OPERATION",
+                    "REQUEST",
+                    "APPROVALS",
+                    "REQUESTED-BY",
+                    "EXPIRES",
+                ],
+                pending_rows(&waiting),
+            )?;
+        }
+        Command::Approve {
+            secret,
+            reject,
+            comment,
+        } => {
+            let ms = managed.get(&secret).await?;
+            let made = approve(client, &namespace, &ms, reject, comment).await?;
+            let verb = if reject { "rejected" } else { "approved" };
+            print_done(
+                output,
+                &made,
+                &format!(
+                    "secretapproval/{}: {verb} request {} of managedsecret/{secret}",
+                    made.name_any(),
+                    made.spec.request
+                ),
+            )?;
+        }
+        Command::Compliance { profile } => {
+            let p = Api::<VaultProfile>::all(client.clone())
+                .get(&profile)
+                .await?;
+            let all = Api::<ManagedSecret>::all(client)
+                .list(&ListParams::default())
+                .await?
+                .items;
+            let mine: Vec<&ManagedSecret> = all
+                .iter()
+                .filter(|m| m.status.as_ref().and_then(|s| s.profile.as_deref()) == Some(&profile))
+                .collect();
+            print(
+                output,
+                &mine,
+                &["NAMESPACE", "NAME", "TYPE", "STATE", "FAILING"],
+                compliance_rows(&mine),
+            )?;
+            if output == Output::Table {
+                match p.status.and_then(|s| s.compliance) {
+                    Some(c) => println!(
+                        "\n{} checked, {} compliant, {} non-compliant",
+                        c.checked, c.compliant, c.non_compliant
+                    ),
+                    None => println!("\nVaultProfile {profile} has no compliance rules"),
+                }
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn is_pending(ms: &ManagedSecret) -> bool {
+    ms.status
+        .as_ref()
+        .and_then(|s| s.approval.as_ref())
+        .is_some_and(|a| a.state == RequestState::Pending)
+}
+
+/// The rows of `pending`.
+fn pending_rows(items: &[&ManagedSecret]) -> Vec<Vec<String>> {
+    items
+        .iter()
+        .filter_map(|m| {
+            let a = m.status.as_ref()?.approval.as_ref()?;
+            let approvals = a
+                .decisions
+                .iter()
+                .filter(|d| d.decision == Decision::Approve)
+                .count();
+            Some(vec![
+                m.namespace().unwrap_or_default(),
+                m.name_any(),
+                a.operation.as_str().to_owned(),
+                a.id.clone(),
+                format!("{approvals}/{}", a.required),
+                a.requested_by.clone(),
+                a.expires_at.0.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+            ])
+        })
+        .collect()
+}
+
+/// The rows of `compliance`.
+fn compliance_rows(items: &[&ManagedSecret]) -> Vec<Vec<String>> {
+    items
+        .iter()
+        .map(|m| {
+            let c = m.status.as_ref().and_then(|s| s.compliance.as_ref());
+            vec![
+                m.namespace().unwrap_or_default(),
+                m.name_any(),
+                m.spec.type_.as_str().to_owned(),
+                match c.map(|c| c.state) {
+                    Some(ComplianceState::Compliant) => "Compliant".into(),
+                    Some(ComplianceState::NonCompliant) => "NonCompliant".into(),
+                    None => "Unchecked".into(),
+                },
+                c.map(|c| c.failing.join(",")).unwrap_or_default(),
+            ]
+        })
+        .collect()
+}
+
+/// `approve`: a SecretApproval answering `ms`'s open request.
+async fn approve(
+    client: Client,
+    namespace: &str,
+    ms: &ManagedSecret,
+    reject: bool,
+    comment: Option<String>,
+) -> anyhow::Result<SecretApproval> {
+    let name = ms.name_any();
+    let request = ms
+        .status
+        .as_ref()
+        .and_then(|s| s.approval.as_ref())
+        .filter(|a| a.state == RequestState::Pending)
+        .ok_or_else(|| {
+            anyhow::anyhow!("managedsecret/{name} has no request waiting for approval")
+        })?;
+    let approval: SecretApproval = serde_json::from_value(json!({
+        "apiVersion": "keyhaven.io/v1alpha1", "kind": "SecretApproval",
+        "metadata": {"generateName": format!("{name}-"), "namespace": namespace},
+        "spec": {"secretRef": {"name": name}, "request": request.id,
+            "decision": if reject { "Reject" } else { "Approve" }, "comment": comment},
+    }))?;
+    Ok(Api::<SecretApproval>::namespaced(client, namespace)
+        .create(&PostParams::default(), &approval)
+        .await?)
 }
 
 /// `stores`: the SecretStores the selector matches.
@@ -419,5 +587,56 @@ mod tests {
         // rollback needs --reason.
         assert!(Cli::try_parse_from(["kubectl-keyhaven", "rollback", "db", "3"]).is_err());
         assert!(Cli::try_parse_from(["kubectl-keyhaven", "stores", "-o", "xml"]).is_err());
+    }
+}
+
+#[cfg(test)]
+mod approval_tests {
+    use super::*;
+
+    fn ms(status: Value) -> ManagedSecret {
+        serde_json::from_value(
+            json!({"apiVersion": "keyhaven.io/v1alpha1", "kind": "ManagedSecret",
+            "metadata": {"name": "db", "namespace": "team-a"},
+            "spec": {"type": "password", "content": {"fromStore": {}}}, "status": status}),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn pending_lists_open_requests_with_their_count() {
+        let open = ms(
+            json!({"approval": {"id": "r1", "operation": "update", "binding": "b",
+            "summary": "s", "requestedBy": "alice", "requestedAt": "2026-12-01T00:00:00Z",
+            "expiresAt": "2026-12-04T00:00:00Z", "required": 2, "state": "Pending",
+            "decisions": [{"name": "a", "decision": "Approve", "by": "bob",
+                "at": "2026-12-01T01:00:00Z"}]}}),
+        );
+        let none = ms(json!({}));
+        assert!(is_pending(&open) && !is_pending(&none));
+        let rows = pending_rows(&[&open]);
+        assert_eq!(
+            rows[0],
+            [
+                "team-a",
+                "db",
+                "update",
+                "r1",
+                "1/2",
+                "alice",
+                "2026-12-04T00:00:00Z"
+            ]
+        );
+    }
+
+    #[test]
+    fn compliance_rows_name_rules_only() {
+        let bad = ms(json!({"compliance": {"state": "NonCompliant",
+            "failing": ["password-min-length", "password-min-entropy"], "enforcement": "Warn",
+            "checkedAt": "2026-12-01T00:00:00Z"}}));
+        let rows = compliance_rows(&[&bad, &ms(json!({}))]);
+        assert_eq!(rows[0][3], "NonCompliant");
+        assert_eq!(rows[0][4], "password-min-length,password-min-entropy");
+        assert_eq!(rows[1][3], "Unchecked");
     }
 }

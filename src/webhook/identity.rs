@@ -29,6 +29,38 @@ pub fn is_request(new: &Value, old: Option<&Value>) -> bool {
 
 /// `new` with the identity annotations set: the requester's for a request, the stored
 /// object's otherwise.
+/// `new` with the deletion requester `old` recorded (whatever the user wrote): only the
+/// operator records it.
+pub fn keep_deletion_requester(mut new: Value, old: Option<&Value>) -> Value {
+    let key = crate::labels::DELETION_REQUESTED_BY_ANNOTATION;
+    let kept = old.and_then(|o| annotation(o, key)).cloned();
+    if kept.is_none() && annotation(&new, key).is_none() {
+        return new;
+    }
+    if let Some(meta) = new.get_mut("metadata").and_then(Value::as_object_mut) {
+        let annotations = meta
+            .entry("annotations")
+            .or_insert_with(|| Value::Object(Default::default()));
+        if let Some(a) = annotations.as_object_mut() {
+            match kept {
+                Some(v) => a.insert(key.to_owned(), v),
+                None => a.remove(key),
+            };
+        }
+    }
+    new
+}
+
+/// Whether an update removes keyhaven's cleanup finalizer.
+pub fn drops_finalizer(new: &Value, old: &Value) -> bool {
+    let has = |v: &Value| {
+        v.pointer("/metadata/finalizers")
+            .and_then(Value::as_array)
+            .is_some_and(|f| f.iter().any(|f| f == crate::labels::CLEANUP_FINALIZER))
+    };
+    has(old) && !has(new)
+}
+
 pub fn stamp(mut new: Value, old: Option<&Value>, user: &UserInfo) -> Value {
     let (by, groups) = match is_request(&new, old) {
         true => {

@@ -63,6 +63,37 @@ const MAX_REVIEW_BYTES: usize = 8 * 1024 * 1024;
 
 struct Shared {
     client: Client,
+    /// The operator's own user name (a SelfSubjectReview at start): the only one, besides
+    /// `system:masters`, that may remove keyhaven's finalizer or record a deletion's requester.
+    me: Option<String>,
+}
+
+/// Who this process is to the API server.
+async fn own_user(client: &Client) -> Option<String> {
+    use k8s_openapi::api::authentication::v1::SelfSubjectReview;
+    let review = Api::<SelfSubjectReview>::all(client.clone())
+        .create(
+            &kube::api::PostParams::default(),
+            &SelfSubjectReview::default(),
+        )
+        .await;
+    match review {
+        Ok(r) => r.status?.user_info?.username,
+        Err(e) => {
+            warn!(error = %e, "webhook: SelfSubjectReview failed: only system:masters may remove keyhaven's finalizer");
+            None
+        }
+    }
+}
+
+/// Whether `user` is this operator or a cluster admin (`system:masters`).
+fn is_operator_or_admin(
+    shared: &Shared,
+    user: &kube::core::admission::AdmissionRequest<DynamicObject>,
+) -> bool {
+    let info = &user.user_info;
+    info.username.is_some() && info.username == shared.me
+        || info.groups.iter().flatten().any(|g| g == "system:masters")
 }
 
 /// Starts the webhook: issues or loads its certificate, patches the `caBundle`, serves until
@@ -90,6 +121,7 @@ pub async fn serve(
         .layer(DefaultBodyLimit::max(MAX_REVIEW_BYTES))
         .with_state(Arc::new(Shared {
             client: client.clone(),
+            me: own_user(&client).await,
         }));
     let handle = axum_server::Handle::new();
     let server = axum_server::bind_rustls(config.addr, tls.clone()).handle(handle.clone());
@@ -184,7 +216,7 @@ fn is_approval(req: &AdmissionRequest<DynamicObject>) -> bool {
 }
 
 async fn mutate(
-    State(_shared): State<Arc<Shared>>,
+    State(shared): State<Arc<Shared>>,
     Json(review): Json<AdmissionReview<DynamicObject>>,
 ) -> Json<AdmissionReview<DynamicObject>> {
     let req = match request(review) {
@@ -204,7 +236,14 @@ async fn mutate(
     let old = json_of(&req.old_object);
     let stamped = match is_approval(&req) {
         true => approvals::stamp(new.clone(), old.as_ref(), &req.user_info),
-        false => identity::stamp(new.clone(), old.as_ref(), &req.user_info),
+        false => {
+            let stamped = identity::stamp(new.clone(), old.as_ref(), &req.user_info);
+            // Only this operator records who deleted a ManagedSecret.
+            match is_operator_or_admin(&shared, &req) {
+                true => stamped,
+                false => identity::keep_deletion_requester(stamped, old.as_ref()),
+            }
+        }
     };
     let patch = json_patch::diff(&new, &stamped);
     let resp = match resp.clone().with_patch(patch) {
@@ -226,7 +265,23 @@ async fn validate(
     let resp = match (is_managed_secret(&req), json_of(&req.object)) {
         (true, Some(new)) => {
             let old = json_of(&req.old_object);
+            if let Some(old) = &old
+                && identity::drops_finalizer(&new, old)
+                && !is_operator_or_admin(&shared, &req)
+            {
+                return Json(
+                    resp.deny(format!(
+                        "metadata.finalizers: {} is removed by keyhaven only (it holds a deletion until its cleanup or approval is done)",
+                        crate::labels::CLEANUP_FINALIZER
+                    ))
+                    .into_review(),
+                );
+            }
             check_managed(&shared.client, &req, &new, old.as_ref(), resp).await
+        }
+        (true, None) if req.operation == Operation::Delete && !req.dry_run => {
+            record_deleter(&shared.client, &req).await;
+            resp
         }
         (false, Some(new)) if is_approval(&req) && req.operation == Operation::Create => {
             check_approval(&shared.client, &req, &new, resp).await
@@ -286,6 +341,33 @@ async fn check_managed(
                 .collect::<Vec<_>>()
                 .join("; "),
         ),
+    }
+}
+
+/// Records who deletes a ManagedSecret that keyhaven's finalizer holds (a deletion cannot
+/// be mutated): the annotation the approval gate names as the deletion's requester.
+async fn record_deleter(client: &Client, req: &AdmissionRequest<DynamicObject>) {
+    let Some(old) = &req.old_object else { return };
+    let held = old
+        .metadata
+        .finalizers
+        .iter()
+        .flatten()
+        .any(|f| f == crate::labels::CLEANUP_FINALIZER);
+    let (Some(user), Some(ns), true) = (&req.user_info.username, &req.namespace, held) else {
+        return;
+    };
+    let patch = serde_json::json!({"metadata": {"annotations": {
+        crate::labels::DELETION_REQUESTED_BY_ANNOTATION: user}}});
+    if let Err(e) = Api::<ManagedSecret>::namespaced(client.clone(), ns)
+        .patch(
+            &req.name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+    {
+        warn!(error = %e, "webhook: recording who deletes a ManagedSecret failed");
     }
 }
 

@@ -565,14 +565,26 @@ async fn compliance_rules_refuse_or_flag_real_values_and_rechecks_write_nothing(
         .await;
     let rules = |enforcement: &str| {
         json!({"enforcement": enforcement,
-            "password": {"minLength": 20, "minEntropyBits": 80},
-            "keys": {"allowedAlgorithms": ["ed25519"]},
+            "password": {"minLength": 20, "minClasses": 3, "minEntropyBits": 80},
+            "keys": {"allowedAlgorithms": ["ed25519"], "minEcBits": 384},
             "certificates": {"maxValidity": "2160h", "forbidSelfSignedLeaf": true},
             "requireExpiry": true})
     };
     // Each case: a real value of the type a rule checks, and the rule it breaks.
     fx.secret(&fx.ns, "short-pw", &[("password", "Sh0rt!pw")])
         .await;
+    fx.secret(
+        &fx.ns,
+        "one-class",
+        &[("password", "onlylowercaselettersherexyz")],
+    )
+    .await;
+    fx.secret(
+        &fx.ns,
+        "repeats",
+        &[("password", "Aa1!Aa1!Aa1!Aa1!Aa1!Aa1!")],
+    )
+    .await;
     fx.secret(
         &fx.ns,
         "no-expiry",
@@ -583,22 +595,32 @@ async fn compliance_rules_refuse_or_flag_real_values_and_rechecks_write_nothing(
         (
             "pw",
             json!({"type": "password", "content": {"fromSecret": {"name": "short-pw"}}}),
-            "password-min-length",
+            &["password-min-length"][..],
         ),
         (
             "key",
             json!({"type": "private-key", "content": {"generate": {"algorithm": "ec"}}}),
-            "key-algorithm",
+            &["key-algorithm", "ec-min-bits"][..],
         ),
         (
             "cert",
             json!({"type": "certificate", "content": {"generate": {"algorithm": "ed25519", "validity": "8760h"}}}),
-            "certificate-max-validity",
+            &["certificate-max-validity", "certificate-self-signed-leaf"][..],
         ),
         (
             "apikey",
             json!({"type": "api-key", "content": {"fromSecret": {"name": "no-expiry"}}}),
-            "expiry-required",
+            &["expiry-required"][..],
+        ),
+        (
+            "classes",
+            json!({"type": "password", "content": {"fromSecret": {"name": "one-class"}}}),
+            &["password-min-classes"][..],
+        ),
+        (
+            "entropy",
+            json!({"type": "password", "content": {"fromSecret": {"name": "repeats"}}}),
+            &["password-min-entropy"][..],
         ),
     ];
     for enforcement in ["Deny", "Warn"] {
@@ -608,7 +630,7 @@ async fn compliance_rules_refuse_or_flag_real_values_and_rechecks_write_nothing(
                 json!({"source": store, "compliance": rules(enforcement)}),
             )
             .await;
-        for (name, spec, rule) in &cases {
+        for (name, spec, broken) in &cases {
             let name = format!("{}-{name}", enforcement.to_lowercase());
             let mut spec = spec.clone();
             spec["profile"] = profile.clone().into();
@@ -624,11 +646,13 @@ async fn compliance_rules_refuse_or_flag_real_values_and_rechecks_write_nothing(
                 }
                 _ => fx.wait_synced(&name, 1).await,
             };
-            assert!(
-                failing(&ms).iter().any(|f| f == rule),
-                "{name}: {:?}",
-                failing(&ms)
-            );
+            for rule in *broken {
+                assert!(
+                    failing(&ms).iter().any(|f| f == rule),
+                    "{name}: {rule} not in {:?}",
+                    failing(&ms)
+                );
+            }
             let compliant = ms
                 .status
                 .as_ref()
@@ -650,8 +674,33 @@ async fn compliance_rules_refuse_or_flag_real_values_and_rechecks_write_nothing(
             }
         }
     }
-    fx.assert_values_never_leaked(&["Sh0rt!pw", "kh_live_abcdefghijklmnopqrstuvwxyz012345"])
+    // max-version-age: a Warn profile flags a version older than its limit (no write).
+    let aging = fx
+        .profile_spec(
+            "aging",
+            json!({"source": store, "compliance": {"enforcement": "Warn", "maxVersionAge": "8s"}}),
+        )
         .await;
+    fx.managed_secret(
+        "old",
+        json!({"profile": aging, "type": "password", "content": {"generate": {"length": 24}}}),
+    )
+    .await;
+    let fresh = fx.wait_synced("old", 1).await;
+    assert!(failing(&fresh).is_empty(), "{:?}", failing(&fresh));
+    let aged = fx
+        .wait_managed("old", "max-version-age", |m| {
+            failing(m).iter().any(|f| f == "max-version-age")
+        })
+        .await;
+    assert_eq!(aged.status.unwrap().current_version, Some(1));
+    fx.assert_values_never_leaked(&[
+        "Sh0rt!pw",
+        "kh_live_abcdefghijklmnopqrstuvwxyz012345",
+        "onlylowercaselettersherexyz",
+        "Aa1!Aa1!Aa1!Aa1!Aa1!Aa1!",
+    ])
+    .await;
 
     // 100 compliant passwords; then a stricter rule re-evaluates them all, writing nothing.
     let lenient = json!({"source": store,

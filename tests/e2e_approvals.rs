@@ -14,73 +14,17 @@ mod e2e;
 use e2e::Testbed;
 use e2e::chart::kubectl_as;
 use e2e::fixture::{Fixture, wait_until};
+use e2e::webhook::{Registered, configurations, free_port};
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
 };
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use keyhaven::api::{ManagedSecret, ManagedSecretPhase, RequestState};
 use kube::Api;
-use kube::api::DeleteParams;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::time::Duration;
 use vaultrs::kv2;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The webhook configurations: by URL, for keyhaven's kinds in `ns` only.
-fn configurations(name: &str, ns: &str, port: u16) -> (Value, Value) {
-    let hook = |kind: &str| {
-        let (side_effects, operations) = match kind {
-            "validate" => ("NoneOnDryRun", json!(["CREATE", "UPDATE", "DELETE"])),
-            _ => ("None", json!(["CREATE", "UPDATE"])),
-        };
-        json!({"name": format!("{kind}.managedsecrets.keyhaven.io"),
-            "admissionReviewVersions": ["v1"], "sideEffects": side_effects,
-            "failurePolicy": "Fail", "timeoutSeconds": 5,
-            "clientConfig": {"url": format!("https://127.0.0.1:{port}/{kind}")},
-            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
-            "rules": [{"apiGroups": ["keyhaven.io"], "apiVersions": ["*"],
-                "resources": ["managedsecrets", "secretapprovals"],
-                "operations": operations, "scope": "Namespaced"}]})
-    };
-    (
-        json!({"apiVersion": "admissionregistration.k8s.io/v1",
-            "kind": "MutatingWebhookConfiguration", "metadata": {"name": name},
-            "webhooks": [hook("mutate")]}),
-        json!({"apiVersion": "admissionregistration.k8s.io/v1",
-            "kind": "ValidatingWebhookConfiguration", "metadata": {"name": name},
-            "webhooks": [hook("validate")]}),
-    )
-}
-
-/// Deletes the test's webhook configurations when dropped (they fail closed).
-struct Registered {
-    name: String,
-    kubeconfig: std::path::PathBuf,
-}
-
-impl Drop for Registered {
-    fn drop(&mut self) {
-        let name = std::mem::take(&mut self.name);
-        e2e::cleanup_blocking(&self.kubeconfig, move |client| async move {
-            let dp = DeleteParams::default();
-            let _ = Api::<MutatingWebhookConfiguration>::all(client.clone())
-                .delete(&name, &dp)
-                .await;
-            let _ = Api::<ValidatingWebhookConfiguration>::all(client)
-                .delete(&name, &dp)
-                .await;
-            Ok(())
-        });
-    }
-}
 
 /// The fixture's operator with its webhook registered and its caBundle patched.
 async fn with_webhook(name: &str) -> (Fixture, Registered) {
@@ -103,7 +47,13 @@ async fn with_webhook(name: &str) -> (Fixture, Registered) {
         name: config_name.clone(),
         kubeconfig: fx.kubeconfig.clone(),
     };
-    let (mutating, validating) = configurations(&config_name, &fx.ns, port);
+    let (mutating, validating) = configurations(
+        &config_name,
+        &fx.ns,
+        port,
+        &["managedsecrets", "secretapprovals"],
+        true,
+    );
     fx.apply::<MutatingWebhookConfiguration>(fx.cluster_api(), mutating)
         .await;
     fx.apply::<ValidatingWebhookConfiguration>(fx.cluster_api(), validating)
@@ -248,10 +198,11 @@ async fn changes_wait_for_approval_by_someone_else_with_approve() {
                 "auth": {"tokenSecretRef": {"name": "bao-token", "key": "token"}}}}),
         )
         .await;
+    let copy = fx.store("copy", json!({"internal": {}})).await;
     let profile = fx
         .profile_spec(
             "four-eyes",
-            json!({"source": store, "limits": {"minRefreshInterval": "1s"},
+            json!({"source": store, "syncTargets": [copy], "limits": {"minRefreshInterval": "1s"},
                 "approval": {"operations": ["create", "update", "changeSource", "delete"]}}),
         )
         .await;
@@ -330,6 +281,11 @@ async fn changes_wait_for_approval_by_someone_else_with_approve() {
     assert!(
         ready.message.contains("version 1 stays in force"),
         "{ready:?}"
+    );
+    assert!(
+        status.targets.len() == 2 && status.targets.iter().all(|t| t.version == Some(1)),
+        "{:?}",
+        status.targets
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
@@ -553,6 +509,19 @@ async fn compliance_rules_refuse_or_flag_real_values_and_rechecks_write_nothing(
     let root = bed.vault_root();
     let fx = Fixture::new("compliance").await;
     let op_ns = fx.op.namespace.clone();
+    // The operator makes its namespace as it starts.
+    let started = wait_until(Duration::from_secs(30), || async {
+        fx.cluster_api::<k8s_openapi::api::core::v1::Namespace>()
+            .get_opt(&op_ns)
+            .await
+            .ok()
+            .flatten()
+    })
+    .await;
+    assert!(
+        started.is_some(),
+        "the operator never made namespace {op_ns}"
+    );
     fx.secret(&op_ns, "bao-token", &[("token", &bed.vault_token)])
         .await;
     let store = fx
@@ -566,12 +535,19 @@ async fn compliance_rules_refuse_or_flag_real_values_and_rechecks_write_nothing(
     let rules = |enforcement: &str| {
         json!({"enforcement": enforcement,
             "password": {"minLength": 20, "minClasses": 3, "minEntropyBits": 80},
-            "keys": {"allowedAlgorithms": ["ed25519"], "minEcBits": 384},
+            "keys": {"allowedAlgorithms": ["ed25519"], "minEcBits": 384, "minRsaBits": 3072},
             "certificates": {"maxValidity": "2160h", "forbidSelfSignedLeaf": true},
             "requireExpiry": true})
     };
     // Each case: a real value of the type a rule checks, and the rule it breaks.
     fx.secret(&fx.ns, "short-pw", &[("password", "Sh0rt!pw")])
+        .await;
+    let rsa_pem = {
+        use rsa::pkcs8::{EncodePrivateKey, LineEnding};
+        let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048).unwrap();
+        key.to_pkcs8_pem(LineEnding::LF).unwrap().to_string()
+    };
+    fx.secret(&fx.ns, "rsa-2048", &[("private-key", &rsa_pem)])
         .await;
     fx.secret(
         &fx.ns,
@@ -611,6 +587,11 @@ async fn compliance_rules_refuse_or_flag_real_values_and_rechecks_write_nothing(
             "apikey",
             json!({"type": "api-key", "content": {"fromSecret": {"name": "no-expiry"}}}),
             &["expiry-required"][..],
+        ),
+        (
+            "rsa",
+            json!({"type": "private-key", "content": {"fromSecret": {"name": "rsa-2048"}}}),
+            &["key-algorithm", "rsa-min-bits"][..],
         ),
         (
             "classes",

@@ -11,6 +11,7 @@ mod e2e;
 
 use e2e::chart::kubectl_as;
 use e2e::fixture::{Fixture, wait_until};
+use e2e::webhook::{Registered, configurations, free_port};
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
 };
@@ -18,64 +19,11 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use keyhaven::api::ManagedSecret;
-use kube::api::{ApiResource, DeleteParams, DynamicObject, PostParams};
+use kube::api::{ApiResource, DynamicObject, PostParams};
 use kube::{Api, ResourceExt};
 use rand::{RngExt, SeedableRng};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
-
-/// A free loopback port for the webhook.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The webhook configurations of this test: by URL, for ManagedSecrets of `ns` only.
-fn configurations(name: &str, ns: &str, port: u16) -> (Value, Value) {
-    let hook = |kind: &str| {
-        json!({"name": format!("{kind}.managedsecrets.keyhaven.io"),
-            "admissionReviewVersions": ["v1"], "sideEffects": "None",
-            "failurePolicy": "Fail", "timeoutSeconds": 5,
-            "clientConfig": {"url": format!("https://127.0.0.1:{port}/{kind}")},
-            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
-            "rules": [{"apiGroups": ["keyhaven.io"], "apiVersions": ["*"],
-                "resources": ["managedsecrets"], "operations": ["CREATE", "UPDATE"],
-                "scope": "Namespaced"}]})
-    };
-    (
-        json!({"apiVersion": "admissionregistration.k8s.io/v1",
-            "kind": "MutatingWebhookConfiguration", "metadata": {"name": name},
-            "webhooks": [hook("mutate")]}),
-        json!({"apiVersion": "admissionregistration.k8s.io/v1",
-            "kind": "ValidatingWebhookConfiguration", "metadata": {"name": name},
-            "webhooks": [hook("validate")]}),
-    )
-}
-
-/// Deletes the test's webhook configurations when dropped (they fail closed).
-struct Registered {
-    name: String,
-    kubeconfig: std::path::PathBuf,
-}
-
-impl Drop for Registered {
-    fn drop(&mut self) {
-        let name = std::mem::take(&mut self.name);
-        e2e::cleanup_blocking(&self.kubeconfig, move |client| async move {
-            let dp = DeleteParams::default();
-            let _ = Api::<MutatingWebhookConfiguration>::all(client.clone())
-                .delete(&name, &dp)
-                .await;
-            let _ = Api::<ValidatingWebhookConfiguration>::all(client)
-                .delete(&name, &dp)
-                .await;
-            Ok(())
-        });
-    }
-}
 
 /// Hostile values a careless or malicious user might put in a field.
 fn hostile(rng: &mut impl RngExt) -> Value {
@@ -269,7 +217,8 @@ async fn the_webhook_refuses_or_reports_every_malformed_spec_and_never_crashes()
         name: config_name.clone(),
         kubeconfig: fx.kubeconfig.clone(),
     };
-    let (mutating, validating) = configurations(&config_name, &fx.ns, port);
+    let (mutating, validating) =
+        configurations(&config_name, &fx.ns, port, &["managedsecrets"], false);
     fx.apply::<MutatingWebhookConfiguration>(fx.cluster_api(), mutating)
         .await;
     fx.apply::<ValidatingWebhookConfiguration>(fx.cluster_api(), validating)

@@ -12,6 +12,7 @@ pub mod chart;
 pub mod fixture;
 pub mod hsm;
 pub mod operator;
+pub mod webhook;
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Function, Pkcs11};
 use cryptoki::error::{Error as Pkcs11Error, RvError};

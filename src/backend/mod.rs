@@ -128,6 +128,18 @@ pub trait Backend: Send + Sync {
     async fn list_versions(&self, path: &str) -> Result<Vec<u64>, BackendError>;
     /// Removes every version at `path`.
     async fn delete(&self, path: &str) -> Result<(), BackendError>;
+    /// Removes `versions` at `path` for good (retention): the value and keyhaven's
+    /// bookkeeping of each, so that [`list_versions`](Self::list_versions) no longer lists
+    /// it and a read of it finds nothing. Versions the store does not hold are skipped; the
+    /// path's current version is never removed (refused with [`BackendError::Conflict`],
+    /// nothing removed). Returns the versions removed, ascending.
+    async fn prune(&self, path: &str, versions: &[u64]) -> Result<Vec<u64>, BackendError> {
+        let _ = (path, versions);
+        Err(BackendError::Invalid {
+            store: self.store().to_owned(),
+            message: "this store cannot prune versions".into(),
+        })
+    }
     /// Whether the store is usable, and why not.
     async fn health(&self) -> Health;
     /// How many secret objects the store holds for keyhaven.

@@ -2,6 +2,7 @@
 
 pub mod access_review;
 pub mod api;
+pub mod audit;
 pub mod backend;
 pub mod compliance;
 pub mod content;

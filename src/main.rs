@@ -82,6 +82,11 @@ struct RunArgs {
         value_name = "NAMESPACES"
     )]
     credential_namespaces: Vec<String>,
+    /// Write the audit log (one HMAC-chained JSON line per operation on a secret) to this
+    /// file, appended to, or `-` for standard output (the logs go to standard error).
+    /// Unset: nothing is recorded.
+    #[arg(long, env = "KEYHAVEN_AUDIT_LOG", value_name = "PATH")]
+    audit_log: Option<String>,
     /// Log format.
     #[arg(long, env = "KEYHAVEN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -188,6 +193,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     .await?;
 
     let client = kube::Client::try_default().await?;
+    let audit = match &args.audit_log {
+        None => keyhaven::audit::Audit::disabled(),
+        Some(target) => {
+            // The audit key lives in the operator's namespace.
+            keyhaven::controller::ensure_namespace(&client, &args.namespace).await?;
+            let key = keyhaven::audit::load_or_create_key(client.clone(), &args.namespace).await?;
+            let target = keyhaven::audit::Target::parse(target);
+            info!(%target, "audit log");
+            keyhaven::audit::Audit::open(target, key, "system:keyhaven")
+        }
+    };
     // The webhook serves on every replica, leader or not, until the very end.
     let (webhook_stop_tx, webhook_stop) = tokio::sync::oneshot::channel::<()>();
     let webhook = match args.webhook_addr {
@@ -205,7 +221,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             let stop = async {
                 let _ = webhook_stop.await;
             };
-            Some(keyhaven::webhook::serve(config, client.clone(), stop).await?)
+            Some(keyhaven::webhook::serve(config, client.clone(), audit.clone(), stop).await?)
         }
         None => None,
     };
@@ -233,6 +249,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         pkcs11_modules,
         credential_namespaces,
         verified_identity: webhook.is_some(),
+        audit,
     };
     let runtime = Runtime {
         metrics,

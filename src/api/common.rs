@@ -228,6 +228,8 @@ named_enum! {
         Approved,
         /// ManagedSecret (profiles with `compliance`): its value meets every rule.
         Compliant,
+        /// ManagedSecret: the audit log cannot be written, so nothing is (True while so).
+        AuditUnavailable,
     }
 }
 

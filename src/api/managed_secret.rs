@@ -379,7 +379,8 @@ pub enum DeletionPolicy {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ManagedSecretStatus {
-    /// Synced, Degraded, Error, PendingApproval, Rejected, ApprovalExpired or NonCompliant.
+    /// Synced, Degraded, Error, PendingApproval, Rejected, ApprovalExpired, NonCompliant or
+    /// QuotaExceeded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<ManagedSecretPhase>,
     /// The version the native Secret holds.
@@ -434,6 +435,12 @@ pub struct ManagedSecretStatus {
     /// The last compliance check (profiles with `compliance` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compliance: Option<super::ComplianceStatus>,
+    /// Which versions the stores keep (the profile's `retention`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<super::RetentionStatus>,
+    /// New versions counted against the profile's `quota.versionsPerHour`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version_rate: Option<super::VersionRate>,
     /// `Ready`, `Synced`, (for expiring types) `Expiring` and (while the profile migrates)
     /// `Migrated`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -508,6 +515,7 @@ named_enum! {
     /// is written meanwhile), Rejected (the change was rejected: the previous version, if
     /// any, stays in force), ApprovalExpired (the request expired undecided) or NonCompliant
     /// (the profile's compliance rules, enforced with Deny, refused the new value: nothing
+    /// was written) or QuotaExceeded (the profile's `quota` refused a new version: nothing
     /// was written).
     pub enum ManagedSecretPhase {
         Synced,
@@ -517,6 +525,7 @@ named_enum! {
         Rejected,
         ApprovalExpired,
         NonCompliant,
+        QuotaExceeded,
     }
 }
 

@@ -9,6 +9,7 @@ mod common;
 mod compliance;
 mod managed_secret;
 mod reason;
+mod retention;
 mod secret_store;
 mod vault_profile;
 
@@ -17,6 +18,7 @@ pub use common::*;
 pub use compliance::*;
 pub use managed_secret::*;
 pub use reason::Reason;
+pub use retention::*;
 pub use secret_store::*;
 pub use vault_profile::*;
 

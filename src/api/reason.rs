@@ -114,6 +114,10 @@ named_enum! {
         // The process; a reconcile that panicked (caught: it failed, nothing else did).
         LeaderElectionFailed,
         ReconcilePanicked,
+        // Audit, quotas, retention.
+        AuditUnavailable,
+        QuotaExceeded,
+        VersionsPruned,
     }
 }
 

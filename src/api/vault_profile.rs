@@ -126,6 +126,13 @@ pub struct VaultProfileSpec {
     /// `Compliant`); `enforcement: Deny` refuses a new version that breaks one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compliance: Option<super::CompliancePolicy>,
+    /// How many versions of each ManagedSecret the stores keep (default 20).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<super::RetentionPolicy>,
+    /// Limits on the versions of each ManagedSecret (the number of ManagedSecrets is
+    /// limited by a ResourceQuota on `count/managedsecrets.keyhaven.io`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<super::VersionQuota>,
 }
 
 /// Minimums the admission webhook holds the ManagedSecrets of a profile to.
@@ -237,6 +244,13 @@ impl VaultProfileSpec {
         self.history
             .as_ref()
             .map_or(DEFAULT_HISTORY_KEEP, |h| h.keep as usize)
+    }
+
+    /// How many versions of each ManagedSecret the stores keep.
+    pub fn retention_versions(&self) -> u32 {
+        self.retention
+            .as_ref()
+            .map_or(super::DEFAULT_RETENTION, |r| r.versions)
     }
 
     /// The source followed by the sync targets.

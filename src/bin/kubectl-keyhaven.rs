@@ -92,6 +92,29 @@ enum Command {
     },
     /// PROFILE's ManagedSecrets (every namespace) and the compliance rules they break.
     Compliance { profile: String },
+    /// The audit log: `audit verify FILE`.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check every record of FILE (its MAC and its place in the chain); report the first
+    /// one changed, dropped or reordered (exit 1). The key: --key-file, else the Secret
+    /// keyhaven-audit-key in --operator-namespace.
+    Verify {
+        file: std::path::PathBuf,
+        /// The audit key: 32 bytes, raw, hex or base64.
+        #[arg(long)]
+        key_file: Option<std::path::PathBuf>,
+        /// FILE continues an earlier one (rotated away): it need not start at record 1.
+        #[arg(long)]
+        continues: bool,
+        #[arg(long, default_value = "keyhaven-system")]
+        operator_namespace: String,
+    },
 }
 
 #[tokio::main]
@@ -108,6 +131,40 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::Audit {
+        command:
+            AuditCommand::Verify {
+                file,
+                key_file,
+                continues,
+                operator_namespace,
+            },
+    } = &cli.command
+    {
+        let key = match key_file {
+            Some(path) => keyhaven::audit::key_from_file(path).map_err(anyhow::Error::msg)?,
+            None => {
+                let client = Client::try_default().await?;
+                let secret = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(
+                    client,
+                    operator_namespace,
+                )
+                .get(keyhaven::audit::AUDIT_KEY_SECRET)
+                .await?;
+                keyhaven::audit::key_of(&secret).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "Secret {operator_namespace}/{} holds no 32-byte {:?}",
+                        keyhaven::audit::AUDIT_KEY_SECRET,
+                        keyhaven::audit::AUDIT_KEY
+                    )
+                })?
+            }
+        };
+        let (report, ok) =
+            keyhaven::audit::verify_file(file, &key, *continues).map_err(anyhow::Error::msg)?;
+        println!("{report}");
+        return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+    }
     let client = Client::try_default().await?;
     let namespace = cli
         .namespace
@@ -177,6 +234,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ),
             )?;
         }
+        Command::Audit { .. } => unreachable!("handled before a client is made"),
         Command::Compliance { profile } => {
             let p = Api::<VaultProfile>::all(client.clone())
                 .get(&profile)

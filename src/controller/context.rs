@@ -47,6 +47,8 @@ pub struct Config {
     /// This process serves the admission webhook, which writes who asked into each
     /// ManagedSecret: versions record that as `createdBy` (else the unverified field manager).
     pub verified_identity: bool,
+    /// The audit log (`--audit-log`; disabled without it).
+    pub audit: crate::audit::Audit,
 }
 
 /// What every reconcile shares.

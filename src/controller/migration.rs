@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::secret_data::SecretData;
 use kube::ResourceExt;
 use std::collections::{BTreeMap, BTreeSet};
-use tracing::info;
+use tracing::{info, warn};
 
 /// What to do with one version, from what each store holds (fingerprints) and what the
 /// status recorded.
@@ -276,6 +276,29 @@ pub async fn apply(
     };
     record_moves(&mut status.versions, &written, &from, &to);
     let n = written.len();
+    let records = written
+        .keys()
+        .map(|v| {
+            let fingerprint = status
+                .versions
+                .iter()
+                .find(|r| r.version == *v)
+                .map(|r| r.fingerprint.clone());
+            crate::audit::Record::new(
+                crate::audit::Action::Migrate,
+                crate::audit::SYSTEM_ACTOR,
+                &ms.namespace().unwrap_or_default(),
+                &ms.name_any(),
+            )
+            .path(&path)
+            .store(&to)
+            .version(*v, fingerprint.as_deref())
+            .reason(format!("moved from store {from}, verified by fingerprint"))
+        })
+        .collect();
+    if let Err(e) = ctx.config.audit.record(records).await {
+        warn!(error = %e, "audit records of a migration step could not be written");
+    }
     set_condition(
         &mut status.conditions,
         condition(

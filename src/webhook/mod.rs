@@ -63,6 +63,8 @@ const MAX_REVIEW_BYTES: usize = 8 * 1024 * 1024;
 
 struct Shared {
     client: Client,
+    /// Where refusals and admitted deletions are recorded.
+    audit: crate::audit::Audit,
     /// The operator's own user name (a SelfSubjectReview at start): the only one, besides
     /// `system:masters`, that may remove keyhaven's finalizer or record a deletion's requester.
     me: Option<String>,
@@ -101,6 +103,7 @@ fn is_operator_or_admin(
 pub async fn serve(
     config: WebhookConfig,
     client: Client,
+    audit: crate::audit::Audit,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> crate::error::Result<tokio::task::JoinHandle<()>> {
     let stored = config.certificate(&client).await?;
@@ -122,6 +125,7 @@ pub async fn serve(
         .with_state(Arc::new(Shared {
             client: client.clone(),
             me: own_user(&client).await,
+            audit,
         }));
     let handle = axum_server::Handle::new();
     let server = axum_server::bind_rustls(config.addr, tls.clone()).handle(handle.clone());
@@ -288,7 +292,46 @@ async fn validate(
         }
         _ => resp,
     };
+    audit_admission(&shared.audit, &req, &resp).await;
     Json(resp.into_review())
+}
+
+/// Records a refusal (who was refused what) and an admitted ManagedSecret deletion.
+async fn audit_admission(
+    audit: &crate::audit::Audit,
+    req: &AdmissionRequest<DynamicObject>,
+    resp: &AdmissionResponse,
+) {
+    use crate::audit::{Action, Outcome, Record};
+    if req.dry_run || !audit.enabled() {
+        return;
+    }
+    let name = match req.name.is_empty() {
+        false => req.name.clone(),
+        true => req
+            .object
+            .as_ref()
+            .and_then(|o| o.metadata.name.clone())
+            .unwrap_or_default(),
+    };
+    let user = req.user_info.username.clone().unwrap_or_default();
+    let namespace = req.namespace.clone().unwrap_or_default();
+    let record = |action| Record::new(action, &user, &namespace, &name).kind(&req.kind.kind);
+    let op = format!("{:?}", req.operation).to_lowercase();
+    let records = if !resp.allowed {
+        vec![
+            record(Action::Refused)
+                .outcome(Outcome::Denied)
+                .reason(format!("admission: {op}: {}", resp.result.message)),
+        ]
+    } else if req.operation == Operation::Delete && is_managed_secret(req) {
+        vec![record(Action::Delete).reason("deletion admitted")]
+    } else {
+        return;
+    };
+    if let Err(e) = audit.record(records).await {
+        warn!(error = %e, "admission audit record could not be written");
+    }
 }
 
 /// A ManagedSecret create, or an update that asks for something; other updates (the

@@ -64,6 +64,28 @@ pub async fn apply(ms: &ManagedSecret, ctx: &Context, plan: &SyncPlan) -> Result
             }
         }
     }
+    if let Some(prune) = &plan.prune {
+        for store in &prune.stores {
+            let result = match ctx.backend(store).await {
+                Ok(backend) => backend
+                    .prune(&plan.path, &prune.versions)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match &result {
+                Ok(removed) if !removed.is_empty() => {
+                    info!(store = %store, versions = removed.len(), "old versions removed (retention)");
+                }
+                Ok(_) => {}
+                Err(e) => warn!(store = %store, error = %e, "retention: removing old versions failed"),
+            }
+            outcome.pruned.push(super::report::Pruned {
+                store: store.clone(),
+                result,
+            });
+        }
+    }
     Ok(outcome)
 }
 

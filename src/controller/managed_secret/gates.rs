@@ -30,6 +30,8 @@ pub struct ApprovalFacts {
 /// again.
 #[derive(Debug)]
 pub struct Hold {
+    /// The status the sync started from.
+    pub before: ManagedSecretStatus,
     pub status: ManagedSecretStatus,
     pub notes: Vec<Note>,
     pub requeue: Duration,
@@ -70,6 +72,7 @@ pub fn approval(
 
 /// The status of a change held for approval, from the status the sync started from.
 pub fn held_status(ms: &ManagedSecret, mut status: ManagedSecretStatus, held: &Held) -> Hold {
+    let before = status.clone();
     let generation = ms.metadata.generation;
     status.phase = Some(held.phase);
     status.observed_generation = generation;
@@ -104,6 +107,7 @@ pub fn held_status(ms: &ManagedSecret, mut status: ManagedSecretStatus, held: &H
         .unwrap_or(RECHECK)
         .min(RECHECK);
     Hold {
+        before,
         status,
         notes: held.notes.clone(),
         requeue,
@@ -280,6 +284,7 @@ pub fn refused_status(
     checked: &Checked,
     message: &str,
 ) -> Hold {
+    let before = status.clone();
     let generation = ms.metadata.generation;
     status.phase = Some(ManagedSecretPhase::NonCompliant);
     status.observed_generation = generation;
@@ -295,9 +300,35 @@ pub fn refused_status(
         ),
     );
     Hold {
+        before,
         status,
         notes: vec![Note::warning(Reason::NonCompliant, message.to_owned())],
         requeue: RECHECK,
+    }
+}
+
+/// The status of a new version the profile's quota refuses: nothing is written; the native
+/// Secret keeps the current version.
+pub fn quota_status(ms: &ManagedSecret, mut status: ManagedSecretStatus, message: &str) -> Hold {
+    let before = status.clone();
+    let generation = ms.metadata.generation;
+    status.phase = Some(ManagedSecretPhase::QuotaExceeded);
+    status.observed_generation = generation;
+    set_condition(
+        &mut status.conditions,
+        condition(
+            ConditionType::Ready,
+            false,
+            Reason::QuotaExceeded,
+            message.to_owned(),
+            generation,
+        ),
+    );
+    Hold {
+        before,
+        status,
+        notes: vec![Note::warning(Reason::QuotaExceeded, message.to_owned())],
+        requeue: Duration::from_secs(60),
     }
 }
 
@@ -319,6 +350,8 @@ pub(super) enum Stop {
     Held(Box<Held>),
     /// The new value breaks the profile's compliance rules (`Deny`).
     Refused(Box<Checked>, String),
+    /// A new version would exceed the profile's quota.
+    Quota(String),
 }
 
 impl From<crate::error::Error> for Stop {

@@ -6,6 +6,7 @@
 //! retry.
 
 mod apply;
+mod choose;
 pub mod approval;
 #[cfg(test)]
 mod approval_tests;
@@ -21,7 +22,9 @@ mod observe;
 mod plan;
 #[cfg(test)]
 mod plan_tests;
+mod records;
 mod report;
+mod retention;
 mod who;
 #[cfg(test)]
 mod who_tests;
@@ -29,7 +32,10 @@ mod who_tests;
 pub use crate::labels::CLEANUP_FINALIZER as FINALIZER;
 
 use super::context::Context;
-use crate::api::{ManagedSecret, ManagedSecretStatus, Reason};
+use crate::api::{
+    ConditionType, ManagedSecret, ManagedSecretStatus, Reason, condition, remove_condition,
+    set_condition,
+};
 use crate::error::{Error, Result, Verb};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{DeleteParams, Patch, PatchParams};
@@ -70,6 +76,14 @@ pub async fn reconcile(ms: Arc<ManagedSecret>, ctx: Arc<Context>) -> Result<Acti
             && let Some(profile) = deletion
             && let Some(hold) = deletion::gate(&ms, &ctx, &profile).await
         {
+            let mut hold = hold;
+            let actor = ms
+                .annotations()
+                .get(crate::labels::DELETION_REQUESTED_BY_ANNOTATION)
+                .cloned()
+                .unwrap_or_else(|| who::SYSTEM_AUTHOR.to_owned());
+            let records = records::hold_records(&ms, &hold.before, &hold.status, &actor);
+            audited(&ctx, &ms, records, &mut hold.status, &mut hold.notes).await;
             ctx.events.publish_all(ms.as_ref(), &hold.notes).await;
             write_status(&ctx, &ms, &hold.status).await?;
             return Ok(Action::requeue(hold.requeue));
@@ -105,6 +119,9 @@ async fn sync(ms: &ManagedSecret, ctx: &Context) -> Result<Action> {
     let observed = first_plan(ms, ctx).await?;
     let observed = match observed {
         Plan::Migrate { moves, status } => {
+            if let Err(e) = ctx.config.audit.writable().await {
+                return audit_unavailable(ctx, ms, status, &e).await;
+            }
             let (status, failed) =
                 super::migration::apply(ctx, &with_status(ms, status.clone()), status, moves)
                     .await?;
@@ -123,12 +140,19 @@ async fn sync(ms: &ManagedSecret, ctx: &Context) -> Result<Action> {
     match observed {
         Plan::Sync(plan) => {
             let base = with_status(ms, plan.base.clone());
+            if plan.acts()
+                && let Err(e) = ctx.config.audit.writable().await
+            {
+                return audit_unavailable(ctx, &base, plan.base.clone(), &e).await;
+            }
             match apply::apply(ms, ctx, &plan).await {
                 Ok(outcome) => {
                     if plan.decision == decide::VersionDecision::New(plan.stamp.version) {
                         ctx.metrics.version_written(&plan.profile);
                     }
-                    let report = report::report(ms, &plan, &outcome);
+                    let mut report = report::report(ms, &plan, &outcome);
+                    let records = records::sync_records(ms, &plan, &outcome);
+                    audited(ctx, ms, records, &mut report.status, &mut report.notes).await;
                     if report.check_stores {
                         ctx.health_checks.request();
                     }
@@ -140,7 +164,12 @@ async fn sync(ms: &ManagedSecret, ctx: &Context) -> Result<Action> {
             }
         }
         Plan::Fail(failure) => fail(ctx, ms, failure).await,
-        Plan::Hold(hold) => {
+        Plan::Hold(mut hold) => {
+            let verified = ctx.config.verified_identity;
+            let before = ms.status.clone().unwrap_or_default();
+            let actor = plan::author(ms, &before, verified);
+            let records = records::hold_records(ms, &hold.before, &hold.status, &actor);
+            audited(ctx, ms, records, &mut hold.status, &mut hold.notes).await;
             ctx.events.publish_all(ms, &hold.notes).await;
             write_status(ctx, ms, &hold.status).await?;
             Ok(Action::requeue(hold.requeue))
@@ -183,9 +212,77 @@ async fn plan_of(ms: &ManagedSecret, observed: observe::Observation) -> Plan {
     crate::content::cpu::blocking(move || plan::plan(&ms, observed)).await
 }
 
+/// Writes `records` to the audit log before the status that reports them, and says in
+/// that status whether it could (condition `AuditUnavailable`).
+async fn audited(
+    ctx: &Context,
+    ms: &ManagedSecret,
+    records: Vec<crate::audit::Record>,
+    status: &mut ManagedSecretStatus,
+    notes: &mut Vec<crate::controller::events::Note>,
+) {
+    let none = records.is_empty();
+    match ctx.config.audit.record(records).await {
+        Ok(()) if none && !ctx.config.audit.available() => {}
+        Ok(()) => remove_condition(&mut status.conditions, ConditionType::AuditUnavailable),
+        Err(e) => {
+            warn!(error = %e, "audit records could not be written");
+            set_condition(
+                &mut status.conditions,
+                condition(
+                    ConditionType::AuditUnavailable,
+                    true,
+                    Reason::AuditUnavailable,
+                    format!("{e}: what was done is recorded once it can be"),
+                    ms.metadata.generation,
+                ),
+            );
+            notes.push(crate::controller::events::Note::warning(
+                Reason::AuditUnavailable,
+                e.to_string(),
+            ));
+        }
+    }
+}
+
+/// A sync that would write while the audit log cannot be written: nothing is written; the
+/// status says why; tried again soon.
+async fn audit_unavailable(
+    ctx: &Context,
+    base: &ManagedSecret,
+    mut status: ManagedSecretStatus,
+    e: &crate::audit::AuditError,
+) -> Result<Action> {
+    let generation = base.metadata.generation;
+    let message = format!("{e}: no value is written until it can be");
+    warn!(error = %e, "sync held: the audit log cannot be written");
+    status.phase = Some(crate::api::ManagedSecretPhase::Error);
+    for type_ in [ConditionType::AuditUnavailable, ConditionType::Ready] {
+        let true_ = type_ == ConditionType::AuditUnavailable;
+        set_condition(
+            &mut status.conditions,
+            condition(type_, true_, Reason::AuditUnavailable, message.clone(), generation),
+        );
+    }
+    ctx.events
+        .publish(base, EventType::Warning, Reason::AuditUnavailable, &message)
+        .await;
+    write_status(ctx, base, &status).await?;
+    Ok(Action::requeue(AUDIT_RETRY))
+}
+
+/// How soon a sync held by an unwritable audit log is tried again.
+const AUDIT_RETRY: Duration = Duration::from_secs(10);
+
 /// Records a failed sync: its status, an Event, a health check when a store failed.
 async fn fail(ctx: &Context, base: &ManagedSecret, failure: plan::Failure) -> Result<Action> {
-    let plan::Failure { status, error } = failure;
+    let plan::Failure { mut status, error } = failure;
+    let before = base.status.clone().unwrap_or_default();
+    let actor = plan::author(base, &before, ctx.config.verified_identity);
+    let records = records::failure_records(base, &before, &status, &actor);
+    let mut notes = vec![];
+    audited(ctx, base, records, &mut status, &mut notes).await;
+    ctx.events.publish_all(base, &notes).await;
     warn!(error = %error, "sync failed");
     ctx.health_checks.after(&error);
     ctx.events
@@ -280,6 +377,22 @@ async fn cleanup(ms: &ManagedSecret, ctx: &Context) -> Result<Action> {
             )
         }
     };
+    let actor = ms
+        .annotations()
+        .get(crate::labels::DELETION_REQUESTED_BY_ANNOTATION)
+        .cloned()
+        .unwrap_or_else(|| who::SYSTEM_AUTHOR.to_owned());
+    let record = crate::audit::Record::new(
+        crate::audit::Action::SecretRemoved,
+        &actor,
+        &namespace,
+        &ms.name_any(),
+    )
+    .path(&ms.store_path())
+    .reason(note.clone());
+    if let Err(e) = ctx.config.audit.record(vec![record]).await {
+        warn!(error = %e, "audit record of the native Secret's cleanup could not be written");
+    }
     ctx.events
         .publish(ms, EventType::Normal, reason, &note)
         .await;

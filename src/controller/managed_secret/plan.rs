@@ -7,9 +7,11 @@ use super::approval::{self, Gate};
 use super::decide::{
     GenerateDecision, NativeAction, RestartDecision, RotationInput, StoreAction, StoreObservation,
     Stored, VersionDecision, decide_generate, decide_version, native_action, next_rotation,
-    restart_decision, rollback_source, store_action,
+    restart_decision, store_action,
 };
+use super::choose::{Chosen, choose_content};
 use super::gates::{self, Hold, Stop, generate_gate};
+use super::retention;
 use super::native::{desired_secret, observe_native};
 use super::observe::{Content, Gathered, Observation, Read};
 pub use super::who::author;
@@ -55,7 +57,9 @@ impl Plan {
     pub fn decides_on_history(&self) -> bool {
         match self {
             Plan::Migrate { .. } | Plan::Fail(_) | Plan::Hold(_) => true,
-            Plan::Sync(p) => p.record.is_some() || p.restart == RestartDecision::Restart,
+            Plan::Sync(p) => {
+                p.record.is_some() || p.restart == RestartDecision::Restart || p.prune.is_some()
+            }
         }
     }
 }
@@ -106,6 +110,26 @@ pub struct SyncPlan {
     pub next_compliance_check: Option<jiff::Timestamp>,
     /// `status.source` after the sync.
     pub source_descriptor: String,
+    /// The store the content was read from (None: generated now, or pushed from a Secret).
+    pub read_from: Option<String>,
+    /// `status.retention` once `prune` (if any) is done in every store.
+    pub retention: crate::api::RetentionStatus,
+    /// Versions the profile's retention removes from the stores now.
+    pub prune: Option<super::retention::Prune>,
+    /// `status.versionRate` after the sync.
+    pub version_rate: Option<crate::api::VersionRate>,
+}
+
+impl SyncPlan {
+    /// Whether carrying it out writes a value anywhere (a store, the native Secret), removes
+    /// versions, or restarts workloads: what may not happen unrecorded.
+    pub fn acts(&self) -> bool {
+        self.source.write
+            || self.targets.iter().any(|t| matches!(t, TargetStep::Write { .. }))
+            || self.native.apply.is_some()
+            || self.prune.is_some()
+            || self.restart == RestartDecision::Restart
+    }
 }
 
 /// The source store's part.
@@ -305,6 +329,7 @@ pub fn plan(ms: &ManagedSecret, obs: Observation) -> Plan {
         Err(Stop::Refused(checked, message)) => Plan::Hold(Box::new(gates::refused_status(
             ms, base, &checked, &message,
         ))),
+        Err(Stop::Quota(message)) => Plan::Hold(Box::new(gates::quota_status(ms, base, &message))),
     }
 }
 
@@ -380,134 +405,6 @@ fn next_rotation_of(
     }
 }
 
-/// The content to bring every store to, where it came from, and the reason to record
-/// whatever `spec.reason` says (rotations, rollbacks).
-struct Chosen {
-    value: Read,
-    origin: String,
-    forced_reason: Option<String>,
-    rotate_request: Option<String>,
-    /// What the current value (the source's, or the one kept after a switch) is stamped
-    /// with, and its store's own version number.
-    current_stamp: Option<VersionStamp>,
-    current_store_version: Option<u64>,
-}
-
-/// Version `n` as read for a rollback, checked against its recorded fingerprint.
-fn rolled_back(
-    status: &ManagedSecretStatus,
-    source: &str,
-    path: &str,
-    n: u64,
-    store: &str,
-    found: Option<Read>,
-) -> Result<Read, Error> {
-    let found = found.ok_or_else(|| {
-        Error::config(
-            Reason::RollbackVersionNotFound,
-            format!("rollbackTo: version {n} does not exist in store {store} at {path}"),
-        )
-    })?;
-    if let (_, Some(recorded)) = rollback_source(&status.versions, n, source)
-        && !found.fingerprint.matches(recorded)
-    {
-        return Err(Error::config(
-            Reason::RollbackVersionMismatch,
-            format!(
-                "rollbackTo: store {store} holds content for version {n} other than its recorded fingerprint"
-            ),
-        ));
-    }
-    Ok(found)
-}
-
-fn choose_content(
-    ms: &ManagedSecret,
-    g: &mut Gathered,
-    status: &ManagedSecretStatus,
-    now: jiff::Timestamp,
-) -> Result<Chosen, Error> {
-    let path = ms.store_path();
-    let source = g.profile.spec.source.clone();
-    let last = status.versions.last();
-    // After a switch the current version is read from the store it was written to.
-    let (current, origin) = match (g.carried.take(), last) {
-        (Some(Some(kept)), Some(last)) => {
-            if !kept.fingerprint.matches(&last.fingerprint) {
-                return Err(Error::config(
-                    Reason::VersionMismatch,
-                    format!(
-                        "store {} holds content for version {} other than its recorded fingerprint",
-                        last.store, last.version
-                    ),
-                ));
-            }
-            let origin = format!(
-                "read from store {} (version {}, kept there after the source changed)",
-                last.store, last.version
-            );
-            (Some(kept), origin)
-        }
-        _ => (g.source.clone(), format!("read from store {source}")),
-    };
-    let current_stamp = current.as_ref().and_then(|c| c.stamp.clone());
-    let current_store_version = current.as_ref().and_then(|c| c.store_version);
-    let chosen = |value, origin| Chosen {
-        value,
-        origin,
-        forced_reason: None,
-        rotate_request: None,
-        current_stamp: current_stamp.clone(),
-        current_store_version,
-    };
-    match std::mem::replace(&mut g.content, Content::Unset) {
-        Content::Rollback {
-            version: n,
-            store,
-            found,
-        } => {
-            let found = rolled_back(status, &source, &path, n, &store, found)?;
-            let reason = format!("rollback to version {n}");
-            Ok(Chosen {
-                forced_reason: Some(ms.spec.reason.clone().unwrap_or_else(|| reason.clone())),
-                ..chosen(found, reason)
-            })
-        }
-        Content::Generate { fresh } => {
-            let decision = generate_decision(ms, &g.profile, status, current.as_ref(), now);
-            let rotate_request = ms.rotate_request();
-            match (decision, current, fresh) {
-                (GenerateDecision::UseStored, Some(current), _) => Ok(Chosen {
-                    rotate_request,
-                    ..chosen(current, origin)
-                }),
-                (GenerateDecision::Generate { reason }, current, Some(fresh)) => Ok(Chosen {
-                    forced_reason: current.is_some().then(|| reason.clone()),
-                    rotate_request,
-                    ..chosen(fresh, reason)
-                }),
-                // The observation generated exactly when this rule says so.
-                _ => Err(Error::config(
-                    Reason::NoContentSource,
-                    "content.generate: the observation and the plan disagree on generating",
-                )),
-            }
-        }
-        Content::FromStore => match current {
-            Some(current) => Ok(chosen(current, origin)),
-            None => Err(Error::config(
-                Reason::NotFoundInStore,
-                format!("path {path} does not exist in store {source}"),
-            )),
-        },
-        Content::Pushed { from, value } => Ok(chosen(value, format!("pushed from Secret {from}"))),
-        Content::Unset => Err(Error::config(
-            Reason::NoContentSource,
-            "spec.content sets no source",
-        )),
-    }
-}
-
 fn sync(
     ms: &ManagedSecret,
     mut g: Gathered,
@@ -559,6 +456,21 @@ fn sync(
     );
     if let Some(message) = checked.refused.clone() {
         return Err(Stop::Refused(Box::new(checked), message));
+    }
+    let keep = g.profile.spec.retention_versions();
+    let kept = retention::kept(status.retention.as_ref());
+    let newest = version.max(status.versions.last().map_or(0, |v| v.version));
+    let pins: Vec<u64> = std::iter::once(version).chain(ms.spec.rollback_to).collect();
+    if new_version
+        && let Some(message) = retention::over_quota(
+            g.profile.spec.quota.as_ref(),
+            (keep, &pins, &kept),
+            version,
+            status.version_rate.as_ref(),
+            now,
+        )
+    {
+        return Err(Stop::Quota(message));
     }
     let gate = match generated {
         Some(gate) => gate,
@@ -655,6 +567,39 @@ fn sync(
     )
     .then(|| version_record(ms, (status, verified), &stamp, &source.store, &chosen, now));
     let next_rotation = next_rotation_of(ms, status, record.as_ref(), now);
+    let (removed, after) = retention::decide(keep, newest, &pins, &kept);
+    let migrating = g.profile.spec.migrate_from.is_some()
+        && status.migrated_from != g.profile.spec.migrate_from;
+    let prune = (!removed.is_empty() && !migrating && g.writes).then(|| {
+        let mut stores: Vec<String> = g.profile.spec.stores().map(str::to_owned).collect();
+        for v in &status.versions {
+            if !stores.contains(&v.store) {
+                stores.push(v.store.clone());
+            }
+        }
+        retention::Prune {
+            versions: removed,
+            stores,
+            after: after.clone(),
+        }
+    });
+    let retention = match &prune {
+        Some(_) => status.retention.clone().unwrap_or_else(|| {
+            let mut k = kept.clone();
+            k.kept = retention::describe(&k, newest);
+            k
+        }),
+        None if migrating => {
+            let mut k = kept.clone();
+            k.kept = retention::describe(&k, newest);
+            k
+        }
+        None => after,
+    };
+    let version_rate = match new_version {
+        true => Some(retention::counted(status.version_rate.as_ref(), now)),
+        false => status.version_rate.clone(),
+    };
     Ok(Box::new(SyncPlan {
         now,
         jitter: 1.0,
@@ -680,5 +625,9 @@ fn sync(
         compliance: checked.status,
         next_compliance_check: checked.next_check,
         source_descriptor: approval::source_descriptor(ms),
+        read_from: chosen.read_from.clone(),
+        retention,
+        prune,
+        version_rate,
     }))
 }

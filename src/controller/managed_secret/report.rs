@@ -33,6 +33,15 @@ pub struct Outcome {
     pub restarted: Vec<String>,
     pub missing_workloads: Vec<String>,
     pub forbidden_workloads: Vec<String>,
+    /// Each store's removal of the versions retention prunes (the error's message).
+    pub pruned: Vec<Pruned>,
+}
+
+/// One store's part of a prune.
+#[derive(Debug)]
+pub struct Pruned {
+    pub store: String,
+    pub result: Result<Vec<u64>, String>,
 }
 
 fn note(type_: EventType, reason: Reason, text: impl Into<String>) -> Note {
@@ -70,6 +79,19 @@ pub fn report(ms: &ManagedSecret, plan: &SyncPlan, outcome: &Outcome) -> Report 
         record_version(&mut status.versions, record, plan.history_keep);
     }
     status.current_version = Some(version);
+    status.version_rate = plan.version_rate.clone();
+    status.retention = Some(match &plan.prune {
+        Some(prune) if outcome.pruned.iter().all(|p| p.result.is_ok()) => prune.after.clone(),
+        _ => plan.retention.clone(),
+    });
+    for p in &outcome.pruned {
+        if let Err(e) = &p.result {
+            notes.push(Note::warning(
+                Reason::StoreError,
+                format!("retention: removing old versions from store {}: {e}", p.store),
+            ));
+        }
+    }
     status.expires_at = plan.expires_at.map(Time);
     if plan.rotate_request.is_some() {
         status.rotate_request = plan.rotate_request.clone();

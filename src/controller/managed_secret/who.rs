@@ -41,4 +41,4 @@ pub fn author(ms: &ManagedSecret, status: &ManagedSecretStatus, verified: bool) 
 }
 
 /// `createdBy` of the versions keyhaven makes on its own.
-pub const SYSTEM_AUTHOR: &str = "system:keyhaven";
+pub const SYSTEM_AUTHOR: &str = crate::audit::SYSTEM_ACTOR;

@@ -12,6 +12,7 @@ pub mod chart;
 pub mod fixture;
 pub mod hsm;
 pub mod operator;
+pub mod people;
 pub mod webhook;
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Function, Pkcs11};

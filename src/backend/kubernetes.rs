@@ -11,8 +11,9 @@
 
 use super::labels::*;
 use super::{
-    Backend, BackendError, Health, StoredVersion, VersionStamp, annotated_owner, labelled_versions,
-    object_id, object_labels, object_selector,
+    Backend, BackendError, Health, StoredVersion, VERSIONS_PER_SELECTOR, VersionStamp,
+    annotated_owner, labelled_versions, object_id, object_labels, object_selector, prune_plan,
+    with_versions,
 };
 use crate::crypto::Fingerprint;
 use crate::secret_data::SecretData;
@@ -365,6 +366,34 @@ impl Backend for KubernetesStore {
                 e,
             )),
         }
+    }
+
+    /// Deletes the version copies of `versions` (the current Secret stays as it is). The
+    /// current version is the one the current Secret records or, without one, the latest
+    /// copy. One read and one list (at once), then one delete of a collection (per 100
+    /// versions).
+    async fn prune(&self, path: &str, versions: &[u64]) -> Result<Vec<u64>, BackendError> {
+        if versions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let name = secret_name_for_path(path);
+        let (current, held) = tokio::join!(
+            self.own(&name, path, ROLE_CURRENT, "reading the current Secret"),
+            self.list_versions(path)
+        );
+        let held = held?;
+        let current = current?
+            .and_then(|c| c.annotations().get(VERSION_ANNOTATION)?.parse().ok())
+            .or_else(|| held.last().copied());
+        let plan = prune_plan(&self.store, path, current, &held, versions)?;
+        for chunk in plan.chunks(VERSIONS_PER_SELECTOR) {
+            let lp = with_versions(store_selector(&self.store, ROLE_HISTORY, Some(path)), chunk);
+            self.secrets
+                .delete_collection(&DeleteParams::default(), &lp)
+                .await
+                .map_err(self.err("pruning version copies"))?;
+        }
+        Ok(plan)
     }
 
     async fn health(&self) -> Health {

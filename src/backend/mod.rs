@@ -283,9 +283,93 @@ pub(crate) fn labelled_versions(objects: &[PartialObjectMeta<Secret>]) -> Vec<u6
     versions
 }
 
+/// Which of `requested` a prune at `path` removes: those the store holds (`held`),
+/// ascending, each once. Refused ([`BackendError::Conflict`]) when `requested` names the
+/// path's `current` version: nothing is removed then.
+pub(crate) fn prune_plan(
+    store: &str,
+    path: &str,
+    current: Option<u64>,
+    held: &[u64],
+    requested: &[u64],
+) -> Result<Vec<u64>, BackendError> {
+    if let Some(current) = current.filter(|c| requested.contains(c)) {
+        return Err(BackendError::Conflict {
+            store: store.to_owned(),
+            path: path.to_owned(),
+            message: format!("version {current} is the current version and is never pruned"),
+        });
+    }
+    let held: std::collections::BTreeSet<u64> = held.iter().copied().collect();
+    let plan: std::collections::BTreeSet<u64> = requested
+        .iter()
+        .copied()
+        .filter(|v| held.contains(v))
+        .collect();
+    Ok(plan.into_iter().collect())
+}
+
+/// At most this many versions are named in one label selector (`version in (..)`), so a
+/// long prune does not make an overlong request URL.
+pub(crate) const VERSIONS_PER_SELECTOR: usize = 100;
+
+/// `lp` narrowed to the objects of `versions` (a set-based selector on the version label).
+pub(crate) fn with_versions(mut lp: ListParams, versions: &[u64]) -> ListParams {
+    let set: Vec<String> = versions.iter().map(u64::to_string).collect();
+    let narrowed = format!("{} in ({})", labels::VERSION, set.join(","));
+    lp.label_selector = Some(match lp.label_selector.take() {
+        Some(s) if !s.is_empty() => format!("{s},{narrowed}"),
+        _ => narrowed,
+    });
+    lp
+}
+
 /// The owner an object's annotations record, if any.
 pub(crate) fn annotated_owner(annotations: &BTreeMap<String, String>) -> Option<Owner> {
     Owner::from_annotation(annotations.get(labels::OWNER_ANNOTATION)?)
+}
+
+#[cfg(test)]
+mod prune_tests {
+    use super::*;
+
+    #[test]
+    fn a_prune_removes_the_held_versions_asked_for_ascending_once_each() {
+        let plan = prune_plan("s", "a/b", Some(5), &[1, 2, 3, 5], &[3, 9, 1, 3]).unwrap();
+        assert_eq!(plan, vec![1, 3], "9 is not held; 3 once");
+        assert!(
+            prune_plan("s", "a/b", Some(5), &[1, 5], &[])
+                .unwrap()
+                .is_empty()
+        );
+        assert!(prune_plan("s", "a/b", None, &[], &[1]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_prune_naming_the_current_version_is_refused_whole() {
+        let e = prune_plan("s", "a/b", Some(5), &[1, 2, 5], &[1, 5]).unwrap_err();
+        assert!(matches!(e, BackendError::Conflict { .. }), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "store s, path a/b: version 5 is the current version and is never pruned"
+        );
+    }
+
+    #[test]
+    fn version_selectors_narrow_the_object_selector() {
+        let lp = with_versions(object_selector("s", "r", Some("a/b")), &[2, 10]);
+        assert_eq!(
+            lp.label_selector.unwrap(),
+            format!(
+                "{}=s,{}=r,{}={},{} in (2,10)",
+                labels::STORE,
+                labels::ROLE,
+                labels::OBJECT,
+                object_id("a/b"),
+                labels::VERSION
+            )
+        );
+    }
 }
 
 #[cfg(test)]

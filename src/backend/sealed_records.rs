@@ -11,8 +11,9 @@
 
 use super::labels::*;
 use super::{
-    BackendError, StoredVersion, VersionStamp, annotated_owner, labelled_version,
-    labelled_versions, object_id, object_labels, object_selector,
+    BackendError, StoredVersion, VERSIONS_PER_SELECTOR, VersionStamp, annotated_owner,
+    labelled_version, labelled_versions, object_id, object_labels, object_selector, prune_plan,
+    with_versions,
 };
 use crate::crypto::{CryptoError, Envelope, Fingerprint, KeyWrapper, open, rewrap, seal};
 use crate::secret_data::SecretData;
@@ -289,6 +290,26 @@ impl SealedRecords {
             .await
             .map_err(self.kube_err("deleting sealed versions"))?;
         Ok(())
+    }
+
+    /// Deletes the records of `versions` at `path` (retention). The current version is the
+    /// latest record ([`read`](Self::read)), never deleted; versions without a record are
+    /// skipped. One list, then one delete of a collection (per 100 versions). Returns the
+    /// versions deleted, ascending.
+    pub async fn prune(&self, path: &str, versions: &[u64]) -> Result<Vec<u64>, BackendError> {
+        if versions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let held = self.list_versions(path).await?;
+        let plan = prune_plan(&self.store, path, held.last().copied(), &held, versions)?;
+        for chunk in plan.chunks(VERSIONS_PER_SELECTOR) {
+            let lp = with_versions(object_selector(&self.store, ROLE_SEALED, Some(path)), chunk);
+            self.api
+                .delete_collection(&DeleteParams::default(), &lp)
+                .await
+                .map_err(self.kube_err("pruning sealed versions"))?;
+        }
+        Ok(plan)
     }
 
     /// The metadata of every sealed version of the store.

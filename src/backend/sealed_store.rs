@@ -75,6 +75,10 @@ impl<K: SealingKey> Backend for SealedStore<K> {
         self.records.delete(path).await
     }
 
+    async fn prune(&self, path: &str, versions: &[u64]) -> Result<Vec<u64>, BackendError> {
+        self.records.prune(path, versions).await
+    }
+
     /// The key first (a sealed store is Sealed before anything else), then the records'
     /// namespace.
     async fn health(&self) -> Health {

@@ -12,6 +12,8 @@
 //! One login per store ([`session`]) is shared by every operation; [`transport`] holds
 //! the server to https:// and builds the HTTP client (CA bundles in memory).
 
+mod errors;
+mod prune;
 mod session;
 mod transport;
 
@@ -22,6 +24,7 @@ use crate::secret_data::SecretData;
 use async_trait::async_trait;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
+use errors::{classify, error_chain};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use session::Session;
@@ -97,6 +100,10 @@ struct Bookkeeping {
     /// keyhaven version → what the store holds for it.
     #[serde(default)]
     versions: BTreeMap<u64, VersionEntry>,
+    /// KV v2: the `max_versions` keyhaven set on the path's metadata ([`prune`]); `None`:
+    /// never set, the mount's (assumed 10) applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    max_versions: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize, Default, Debug, Clone, PartialEq)]
@@ -381,15 +388,22 @@ impl VaultStore {
         }
         // The value first. Unchanged content (a value written by hand, adopted as a
         // version) is not written again: only the bookkeeping changes.
-        let store_version = match known.map_or(Latest::Unknown, |k| k.latest) {
-            Latest::At(v, seen) if seen == digest(data) => Some(v),
-            Latest::At(..) | Latest::Absent => {
+        let latest = match known.map_or(Latest::Unknown, |k| k.latest) {
+            Latest::At(v, seen) if seen == digest(data) => Err(Some(v)),
+            Latest::At(v, _) => Ok(Some(v)),
+            Latest::Absent => Ok(None),
+            Latest::Unknown => match self.get_object(client, path, None).await.map_err(err)? {
+                Some((old, v)) if decode(&old, &binary) == *data => Err(v),
+                found => Ok(found.and_then(|(_, v)| v)),
+            },
+        };
+        // Ok: a new KV version is written over the latest one; Err: the latest one holds it.
+        let store_version = match latest {
+            Err(unchanged) => unchanged,
+            Ok(latest) => {
+                self.make_room(client, path, &mut book, latest, 1).await?;
                 self.put_object(client, path, &values).await.map_err(err)?
             }
-            Latest::Unknown => match self.get_object(client, path, None).await.map_err(err)? {
-                Some((old, v)) if decode(&old, &binary) == *data => v,
-                _ => self.put_object(client, path, &values).await.map_err(err)?,
-            },
         };
         if self.kv == KvVersion::V1 {
             self.put_object(client, &Self::history_path(path, stamp.version), &values)
@@ -472,7 +486,7 @@ impl VaultStore {
         }
         let store_version = match self.kv {
             KvVersion::V2 => {
-                let (current, _) = self
+                let (current, latest) = self
                     .get_object(client, path, None)
                     .await
                     .map_err(err)?
@@ -482,6 +496,7 @@ impl VaultStore {
                         message: "the current value disappeared while an older version was written"
                             .into(),
                     })?;
+                self.make_room(client, path, &mut book, latest, 2).await?;
                 let old = self.put_object(client, path, &values).await.map_err(err)?;
                 newer.store_version = self.put_object(client, path, &current).await.map_err(err)?;
                 book.versions.insert(newer.version, newer.clone());
@@ -547,62 +562,6 @@ impl VaultStore {
     }
 }
 
-/// Classifies a Vault client error. Vault's messages name paths and policies, not values.
-fn classify(store: &str, path: &str, e: ClientError) -> BackendError {
-    let store = store.to_owned();
-    match e {
-        ClientError::APIError { code: 503, errors } => BackendError::Sealed {
-            store,
-            message: if errors.is_empty() {
-                "Vault is sealed".into()
-            } else {
-                errors.join("; ")
-            },
-        },
-        ClientError::APIError {
-            code: code @ (401 | 403),
-            errors,
-        } => BackendError::Invalid {
-            store,
-            message: format!(
-                "{path}: permission denied (HTTP {code}): {}",
-                errors.join("; ")
-            ),
-        },
-        ClientError::APIError { code, errors } if code >= 500 => BackendError::Unreachable {
-            store,
-            message: format!("{path}: HTTP {code}: {}", errors.join("; ")),
-        },
-        ClientError::APIError { code, errors } => BackendError::Invalid {
-            store,
-            message: format!("{path}: HTTP {code}: {}", errors.join("; ")),
-        },
-        ClientError::RestClientError { source } => BackendError::Unreachable {
-            store,
-            message: format!("{path}: {}", error_chain(&source)),
-        },
-        other => BackendError::Invalid {
-            store,
-            message: format!("{path}: {}", error_chain(&other)),
-        },
-    }
-}
-
-/// An error and its causes on one line ("connection refused" is usually a cause).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let c_text = c.to_string();
-        if !text.contains(&c_text) {
-            text.push_str(": ");
-            text.push_str(&c_text);
-        }
-        cause = c.source();
-    }
-    text
-}
-
 /// Runs `op` with the store's session; when Vault refuses the token (it was revoked or
 /// expired early), logs in again once and retries.
 macro_rules! with_session {
@@ -654,6 +613,15 @@ impl Backend for VaultStore {
 
     async fn delete(&self, path: &str) -> Result<(), BackendError> {
         with_session!(self, |client| self.delete_with(&client, path).await)
+    }
+
+    async fn prune(&self, path: &str, versions: &[u64]) -> Result<Vec<u64>, BackendError> {
+        if versions.is_empty() {
+            return Ok(Vec::new());
+        }
+        with_session!(self, |client| self
+            .prune_with(&client, path, versions)
+            .await)
     }
 
     async fn health(&self) -> Health {

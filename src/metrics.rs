@@ -535,6 +535,10 @@ impl Backend for MeteredBackend {
         self.timed("delete", self.inner.delete(path)).await
     }
 
+    async fn prune(&self, path: &str, versions: &[u64]) -> Result<Vec<u64>, BackendError> {
+        self.timed("prune", self.inner.prune(path, versions)).await
+    }
+
     async fn health(&self) -> Health {
         self.measured("health", self.inner.health(), |health| {
             if health.phase == crate::api::StorePhase::Active {

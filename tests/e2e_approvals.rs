@@ -14,13 +14,10 @@ mod e2e;
 use e2e::Testbed;
 use e2e::chart::kubectl_as;
 use e2e::fixture::{Fixture, wait_until};
-use e2e::people::{apply_as, decide, managed, pending, people, request_id, user_name, with_webhook};
-use k8s_openapi::api::admissionregistration::v1::{
-    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+use e2e::people::{
+    apply_as, decide, managed, pending, people, request_id, user_name, with_webhook,
 };
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use keyhaven::api::{ManagedSecret, ManagedSecretPhase, RequestState};
-use kube::Api;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -133,13 +133,7 @@ pub trait Backend: Send + Sync {
     /// it and a read of it finds nothing. Versions the store does not hold are skipped; the
     /// path's current version is never removed (refused with [`BackendError::Conflict`],
     /// nothing removed). Returns the versions removed, ascending.
-    async fn prune(&self, path: &str, versions: &[u64]) -> Result<Vec<u64>, BackendError> {
-        let _ = (path, versions);
-        Err(BackendError::Invalid {
-            store: self.store().to_owned(),
-            message: "this store cannot prune versions".into(),
-        })
-    }
+    async fn prune(&self, path: &str, versions: &[u64]) -> Result<Vec<u64>, BackendError>;
     /// Whether the store is usable, and why not.
     async fn health(&self) -> Health;
     /// How many secret objects the store holds for keyhaven.

@@ -379,8 +379,7 @@ pub enum DeletionPolicy {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ManagedSecretStatus {
-    /// Synced, Degraded, Error, PendingApproval, Rejected, ApprovalExpired, NonCompliant or
-    /// QuotaExceeded.
+    /// Synced, Degraded, Error, PendingApproval, Rejected, ApprovalExpired, NonCompliant, QuotaExceeded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<ManagedSecretPhase>,
     /// The version the native Secret holds.
@@ -515,8 +514,7 @@ named_enum! {
     /// is written meanwhile), Rejected (the change was rejected: the previous version, if
     /// any, stays in force), ApprovalExpired (the request expired undecided) or NonCompliant
     /// (the profile's compliance rules, enforced with Deny, refused the new value: nothing
-    /// was written) or QuotaExceeded (the profile's `quota` refused a new version: nothing
-    /// was written).
+    /// was written) or QuotaExceeded (the profile's `quota` refused a new version).
     pub enum ManagedSecretPhase {
         Synced,
         Degraded,

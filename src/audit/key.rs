@@ -34,6 +34,18 @@ pub async fn load_or_create_key(client: Client, namespace: &str) -> Result<Audit
     })
 }
 
+/// Reads the audit key from `namespace` (to verify a log).
+pub async fn read_key(client: Client, namespace: &str) -> Result<AuditKey, kube::Error> {
+    let secret = Api::<Secret>::namespaced(client, namespace)
+        .get(AUDIT_KEY_SECRET)
+        .await?;
+    key_of(&secret).ok_or_else(|| {
+        kube::Error::Service(
+            format!("Secret {namespace}/{AUDIT_KEY_SECRET} holds no 32-byte {AUDIT_KEY:?}").into(),
+        )
+    })
+}
+
 /// The key a Secret holds, if it holds one.
 pub fn key_of(secret: &Secret) -> Option<AuditKey> {
     let bytes = secret.data.as_ref()?.get(AUDIT_KEY)?;

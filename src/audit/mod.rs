@@ -12,7 +12,7 @@ mod key;
 mod writer;
 
 pub use chain::{AuditKey, ChainState, Finding, Verified, verify};
-pub use key::{AUDIT_KEY, AUDIT_KEY_SECRET, key_from_file, key_of, load_or_create_key};
+pub use key::{AUDIT_KEY, AUDIT_KEY_SECRET, key_from_file, key_of, load_or_create_key, read_key};
 pub use writer::Target;
 
 use serde::{Deserialize, Serialize};

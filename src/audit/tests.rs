@@ -53,7 +53,10 @@ fn every_byte_flipped_is_reported_at_its_line() {
         let changed = String::from_utf8_lossy(&bytes).into_owned();
         let found = verify(&key(), &changed, false);
         assert!(
-            matches!(found, Err(Finding::Changed { line: 2 }) | Err(Finding::Broken { line: 2 })),
+            matches!(
+                found,
+                Err(Finding::Changed { line: 2 }) | Err(Finding::Broken { line: 2 })
+            ),
             "flipping byte {at}: {found:?}"
         );
     }
@@ -62,31 +65,62 @@ fn every_byte_flipped_is_reported_at_its_line() {
 #[test]
 fn dropped_and_swapped_lines_are_reported() {
     let lines = stream(4);
-    let dropped = [&lines[0], &lines[1], &lines[3]].map(|s| s.as_str()).concat();
+    let dropped = [&lines[0], &lines[1], &lines[3]]
+        .map(|s| s.as_str())
+        .concat();
     assert_eq!(
         verify(&key(), &dropped, false),
-        Err(Finding::Dropped { line: 3, from: 3, to: 3 })
+        Err(Finding::Dropped {
+            line: 3,
+            from: 3,
+            to: 3
+        })
     );
     let first_dropped = lines[1..].concat();
     assert_eq!(
         verify(&key(), &first_dropped, false),
-        Err(Finding::Dropped { line: 1, from: 1, to: 1 })
+        Err(Finding::Dropped {
+            line: 1,
+            from: 1,
+            to: 1
+        })
     );
-    assert!(verify(&key(), &first_dropped, true).is_ok(), "a continued file");
-    let swapped = [&lines[0], &lines[2], &lines[1], &lines[3]].map(|s| s.as_str()).concat();
+    assert!(
+        verify(&key(), &first_dropped, true).is_ok(),
+        "a continued file"
+    );
+    let swapped = [&lines[0], &lines[2], &lines[1], &lines[3]]
+        .map(|s| s.as_str())
+        .concat();
     assert_eq!(
         verify(&key(), &swapped, false),
-        Err(Finding::Dropped { line: 2, from: 2, to: 2 })
+        Err(Finding::Dropped {
+            line: 2,
+            from: 2,
+            to: 2
+        })
     );
-    let last_swapped = [&lines[0], &lines[1], &lines[3], &lines[2]].map(|s| s.as_str()).concat();
+    let last_swapped = [&lines[0], &lines[1], &lines[3], &lines[2]]
+        .map(|s| s.as_str())
+        .concat();
     assert_eq!(
         verify(&key(), &last_swapped, false),
-        Err(Finding::Dropped { line: 3, from: 3, to: 3 })
+        Err(Finding::Dropped {
+            line: 3,
+            from: 3,
+            to: 3
+        })
     );
-    let repeated = [&lines[0], &lines[1], &lines[1]].map(|s| s.as_str()).concat();
+    let repeated = [&lines[0], &lines[1], &lines[1]]
+        .map(|s| s.as_str())
+        .concat();
     assert_eq!(
         verify(&key(), &repeated, false),
-        Err(Finding::Reordered { line: 3, seq: 2, after: 2 })
+        Err(Finding::Reordered {
+            line: 3,
+            seq: 2,
+            after: 2
+        })
     );
 }
 
@@ -100,7 +134,10 @@ fn a_replaced_line_breaks_the_chain_even_when_its_own_mac_is_valid() {
     other = next;
     let (fake2, _) = seal(&key(), &other, &record(98));
     let spliced = [&lines[0], &fake2, &lines[2]].map(|s| s.as_str()).concat();
-    assert_eq!(verify(&key(), &spliced, false), Err(Finding::Broken { line: 2 }));
+    assert_eq!(
+        verify(&key(), &spliced, false),
+        Err(Finding::Broken { line: 2 })
+    );
     let _ = fake1;
 }
 
@@ -138,7 +175,14 @@ async fn the_writer_continues_the_chain_across_restarts_and_holds_records_while_
     assert_eq!(verified.records, 5, "{text}"); // two starts, three records
     // A second process on the same file is refused (the chain would fork).
     let second = Audit::open(Target::File(path.clone()), key(), "system:keyhaven");
-    assert!(second.writable().await.unwrap_err().0.contains("another process"));
+    assert!(
+        second
+            .writable()
+            .await
+            .unwrap_err()
+            .0
+            .contains("another process")
+    );
     drop(second);
 
     // Replaced by a directory: unwritable, said so; the record waits, then is written.
@@ -152,8 +196,14 @@ async fn the_writer_continues_the_chain_across_restarts_and_holds_records_while_
     assert!(audit.available());
     let rotated = std::fs::read_to_string(dir.join("rotated.log")).unwrap();
     let continued = std::fs::read_to_string(&path).unwrap();
-    assert!(continued.contains("\"version\":4"), "the held record is written first");
-    assert!(verify(&key(), &continued, false).is_err(), "starts mid-stream");
+    assert!(
+        continued.contains("\"version\":4"),
+        "the held record is written first"
+    );
+    assert!(
+        verify(&key(), &continued, false).is_err(),
+        "starts mid-stream"
+    );
     assert!(verify(&key(), &continued, true).is_ok());
     let whole = format!("{rotated}{continued}");
     assert_eq!(verify(&key(), &whole, false).unwrap().records, 6);

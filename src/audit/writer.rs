@@ -167,7 +167,9 @@ impl State {
         let result = self.flush();
         let was = self.available.swap(result.is_ok(), Ordering::Relaxed);
         match (&result, was) {
-            (Err(e), true) => warn!(error = %e, "audit log unavailable: no values are written until it is"),
+            (Err(e), true) => {
+                warn!(error = %e, "audit log unavailable: no values are written until it is")
+            }
             (Ok(()), false) => info!(target = %self.target, "audit log writable again"),
             _ => {}
         }

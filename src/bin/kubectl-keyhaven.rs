@@ -145,25 +145,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Some(path) => keyhaven::audit::key_from_file(path).map_err(anyhow::Error::msg)?,
             None => {
                 let client = Client::try_default().await?;
-                let secret = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(
-                    client,
-                    operator_namespace,
-                )
-                .get(keyhaven::audit::AUDIT_KEY_SECRET)
-                .await?;
-                keyhaven::audit::key_of(&secret).ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "Secret {operator_namespace}/{} holds no 32-byte {:?}",
-                        keyhaven::audit::AUDIT_KEY_SECRET,
-                        keyhaven::audit::AUDIT_KEY
-                    )
-                })?
+                keyhaven::audit::read_key(client, operator_namespace).await?
             }
         };
         let (report, ok) =
             keyhaven::audit::verify_file(file, &key, *continues).map_err(anyhow::Error::msg)?;
         println!("{report}");
-        return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+        return Ok(if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
     }
     let client = Client::try_default().await?;
     let namespace = cli

@@ -78,7 +78,9 @@ pub async fn apply(ms: &ManagedSecret, ctx: &Context, plan: &SyncPlan) -> Result
                     info!(store = %store, versions = removed.len(), "old versions removed (retention)");
                 }
                 Ok(_) => {}
-                Err(e) => warn!(store = %store, error = %e, "retention: removing old versions failed"),
+                Err(e) => {
+                    warn!(store = %store, error = %e, "retention: removing old versions failed")
+                }
             }
             outcome.pruned.push(super::report::Pruned {
                 store: store.clone(),

@@ -148,4 +148,3 @@ pub(super) fn choose_content(
         )),
     }
 }
-

@@ -6,10 +6,10 @@
 //! retry.
 
 mod apply;
-mod choose;
 pub mod approval;
 #[cfg(test)]
 mod approval_tests;
+mod choose;
 pub mod decide;
 #[cfg(test)]
 mod decide_tests;
@@ -261,7 +261,13 @@ async fn audit_unavailable(
         let true_ = type_ == ConditionType::AuditUnavailable;
         set_condition(
             &mut status.conditions,
-            condition(type_, true_, Reason::AuditUnavailable, message.clone(), generation),
+            condition(
+                type_,
+                true_,
+                Reason::AuditUnavailable,
+                message.clone(),
+                generation,
+            ),
         );
     }
     ctx.events

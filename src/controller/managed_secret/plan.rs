@@ -4,16 +4,16 @@
 //! restarts, and the version record. No I/O; every decision is a unit test.
 
 use super::approval::{self, Gate};
+use super::choose::{Chosen, choose_content};
 use super::decide::{
     GenerateDecision, NativeAction, RestartDecision, RotationInput, StoreAction, StoreObservation,
     Stored, VersionDecision, decide_generate, decide_version, native_action, next_rotation,
     restart_decision, store_action,
 };
-use super::choose::{Chosen, choose_content};
 use super::gates::{self, Hold, Stop, generate_gate};
-use super::retention;
 use super::native::{desired_secret, observe_native};
 use super::observe::{Content, Gathered, Observation, Read};
+use super::retention;
 pub use super::who::author;
 use crate::api::{
     ApprovalRequest, ComplianceStatus, ConditionType, ManagedSecret, ManagedSecretPhase,
@@ -125,7 +125,10 @@ impl SyncPlan {
     /// versions, or restarts workloads: what may not happen unrecorded.
     pub fn acts(&self) -> bool {
         self.source.write
-            || self.targets.iter().any(|t| matches!(t, TargetStep::Write { .. }))
+            || self
+                .targets
+                .iter()
+                .any(|t| matches!(t, TargetStep::Write { .. }))
             || self.native.apply.is_some()
             || self.prune.is_some()
             || self.restart == RestartDecision::Restart
@@ -460,7 +463,9 @@ fn sync(
     let keep = g.profile.spec.retention_versions();
     let kept = retention::kept(status.retention.as_ref());
     let newest = version.max(status.versions.last().map_or(0, |v| v.version));
-    let pins: Vec<u64> = std::iter::once(version).chain(ms.spec.rollback_to).collect();
+    let pins: Vec<u64> = std::iter::once(version)
+        .chain(ms.spec.rollback_to)
+        .collect();
     if new_version
         && let Some(message) = retention::over_quota(
             g.profile.spec.quota.as_ref(),

@@ -83,10 +83,7 @@ pub fn sync_records(ms: &ManagedSecret, plan: &SyncPlan, outcome: &Outcome) -> V
         let r = base(ms, Action::Prune, SYSTEM_AUTHOR).store(&pruned.store);
         records.push(match &pruned.result {
             Ok(versions) if versions.is_empty() => continue,
-            Ok(versions) => r.reason(format!(
-                "retention: versions {} removed",
-                list(versions)
-            )),
+            Ok(versions) => r.reason(format!("retention: versions {} removed", list(versions))),
             Err(e) => r.outcome(Ended::Failure).reason(e.clone()),
         });
     }
@@ -127,8 +124,12 @@ pub fn approval_records(
     let mut records = vec![];
     if same.is_none() {
         records.push(
-            base(ms, Action::ApprovalRequested, &after.requested_by)
-                .reason(format!("{}: {} (request {})", after.operation.as_str(), after.summary, after.id)),
+            base(ms, Action::ApprovalRequested, &after.requested_by).reason(format!(
+                "{}: {} (request {})",
+                after.operation.as_str(),
+                after.summary,
+                after.id
+            )),
         );
     }
     let known = |name: &str| same.is_some_and(|b| b.decisions.iter().any(|d| d.name == name));
@@ -140,7 +141,10 @@ pub fn approval_records(
         records.push(
             base(ms, Action::ApprovalDecided, &d.by)
                 .outcome(ended)
-                .reason(format!("{word} request {} by SecretApproval {}", after.id, d.name)),
+                .reason(format!(
+                    "{word} request {} by SecretApproval {}",
+                    after.id, d.name
+                )),
         );
     }
     let was_expired = same.is_some_and(|b| b.state == RequestState::Expired);
@@ -199,9 +203,8 @@ pub fn hold_records(
         after.compliance.as_ref(),
     ));
     let ready = find_condition(&after.conditions, ConditionType::Ready);
-    let refused = ready.is_some_and(|c| {
-        c.status == "False" && is_refusal(&c.reason) && newly(before, after)
-    });
+    let refused =
+        ready.is_some_and(|c| c.status == "False" && is_refusal(&c.reason) && newly(before, after));
     if let Some(c) = ready.filter(|_| refused) {
         records.push(
             base(ms, Action::Refused, actor)

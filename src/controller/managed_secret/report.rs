@@ -88,7 +88,10 @@ pub fn report(ms: &ManagedSecret, plan: &SyncPlan, outcome: &Outcome) -> Report 
         if let Err(e) = &p.result {
             notes.push(Note::warning(
                 Reason::StoreError,
-                format!("retention: removing old versions from store {}: {e}", p.store),
+                format!(
+                    "retention: removing old versions from store {}: {e}",
+                    p.store
+                ),
             ));
         }
     }

@@ -57,7 +57,12 @@ pub fn decide(
     let start = newest.saturating_sub(u64::from(keep.max(1)) - 1).max(1);
     let pinned = |v: u64| pins.contains(&v);
     // Kept now and older than the window: the pinned ones, then the old window's start.
-    let mut old: Vec<u64> = state.pinned.iter().copied().filter(|v| *v < start).collect();
+    let mut old: Vec<u64> = state
+        .pinned
+        .iter()
+        .copied()
+        .filter(|v| *v < start)
+        .collect();
     let mut v = state.oldest.max(1);
     while v < start && old.len() < MAX_PRUNE + MAX_PINNED {
         if !old.contains(&v) {
@@ -162,7 +167,10 @@ mod tests {
     fn a_new_version_beyond_the_window_removes_the_oldest() {
         let (removed, after) = decide(20, 21, &[21], &state(1, &[]));
         assert_eq!(removed, vec![1]);
-        assert_eq!((after.oldest, after.kept.as_str(), after.pruned), (2, "2-21", 1));
+        assert_eq!(
+            (after.oldest, after.kept.as_str(), after.pruned),
+            (2, "2-21", 1)
+        );
         assert_eq!(count(&after, 21), 20);
         // Within the window: nothing.
         let (removed, after) = decide(20, 5, &[5], &state(1, &[]));

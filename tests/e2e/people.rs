@@ -162,4 +162,3 @@ pub fn request_id(ms: &ManagedSecret) -> String {
         .id
         .clone()
 }
-

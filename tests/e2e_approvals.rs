@@ -38,17 +38,7 @@ async fn changes_wait_for_approval_by_someone_else_with_approve() {
         ],
     )
     .await;
-    let op_ns = fx.op.namespace.clone();
-    fx.secret(&op_ns, "bao-token", &[("token", &bed.vault_token)])
-        .await;
-    let store = fx
-        .store(
-            "bao",
-            json!({"vault": {"server": bed.vault_addr, "mount": "secret", "version": "v2",
-                "insecureHTTP": true,
-                "auth": {"tokenSecretRef": {"name": "bao-token", "key": "token"}}}}),
-        )
-        .await;
+    let store = fx.bao_store("bao", "secret", "v2").await;
     let copy = fx.store("copy", json!({"internal": {}})).await;
     let profile = fx
         .profile_spec(
@@ -373,16 +363,7 @@ async fn compliance_rules_refuse_or_flag_real_values_and_rechecks_write_nothing(
         started.is_some(),
         "the operator never made namespace {op_ns}"
     );
-    fx.secret(&op_ns, "bao-token", &[("token", &bed.vault_token)])
-        .await;
-    let store = fx
-        .store(
-            "bao",
-            json!({"vault": {"server": bed.vault_addr, "mount": "secret", "version": "v2",
-                "insecureHTTP": true,
-                "auth": {"tokenSecretRef": {"name": "bao-token", "key": "token"}}}}),
-        )
-        .await;
+    let store = fx.bao_store("bao", "secret", "v2").await;
     let rules = |enforcement: &str| {
         json!({"enforcement": enforcement,
             "password": {"minLength": 20, "minClasses": 3, "minEntropyBits": 80},

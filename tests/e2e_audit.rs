@@ -69,23 +69,13 @@ async fn rotate(api: &Api<ManagedSecret>, name: &str, request: &str) {
 
 #[tokio::test]
 async fn a_scenario_is_audited_exactly_and_tampering_is_found() {
-    let bed = Testbed::load();
     let dir = audit_dir("scenario");
     let log = dir.join("audit.log");
     let log_arg = log.to_string_lossy().into_owned();
     let (fx, _registered) = with_webhook_and("audit", &["--audit-log", &log_arg]).await;
     people(&fx, &[("alice", "editor"), ("bob", "approver")]).await;
     let op_ns = fx.op.namespace.clone();
-    fx.secret(&op_ns, "bao-token", &[("token", &bed.vault_token)])
-        .await;
-    let bao = fx
-        .store(
-            "bao",
-            json!({"vault": {"server": bed.vault_addr, "mount": "secret", "version": "v2",
-                "insecureHTTP": true,
-                "auth": {"tokenSecretRef": {"name": "bao-token", "key": "token"}}}}),
-        )
-        .await;
+    let bao = fx.bao_store("bao", "secret", "v2").await;
     let copy = fx.store("copy", json!({"internal": {}})).await;
     let profile = fx
         .profile_spec(
@@ -427,15 +417,9 @@ async fn retention_keeps_exactly_twenty_versions_in_every_store_type() {
     let op_ns = fx.op.namespace.clone();
     let mut keys = TokenKeys(vec![]);
     let (hsm, _kek) = hsm_setup(&fx, &mut keys).await;
-    fx.secret(&op_ns, "bao-token", &[("token", &bed.vault_token)])
-        .await;
-    let vault = |mount: &str, version: &str| {
-        json!({"vault": {"server": bed.vault_addr, "mount": mount, "version": version,
-            "insecureHTTP": true, "auth": {"tokenSecretRef": {"name": "bao-token", "key": "token"}}}})
-    };
     let internal = fx.store("internal", json!({"internal": {}})).await;
-    let v2 = fx.store("kv2", vault("secret", "v2")).await;
-    let v1 = fx.store("kv1", vault("kv", "v1")).await;
+    let v2 = fx.bao_store("kv2", "secret", "v2").await;
+    let v1 = fx.bao_store("kv1", "kv", "v1").await;
     let kns = fx.store_namespace("kstore").await;
     let kube_store = fx
         .store("kstore", json!({"kubernetes": {"namespace": kns}}))

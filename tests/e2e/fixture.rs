@@ -274,6 +274,25 @@ impl Fixture {
         (first, last)
     }
 
+    /// A vault SecretStore `name` on the bed's OpenBao (KV `version` at `mount`), logged in
+    /// with the bed's token (the Secret `bao-token` of the operator's namespace).
+    pub async fn bao_store(&self, name: &str, mount: &str, version: &str) -> String {
+        let bed = super::Testbed::load();
+        self.secret(
+            &self.op.namespace,
+            "bao-token",
+            &[("token", &bed.vault_token)],
+        )
+        .await;
+        self.store(
+            name,
+            json!({"vault": {"server": bed.vault_addr, "mount": mount, "version": version,
+                "insecureHTTP": true,
+                "auth": {"tokenSecretRef": {"name": "bao-token", "key": "token"}}}}),
+        )
+        .await
+    }
+
     /// A plain Secret with string values.
     pub async fn secret(&self, namespace: &str, name: &str, values: &[(&str, &str)]) -> Secret {
         self.secret_labelled(namespace, name, json!({}), values)

@@ -99,7 +99,7 @@ pub fn user_name(fx: &Fixture, user: &str) -> String {
 pub async fn apply_as(fx: &Fixture, user: &str, object: &Value) {
     let user = user_name(fx, user);
     let text = object.to_string();
-    let done = wait_until(Duration::from_secs(15), || async {
+    let done = wait_until(Duration::from_secs(30), || async {
         kubectl_as(&user, &["apply", "-f", "-"], Some(&text))
             .0
             .then_some(())

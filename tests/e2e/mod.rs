@@ -9,8 +9,10 @@
 #![allow(dead_code)]
 
 pub mod chart;
+pub mod faults;
 pub mod fixture;
 pub mod hsm;
+pub mod leaks;
 pub mod operator;
 pub mod people;
 pub mod webhook;

@@ -3,6 +3,7 @@
 //! for their status. Everything cluster-scoped it creates carries the scope label and is
 //! deleted when the fixture drops.
 
+use super::leaks::{self, Leaks};
 use super::operator::{Metrics, Operator, SCOPE_LABEL, Work};
 use futures::Future;
 use k8s_openapi::api::core::v1::{Event, Namespace, Secret};
@@ -26,6 +27,10 @@ pub struct Fixture {
     pub kubeconfig: std::path::PathBuf,
     /// Extra namespaces the test made (kubernetes stores), deleted at the end.
     extra_namespaces: std::sync::Mutex<Vec<String>>,
+    /// The values the test wrote or read, looked for when the fixture drops (see
+    /// [`super::leaks`]): the harness registers what goes through it, tests what they write
+    /// otherwise ([`Fixture::register`]).
+    pub leaks: Leaks,
 }
 
 /// The version numbers a ManagedSecret's status lists, oldest first.
@@ -72,7 +77,23 @@ impl Fixture {
             op,
             kubeconfig: bed.kubeconfig.clone(),
             extra_namespaces: Default::default(),
+            leaks: Leaks::default(),
         }
+    }
+
+    /// Looks for `value` in the operator's log, the Events, the statuses and the metrics
+    /// when the test ends: for what a test writes without the harness (vaultrs, its own
+    /// Secrets).
+    pub fn register(&self, value: impl AsRef<[u8]>) {
+        self.leaks.register(value);
+    }
+
+    /// The test's namespace, the extra ones it made, and the operator's.
+    pub fn namespaces(&self) -> Vec<String> {
+        let mut out = vec![self.ns.clone()];
+        out.extend(self.extra_namespaces.lock().unwrap().iter().cloned());
+        out.push(self.op.namespace.clone());
+        out
     }
 
     /// A name unique to this test for a cluster-scoped object.
@@ -308,6 +329,7 @@ impl Fixture {
         values: &[(&str, &str)],
     ) -> Secret {
         let data: BTreeMap<&str, &str> = values.iter().copied().collect();
+        data.values().for_each(|v| self.register(v));
         // Replace, not merge: keys absent from `values` go.
         let api = self.ns_api::<Secret>(namespace);
         let _ = api.delete(name, &DeleteParams::default()).await;
@@ -446,7 +468,10 @@ impl Fixture {
             s.data
                 .unwrap_or_default()
                 .into_iter()
-                .map(|(k, v)| (k, String::from_utf8_lossy(&v.0).into_owned()))
+                .map(|(k, v)| {
+                    self.register(&v.0);
+                    (k, String::from_utf8_lossy(&v.0).into_owned())
+                })
                 .collect(),
         )
     }
@@ -516,7 +541,8 @@ impl Fixture {
         }
     }
 
-    /// Secret values never reach the operator's log or any Event.
+    /// Secret values never reach the operator's log or any Event (any length); then the
+    /// whole leak check, now, of these and every value registered so far.
     pub async fn assert_values_never_leaked(&self, values: &[&str]) {
         let log = self.op.log_text();
         assert!(
@@ -531,12 +557,25 @@ impl Fixture {
                 self.op.log.display()
             );
             assert!(!events.contains(v), "a secret value appears in an Event");
+            self.register(v);
         }
+        let findings = leaks::check(self).await;
+        assert!(
+            findings.is_empty(),
+            "{}",
+            leaks::report(&findings, &self.op.log)
+        );
     }
 }
 
 impl Drop for Fixture {
+    /// The leak check (unless the test failed already), then the cleanup; then fails the
+    /// test if the check found anything.
     fn drop(&mut self) {
+        let findings = match std::thread::panicking() {
+            true => vec![],
+            false => leaks::check_blocking(self),
+        };
         self.op.kill();
         let mut namespaces = std::mem::take(&mut *self.extra_namespaces.lock().unwrap());
         namespaces.push(self.ns.clone());
@@ -578,6 +617,9 @@ impl Drop for Fixture {
             }
             Ok(())
         });
+        if !findings.is_empty() {
+            panic!("{}", leaks::report(&findings, &self.op.log));
+        }
     }
 }
 

@@ -338,12 +338,26 @@ where
     F: FnOnce(Client) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<(), String>>,
 {
+    if let Err(e) = blocking(kubeconfig, cleanup) {
+        eprintln!("e2e cleanup: {e}");
+    }
+}
+
+/// Runs `work` to completion from synchronous code, like [`cleanup_blocking`] (a fresh
+/// client for `kubeconfig`, on a thread and runtime of its own, at most 30 s), and returns
+/// what it returned; an error when it failed, timed out or panicked.
+pub fn blocking<T, F, Fut>(kubeconfig: &Path, work: F) -> Result<T, String>
+where
+    T: Send + 'static,
+    F: FnOnce(Client) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
     let kubeconfig = kubeconfig.to_owned();
     let outcome = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| format!("cleanup runtime: {e}"))?;
+            .map_err(|e| format!("runtime: {e}"))?;
         rt.block_on(async move {
             Testbed::tls();
             let kc = Kubeconfig::read_from(&kubeconfig).map_err(|e| e.to_string())?;
@@ -352,16 +366,15 @@ where
                 .map_err(|e| e.to_string())?;
             let client = Client::try_from(config).map_err(|e| e.to_string())?;
             // Bounded: a cleanup must not hang the test run if the bed went away.
-            tokio::time::timeout(std::time::Duration::from_secs(30), cleanup(client))
+            tokio::time::timeout(std::time::Duration::from_secs(30), work(client))
                 .await
                 .map_err(|_| "timed out after 30 s".to_owned())?
         })
     })
     .join();
     match outcome {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => eprintln!("e2e cleanup: {e}"),
-        Err(_) => eprintln!("e2e cleanup: the cleanup thread panicked"),
+        Ok(result) => result,
+        Err(_) => Err("the thread panicked".to_owned()),
     }
 }
 

@@ -1,5 +1,5 @@
 # keyhaven — the two commands the README promises, and a few helpers.
-.PHONY: test demo unit e2e crds manifests bed-up bed-down lint bench
+.PHONY: test demo unit e2e crds manifests bed-up bed-down lint bench soak
 
 # Everything: unit tests, the CRD drift test and the end-to-end tests on a real control
 # plane, OpenBao and SoftHSM2 (brought up by e2e/testbed, built once and cached).
@@ -41,3 +41,13 @@ BENCH_ARGS ?=
 bench: bed-up
 	cargo build --release --locked -p keyhaven --bin keyhaven -p keyhaven-bench --bin keyhaven-bench
 	. e2e/.testbed/env && $${CARGO_TARGET_DIR:-target}/release/keyhaven-bench --n $(BENCH_N) $(BENCH_ARGS)
+
+# The soak (issue 20; not part of CI): SOAK_N pushed ManagedSecrets for SOAK_MINUTES with
+# faults drawn at random (OpenBao, kube-apiserver, etcd, the HSM token, a store switch);
+# prints syncs, errors, lost (must be 0), RSS at start and end, and change latencies.
+# Settings: SOAK_N (1000), SOAK_MINUTES (30), SOAK_REFRESH (10s), SOAK_WRITE_MS (100),
+# SOAK_FAULTS (8), SOAK_SEED. It stops and restarts the bed's servers: run nothing else on it.
+# SOAK_CARGO_ARGS=--release soaks an optimized build (the default reuses `make test`'s).
+SOAK_CARGO_ARGS ?=
+soak: bed-up
+	cargo test $(SOAK_CARGO_ARGS) --locked --test soak -- --ignored --nocapture

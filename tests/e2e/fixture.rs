@@ -329,7 +329,8 @@ impl Fixture {
         values: &[(&str, &str)],
     ) -> Secret {
         let data: BTreeMap<&str, &str> = values.iter().copied().collect();
-        data.values().for_each(|v| self.register(v));
+        data.iter()
+            .for_each(|(k, v)| self.leaks.register_data(k, v));
         // Replace, not merge: keys absent from `values` go.
         let api = self.ns_api::<Secret>(namespace);
         let _ = api.delete(name, &DeleteParams::default()).await;
@@ -469,7 +470,7 @@ impl Fixture {
                 .unwrap_or_default()
                 .into_iter()
                 .map(|(k, v)| {
-                    self.register(&v.0);
+                    self.leaks.register_data(&k, &v.0);
                     (k, String::from_utf8_lossy(&v.0).into_owned())
                 })
                 .collect(),

@@ -20,6 +20,8 @@
 //!   at another offset its characters differ. Nor is any other encoding looked for (hex,
 //!   a hash).
 //! - A value that is not UTF-8 is looked for only through its base64 forms.
+//! - The harness does not register the values of a Secret's [`PUBLIC_KEYS`] (certificates,
+//!   public keys, an expiry): they may be shown.
 //!
 //! A finding names where it was and the value's length and first 2 characters, never the
 //! value: the report lands in CI logs.
@@ -46,6 +48,17 @@ pub const MIN_LEN: usize = 8;
 /// Lines of a multi-line value shorter than this are not looked for on their own.
 const MIN_LINE_LEN: usize = 16;
 
+/// Keys of a Secret whose values are public by design, not registered by the harness: a
+/// certificate, a public key, the expiry an api-key's status shows (`status.expiresAt`, and
+/// the messages that say when it expires).
+pub const PUBLIC_KEYS: &[&str] = &[
+    "expires-at",
+    "tls.crt",
+    "ca.crt",
+    "ssh-publickey",
+    "public-key",
+];
+
 /// The values one test wrote or read: cheap to clone, shared between threads.
 #[derive(Clone, Debug, Default)]
 pub struct Leaks(Arc<Mutex<BTreeSet<Vec<u8>>>>);
@@ -54,6 +67,13 @@ impl Leaks {
     /// Looks for `value` at the end of the test (when it is at least [`MIN_LEN`] bytes).
     pub fn register(&self, value: impl AsRef<[u8]>) {
         self.0.lock().unwrap().insert(value.as_ref().to_vec());
+    }
+
+    /// Registers the value of the key `key` of a Secret, unless it is one of [`PUBLIC_KEYS`].
+    pub fn register_data(&self, key: &str, value: impl AsRef<[u8]>) {
+        if !PUBLIC_KEYS.contains(&key) {
+            self.register(value);
+        }
     }
 
     /// Stops looking for `value`.

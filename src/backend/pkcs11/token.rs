@@ -256,12 +256,37 @@ pub(super) fn token(path: &Path, selector: &TokenSelector) -> Result<Arc<Token>,
 /// Finalises the module at `path` so that its next use initialises it again, unless a
 /// token of it is in use (finalising would close that token's sessions). Says whether it
 /// did.
+///
+/// A token this process used that the module no longer lists (SoftHSM2 after its token
+/// directory went away; an HSM that was reset) is not in use any more: its sessions are
+/// dead. It is forgotten, so that a token that comes back is found by initialising the
+/// module again (the fault suite found the store Sealed for good once its token had been
+/// away). Its idle sessions are leaked, not closed: after `C_Finalize` their handles may
+/// name the new sessions of the re-initialised module.
 fn reinitialize(path: &Path) -> bool {
-    let tokens = TOKENS.lock().expect("pkcs11 token registry");
+    let mut tokens = TOKENS.lock().expect("pkcs11 token registry");
+    let mut modules = MODULES.lock().expect("pkcs11 module registry");
+    let Some(pkcs11) = modules.get(path) else {
+        return false;
+    };
+    let listed: Vec<u64> = match pkcs11.get_slots_with_token() {
+        Ok(slots) => slots.iter().map(|s| s.id()).collect(),
+        Err(_) => vec![],
+    };
+    tokens.retain(|(module, slot), token| {
+        // SoftHSM2 keeps listing the slot of a token whose directory went away, and fails
+        // C_GetTokenInfo on it.
+        let keep = module != path
+            || (listed.contains(slot) && pkcs11.get_token_info(token.slot).is_ok());
+        if !keep {
+            let idle = std::mem::take(&mut *token.idle.lock().unwrap_or_else(|p| p.into_inner()));
+            std::mem::forget(idle);
+        }
+        keep
+    });
     if tokens.keys().any(|(module, _)| module == path) {
         return false;
     }
-    let mut modules = MODULES.lock().expect("pkcs11 module registry");
     match modules.remove(path) {
         Some(pkcs11) => {
             if let Err(e) = pkcs11.finalize() {

@@ -17,6 +17,7 @@ mod status;
 mod store_guard;
 mod stores;
 mod vault_profile;
+mod watch_filters;
 mod wiring;
 
 pub use crate::labels::{FORCE_DELETE_ANNOTATION, ROTATE_ANNOTATION, STORE_FINALIZER};

@@ -1,10 +1,14 @@
 //! Builds the three controllers and connects their watches: which change of one kind
 //! reconciles which objects of another. The stateful filters on the watch streams are
-//! named types ([`ProfileChanges`], [`ProfileCounts`]) with their own tests.
+//! named types in [`super::watch_filters`], with their own tests.
 
 use super::context::{Caches, Config, Context, HealthChecks};
 use super::events::Events;
 use super::stores::StoreRegistry;
+use super::watch_filters::{
+    ProfileChanges, ProfileCounts, StoreRecoveries, reconcile_inputs, trim_managed_fields,
+    using_store,
+};
 use super::{managed_secret, secret_store, vault_profile};
 use crate::api::{ManagedSecret, SecretApproval, SecretStore, VaultProfile};
 use crate::crypto::OperatorKeys;
@@ -14,17 +18,15 @@ use crate::labels::{MANAGED_LABEL, MANAGED_LABEL_VALUE, MANAGED_SECRET_LABEL};
 use crate::leader::LeaderElection;
 use crate::metrics::Metrics;
 use futures::StreamExt;
-use futures::channel::mpsc::UnboundedSender;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
-use kube::api::{ObjectMeta, PartialObjectMeta};
+use kube::api::PartialObjectMeta;
 use kube::runtime::controller::Action;
 use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{self, ObjectRef, reflector};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 use tokio::sync::watch;
 use tracing::info;
@@ -39,6 +41,11 @@ pub struct Runtime {
     pub shutdown: watch::Receiver<bool>,
     /// Elect a leader on a Lease before reconciling; `None` reconciles at once.
     pub leader_election: Option<LeaderElection>,
+    /// The client the watches use, when it is not the one requests use: requests have a
+    /// read timeout (a request the API server holds, as it does for up to 60 s after etcd
+    /// restarts, must not hold a reconcile slot that long), watches cannot (a quiet watch
+    /// sends nothing for minutes; kube's watcher has its own idle timeout).
+    pub watch_client: Option<Client>,
 }
 
 /// How [`run`] ended.
@@ -54,116 +61,6 @@ pub enum Stopped {
 /// A future that completes when `stop` says why (or its sender goes).
 async fn stopped(mut stop: watch::Receiver<Option<Stopped>>) {
     let _ = stop.wait_for(Option::is_some).await;
-}
-
-/// Drops the field sets of `managedFields` from a cached object: keyhaven reads only who
-/// changed an object and when (a version's author), and the field sets are often the
-/// largest part of a cached object's metadata.
-fn trim_managed_fields(meta: &mut ObjectMeta) {
-    for entry in meta.managed_fields.iter_mut().flatten() {
-        entry.fields_v1 = None;
-    }
-}
-
-/// What a reconcile reads of an object's own metadata and spec: generation, labels,
-/// annotations (rotate, force-delete), finalizers, deletion. Not its status: without this
-/// filter, every status write of our own would reconcile the object a second time.
-fn reconcile_inputs<K: Resource>(obj: &K) -> Option<u64> {
-    use std::hash::{Hash, Hasher};
-    let m = obj.meta();
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    (
-        m.generation,
-        &m.labels,
-        &m.annotations,
-        &m.finalizers,
-        m.deletion_timestamp.is_some(),
-    )
-        .hash(&mut h);
-    Some(h.finish())
-}
-
-/// Every profile change (not a status write) reaches the ManagedSecret controller and
-/// re-checks every profile's conflicts. A profile's status (its counts) changes as its
-/// ManagedSecrets sync; fanning each of those out to every ManagedSecret of the profile
-/// made the work of a sync of N secrets grow as N².
-pub struct ProfileChanges {
-    inputs: HashMap<String, Option<u64>>,
-    changed: UnboundedSender<VaultProfile>,
-    recheck: UnboundedSender<()>,
-}
-
-impl ProfileChanges {
-    pub fn new(changed: UnboundedSender<VaultProfile>, recheck: UnboundedSender<()>) -> Self {
-        ProfileChanges {
-            inputs: HashMap::new(),
-            changed,
-            recheck,
-        }
-    }
-
-    pub fn see(&mut self, event: &watcher::Event<VaultProfile>) {
-        let changed = match event {
-            watcher::Event::Apply(p) | watcher::Event::InitApply(p) => {
-                let now = reconcile_inputs(p);
-                (self.inputs.insert(p.name_any(), now) != Some(now)).then_some(p)
-            }
-            watcher::Event::Delete(p) => {
-                self.inputs.remove(&p.name_any());
-                Some(p)
-            }
-            _ => None,
-        };
-        if let Some(p) = changed {
-            let _ = self.changed.unbounded_send(p.clone());
-            let _ = self.recheck.unbounded_send(());
-        }
-    }
-}
-
-/// A ManagedSecret that comes, goes or changes profile changes its profiles' counts: those
-/// re-check. The first full list marks the ManagedSecret cache listed.
-pub struct ProfileCounts {
-    profiles: HashMap<(String, String), Option<String>>,
-    listed: Arc<AtomicBool>,
-    recheck: UnboundedSender<()>,
-}
-
-impl ProfileCounts {
-    pub fn new(listed: Arc<AtomicBool>, recheck: UnboundedSender<()>) -> Self {
-        ProfileCounts {
-            profiles: HashMap::new(),
-            listed,
-            recheck,
-        }
-    }
-
-    pub fn see(&mut self, event: &watcher::Event<ManagedSecret>) {
-        if matches!(event, watcher::Event::InitDone) {
-            self.listed.store(true, Ordering::SeqCst);
-            let _ = self.recheck.unbounded_send(());
-        }
-        let (ms, deleted, init) = match event {
-            watcher::Event::Apply(ms) => (ms, false, false),
-            watcher::Event::InitApply(ms) => (ms, false, true),
-            watcher::Event::Delete(ms) => (ms, true, false),
-            _ => return,
-        };
-        let key = (ms.namespace().unwrap_or_default(), ms.name_any());
-        let changed = if deleted {
-            self.profiles.remove(&key).is_some()
-        } else {
-            let profile = ms
-                .spec
-                .profile
-                .clone()
-                .or_else(|| ms.status.as_ref().and_then(|s| s.profile.clone()));
-            self.profiles.insert(key, profile.clone()) != Some(profile)
-        };
-        if changed && !init {
-            let _ = self.recheck.unbounded_send(());
-        }
-    }
 }
 
 /// A controller of `K` whose cache reports its first full list to `probes`; `tap` sees
@@ -219,6 +116,7 @@ pub(super) async fn run_controllers(
     stop: watch::Receiver<Option<Stopped>>,
 ) -> Result<()> {
     log_panics_without_values();
+    let watches = rt.watch_client.clone().unwrap_or_else(|| client.clone());
     let keys = OperatorKeys::load_or_create(client.clone(), &config.operator_namespace)
         .await
         .map_err(crate::error::Error::kube(
@@ -232,20 +130,23 @@ pub(super) async fn run_controllers(
     let (managed_api, secrets_api): (Api<ManagedSecret>, Api<PartialObjectMeta<Secret>>) =
         match &config.watch_namespace {
             Some(ns) => (
-                Api::namespaced(client.clone(), ns),
-                Api::namespaced(client.clone(), ns),
+                Api::namespaced(watches.clone(), ns),
+                Api::namespaced(watches.clone(), ns),
             ),
-            None => (Api::all(client.clone()), Api::all(client.clone())),
+            None => (Api::all(watches.clone()), Api::all(watches.clone())),
         };
     let probes = rt.probes.clone();
     // Store changes reach the profiles that name them from the store controller's own cache
     // (already updated), so a profile never reads a store's older state than its trigger.
     let (store_changed, store_changes) = futures::channel::mpsc::unbounded::<SecretStore>();
+    let (store_recovered, store_recoveries) = futures::channel::mpsc::unbounded::<SecretStore>();
+    let mut recoveries = StoreRecoveries::new(store_recovered);
     let store_ctl = controller(
-        Api::<SecretStore>::all(client.clone()),
+        Api::<SecretStore>::all(watches.clone()),
         store_wc.clone(),
         probes.clone(),
         move |event: &watcher::Event<SecretStore>| {
+            recoveries.see(event);
             if let watcher::Event::Apply(s) | watcher::Event::Delete(s) = event {
                 let _ = store_changed.unbounded_send(s.clone());
             }
@@ -255,7 +156,7 @@ pub(super) async fn run_controllers(
     let (profiles_recheck, profiles_recheck_rx) = futures::channel::mpsc::unbounded::<()>();
     let mut profile_tap = ProfileChanges::new(profile_changed, profiles_recheck.clone());
     let profile_ctl = controller(
-        Api::<VaultProfile>::all(client.clone()),
+        Api::<VaultProfile>::all(watches.clone()),
         store_wc.clone(),
         probes.clone(),
         move |event| profile_tap.see(event),
@@ -277,7 +178,7 @@ pub(super) async fn run_controllers(
     let ns_changes = reflector(
         ns_writer,
         watcher::watcher(
-            Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
+            Api::<PartialObjectMeta<Namespace>>::all(watches.clone()),
             ns_wc,
         ),
     )
@@ -292,8 +193,8 @@ pub(super) async fn run_controllers(
     .touched_objects();
     // SecretApprovals: each decision wakes the ManagedSecret it answers.
     let approvals_api: Api<SecretApproval> = match &config.watch_namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
+        Some(ns) => Api::namespaced(watches.clone(), ns),
+        None => Api::all(watches.clone()),
     };
     let approvals_writer = reflector::store::Writer::<SecretApproval>::default();
     let approvals = approvals_writer.as_reader();
@@ -362,10 +263,14 @@ pub(super) async fn run_controllers(
                 .map(|p| ObjectRef::new(&p.name_any()))
                 .collect::<Vec<_>>()
         });
+    let (profiles, managed) = (ctx.caches.profiles.clone(), ctx.caches.managed.clone());
     let managed_ctl =
         watch_for_managed(managed_ctl, &ctx, profile_changes, ns_changes, secrets_api)
             .watches_stream(approval_changes, |a: SecretApproval| {
                 Some(ObjectRef::new(&a.spec.secret_ref.name).within(&a.namespace()?))
+            })
+            .watches_stream(store_recoveries.map(Ok), move |store: SecretStore| {
+                using_store(&store.name_any(), &profiles.state(), &managed.state())
             });
 
     let controller_config =
@@ -539,75 +444,5 @@ fn log_result<K: Resource, E: std::fmt::Display>(
     if let Err(e) = result {
         // Reconcile errors are already in the object's status and events.
         tracing::debug!(kind, error = %e, "reconcile failed");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn profile(name: &str, generation: i64) -> VaultProfile {
-        serde_json::from_value(serde_json::json!({
-            "apiVersion": "keyhaven.io/v1alpha1", "kind": "VaultProfile",
-            "metadata": {"name": name, "generation": generation},
-            "spec": {"source": "s"},
-        }))
-        .unwrap()
-    }
-
-    fn drain<T>(rx: &mut futures::channel::mpsc::UnboundedReceiver<T>) -> usize {
-        let mut n = 0;
-        while rx.try_recv().is_ok() {
-            n += 1;
-        }
-        n
-    }
-
-    #[test]
-    fn a_profile_status_write_reaches_no_managed_secret() {
-        let (changed, mut changes) = futures::channel::mpsc::unbounded();
-        let (recheck, mut rechecks) = futures::channel::mpsc::unbounded();
-        let mut tap = ProfileChanges::new(changed, recheck);
-        tap.see(&watcher::Event::InitApply(profile("p", 1)));
-        assert_eq!((drain(&mut changes), drain(&mut rechecks)), (1, 1));
-        let mut counted = profile("p", 1);
-        counted.status = Some(Default::default());
-        tap.see(&watcher::Event::Apply(counted));
-        assert_eq!(drain(&mut changes), 0, "a status write is no change");
-        tap.see(&watcher::Event::Apply(profile("p", 2)));
-        assert_eq!(drain(&mut changes), 1, "a spec change is");
-        tap.see(&watcher::Event::Delete(profile("p", 2)));
-        assert_eq!((drain(&mut changes), drain(&mut rechecks)), (1, 2));
-    }
-
-    fn ms(name: &str, profile: Option<&str>) -> ManagedSecret {
-        serde_json::from_value(serde_json::json!({
-            "apiVersion": "keyhaven.io/v1alpha1", "kind": "ManagedSecret",
-            "metadata": {"name": name, "namespace": "n"},
-            "spec": {"type": "generic", "content": {"fromStore": {}}, "profile": profile},
-        }))
-        .unwrap()
-    }
-
-    #[test]
-    fn counts_recheck_when_a_secret_comes_goes_or_changes_profile() {
-        let listed = Arc::new(AtomicBool::new(false));
-        let (recheck, mut rechecks) = futures::channel::mpsc::unbounded();
-        let mut tap = ProfileCounts::new(listed.clone(), recheck);
-        tap.see(&watcher::Event::InitApply(ms("a", Some("p"))));
-        assert_eq!(
-            drain(&mut rechecks),
-            0,
-            "the first list re-checks once, at its end"
-        );
-        tap.see(&watcher::Event::InitDone);
-        assert!(listed.load(Ordering::SeqCst));
-        assert_eq!(drain(&mut rechecks), 1);
-        tap.see(&watcher::Event::Apply(ms("a", Some("p"))));
-        assert_eq!(drain(&mut rechecks), 0, "same profile");
-        tap.see(&watcher::Event::Apply(ms("a", Some("q"))));
-        tap.see(&watcher::Event::Apply(ms("b", None)));
-        tap.see(&watcher::Event::Delete(ms("a", None)));
-        assert_eq!(drain(&mut rechecks), 3);
     }
 }

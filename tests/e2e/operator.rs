@@ -101,7 +101,10 @@ impl Operator {
             .args(["--credential-namespaces", &self.scope])
             .args(&self.extra_args)
             .env("KUBECONFIG", &self.kubeconfig)
-            .env("KEYHAVEN_LOG", "info,keyhaven=debug,kube=warn")
+            .env(
+                "KEYHAVEN_LOG",
+                "info,keyhaven=debug,kube=warn,kube_client::client::builder=off,vaultrs=off,rustify=off",
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log)

@@ -109,6 +109,31 @@ pub fn store_action(
     }
 }
 
+/// The versions the source holds that this ManagedSecret wrote (its `owner` stamp) and its
+/// history lacks, below `decided` and above the newest recorded one: written before a
+/// restart that came ahead of the status write, then superseded by newer content. The
+/// fault suite found such gaps after SIGKILLs ("history goes from version 3 to 5").
+pub fn unrecorded<'a>(
+    history: &[VersionRecord],
+    held: &'a [VersionStamp],
+    me: Option<&Owner>,
+    decided: u64,
+) -> Vec<&'a VersionStamp> {
+    let latest = history.last().map_or(0, |r| r.version);
+    let Some(me) = me else {
+        return vec![];
+    };
+    let mut out: Vec<&VersionStamp> = held
+        .iter()
+        .filter(|s| s.version > latest && s.version < decided)
+        .filter(|s| s.owner.as_ref().is_some_and(|o| o.uid == me.uid))
+        .filter(|s| !history.iter().any(|r| r.version == s.version))
+        .collect();
+    out.sort_by_key(|s| s.version);
+    out.dedup_by_key(|s| s.version);
+    out
+}
+
 /// Appends `record` to the history, keeping the newest `keep` entries. Existing entries
 /// are never rewritten.
 pub fn record_version(history: &mut Vec<VersionRecord>, record: VersionRecord, keep: usize) {

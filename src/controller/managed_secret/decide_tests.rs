@@ -380,3 +380,51 @@ fn native_secret_actions() {
         }
     ));
 }
+
+#[test]
+fn versions_a_restart_left_unrecorded_are_found_between_the_history_and_the_decision() {
+    let me = Owner {
+        namespace: "n".into(),
+        name: "a".into(),
+        uid: "u1".into(),
+    };
+    let other = Owner {
+        uid: "u2".into(),
+        ..me.clone()
+    };
+    let mine = |v: u64| VersionStamp {
+        owner: Some(me.clone()),
+        ..stamp(v, &fp(v as u8))
+    };
+    let history = vec![record(2, &fp(2)), record(3, &fp(3))];
+    // Version 4 written, the status write lost to a SIGKILL, then new content: 5.
+    let held = vec![mine(4)];
+    let found: Vec<u64> = unrecorded(&history, &held, Some(&me), 5)
+        .iter()
+        .map(|s| s.version)
+        .collect();
+    assert_eq!(found, [4]);
+    // Two lost in a row, read back from the source; the decided version is not among them.
+    let held = vec![mine(6), mine(4), mine(5)];
+    let found: Vec<u64> = unrecorded(&history, &held, Some(&me), 6)
+        .iter()
+        .map(|s| s.version)
+        .collect();
+    assert_eq!(found, [4, 5], "ascending, the adopted or new one excluded");
+    // Another owner's versions, unstamped ones, recorded ones and older ones are not ours.
+    let foreign = VersionStamp {
+        owner: Some(other),
+        ..stamp(4, &fp(4))
+    };
+    assert!(unrecorded(&history, &[foreign], Some(&me), 5).is_empty());
+    assert!(unrecorded(&history, &[stamp(4, &fp(4))], Some(&me), 5).is_empty());
+    assert!(unrecorded(&history, &[mine(3), mine(1)], Some(&me), 5).is_empty());
+    // A reader takes no ownership and records nothing it did not write.
+    assert!(unrecorded(&history, &[mine(4)], None, 5).is_empty());
+    // No history yet: the first version's record was lost.
+    let found: Vec<u64> = unrecorded(&[], &[mine(1)], Some(&me), 2)
+        .iter()
+        .map(|s| s.version)
+        .collect();
+    assert_eq!(found, [1]);
+}

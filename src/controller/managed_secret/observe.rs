@@ -63,6 +63,10 @@ pub struct Gathered {
     pub migration: Option<Result<migration::Observed>>,
     /// The source's current value at the path.
     pub source: Option<Read>,
+    /// The stamps of the versions the source holds above the newest one the status
+    /// records, up to its current one (read only when the current one is ahead of the
+    /// status): what a restart may have left unrecorded.
+    pub held: Vec<VersionStamp>,
     /// After a switch, the current version as kept in the store it was recorded in (None
     /// when not needed: the source holds it or something newer).
     pub carried: Option<Option<Read>>,
@@ -226,6 +230,7 @@ async fn gather(
             && ownership(ctx, source_name, &path, &me, current.as_ref())
                 .await
                 .is_err());
+    let held = held_above(source.as_ref(), &path, status, current.as_ref()).await?;
     let current = current.map(read);
     let carried = match status.versions.last() {
         Some(last) if plan::reads_carried(source_name, current.as_ref(), last) => {
@@ -272,12 +277,43 @@ async fn gather(
         approvals,
         migration,
         source: current,
+        held,
         carried,
         content,
         targets,
         native,
     })
 }
+
+/// Versions the source holds between the status's newest and `current` (which included):
+/// none, without a read, unless `current` is ahead of the status. At most
+/// [`MAX_HELD_READS`] reads.
+async fn held_above(
+    source: &dyn crate::backend::Backend,
+    path: &str,
+    status: &ManagedSecretStatus,
+    current: Option<&StoredVersion>,
+) -> Result<Vec<VersionStamp>> {
+    let latest = status.versions.last().map_or(0, |v| v.version);
+    let Some(stamp) = current.and_then(|c| c.stamp.clone()) else {
+        return Ok(vec![]);
+    };
+    if stamp.version <= latest {
+        return Ok(vec![]);
+    }
+    let from = (latest + 1).max(stamp.version.saturating_sub(MAX_HELD_READS));
+    let mut held = vec![];
+    for v in from..stamp.version {
+        if let Some(s) = source.read(path, Some(v)).await?.and_then(|r| r.stamp) {
+            held.push(s);
+        }
+    }
+    held.push(stamp);
+    Ok(held)
+}
+
+/// The most versions read to find what a restart left unrecorded.
+const MAX_HELD_READS: u64 = 20;
 
 /// The content the spec asks for beyond the stores' current values: the version rolled
 /// back to, the pushed Secret, or a fresh value when the plan's rule says to generate.

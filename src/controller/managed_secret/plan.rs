@@ -58,7 +58,10 @@ impl Plan {
         match self {
             Plan::Migrate { .. } | Plan::Fail(_) | Plan::Hold(_) => true,
             Plan::Sync(p) => {
-                p.record.is_some() || p.restart == RestartDecision::Restart || p.prune.is_some()
+                p.record.is_some()
+                    || !p.unrecorded.is_empty()
+                    || p.restart == RestartDecision::Restart
+                    || p.prune.is_some()
             }
         }
     }
@@ -89,6 +92,9 @@ pub struct SyncPlan {
     pub restart: RestartDecision,
     /// The version to record (New, Adopt); its `storeVersion` comes from the source write.
     pub record: Option<VersionRecord>,
+    /// Versions the source holds that this ManagedSecret wrote before a restart and never
+    /// recorded, recorded before `record` ([`super::decide::unrecorded`]).
+    pub unrecorded: Vec<VersionRecord>,
     pub history_keep: usize,
     pub expires_at: Option<jiff::Timestamp>,
     /// The rotate annotation value acted on (None: leave status as it is).
@@ -362,6 +368,10 @@ fn native_step(
     Ok((NativeStep { name, apply }, seen.exists))
 }
 
+/// The reason recorded for a version found in the source that a restart left unrecorded.
+pub const UNRECORDED_REASON: &str =
+    "written before a restart, recorded after it (its time is when it was found)";
+
 /// The record of a version made or adopted now.
 fn version_record(
     ms: &ManagedSecret,
@@ -571,6 +581,22 @@ fn sync(
         VersionDecision::New(_) | VersionDecision::Adopt(_)
     )
     .then(|| version_record(ms, (status, verified), &stamp, &source.store, &chosen, now));
+    let unrecorded = match g.writes && source.kept_in.is_none() {
+        true => super::decide::unrecorded(&status.versions, &g.held, g.owner.as_ref(), version)
+            .into_iter()
+            .map(|s| VersionRecord {
+                version: s.version,
+                fingerprint: s.fingerprint.to_string(),
+                store: source.store.clone(),
+                created_at: Time(now),
+                created_by: super::who::SYSTEM_AUTHOR.to_owned(),
+                reason: Some(UNRECORDED_REASON.to_owned()),
+                store_version: None,
+                moved_from: None,
+            })
+            .collect(),
+        false => vec![],
+    };
     let next_rotation = next_rotation_of(ms, status, record.as_ref(), now);
     let (removed, after) = retention::decide(keep, newest, &pins, &kept);
     let migrating = g.profile.spec.migrate_from.is_some()
@@ -619,6 +645,7 @@ fn sync(
         native,
         restart,
         record,
+        unrecorded,
         history_keep: g.profile.spec.history_keep(),
         expires_at: inspected.expires_at,
         rotate_request: chosen.rotate_request,

@@ -106,6 +106,7 @@ pub(super) fn gathered(profile: Arc<VaultProfile>, source: Option<Read>) -> Gath
         identity_verified: true,
         migration: None,
         source,
+        held: vec![],
         carried: None,
         content: Content::FromStore,
         targets: vec![],

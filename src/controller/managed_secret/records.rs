@@ -45,6 +45,14 @@ pub fn sync_records(ms: &ManagedSecret, plan: &SyncPlan, outcome: &Outcome) -> V
         );
         let _ = record;
     }
+    for lost in &plan.unrecorded {
+        records.push(
+            base(ms, Action::Version, SYSTEM_AUTHOR)
+                .version(lost.version, Some(&lost.fingerprint))
+                .store(&lost.store)
+                .reason(super::plan::UNRECORDED_REASON),
+        );
+    }
     if let Some(record) = new {
         let action = match plan.base.versions.is_empty() && plan.base.current_version.is_none() {
             true => Action::Create,

@@ -73,6 +73,9 @@ pub fn report(ms: &ManagedSecret, plan: &SyncPlan, outcome: &Outcome) -> Report 
     }
     let failed: Vec<&TargetStatus> = targets.iter().filter(|t| failed(t)).collect();
     let mut status = plan.base.clone();
+    for record in &plan.unrecorded {
+        record_version(&mut status.versions, record.clone(), plan.history_keep);
+    }
     if let Some(record) = &plan.record {
         let mut record = record.clone();
         record.store_version = outcome.source_version;

@@ -352,6 +352,15 @@ async fn quotas_refuse_the_fourth_secret_and_a_rotation_storm() {
     for name in ["s1", "s2", "s3"] {
         fx.managed_secret(name, spec.clone()).await;
     }
+    // The quota controller recounts from its own cache and may briefly count fewer than
+    // admission did: wait for it to count the three (CI once saw the fourth admitted).
+    wait_until(Duration::from_secs(30), || async {
+        let used = quotas.get("managed-secrets").await.ok()?.status?.used?;
+        let count = used.get("count/managedsecrets.keyhaven.io")?;
+        (count.0 == "3").then_some(())
+    })
+    .await
+    .expect("the quota counts the three ManagedSecrets");
     let fourth: ManagedSecret =
         serde_json::from_value(json!({"apiVersion": "keyhaven.io/v1alpha1",
         "kind": "ManagedSecret", "metadata": {"name": "s4", "namespace": fx.ns,

@@ -31,8 +31,9 @@ use std::time::{Duration, Instant};
 const LOAD: usize = 200;
 /// A change every 50 ms: 20 changes a second across the load.
 const WRITE_EVERY: Duration = Duration::from_millis(50);
-/// How long recovery may take before the test fails.
-const RECOVERY: Duration = Duration::from_secs(120);
+/// How long recovery may take before the test fails. After an etcd restart the API server
+/// holds requests up to its own 60 s timeout, and recovery has measured 43-94 s.
+const RECOVERY: Duration = Duration::from_secs(180);
 
 /// A fixture with a vault source and an internal sync target, and the stores as the end
 /// check reads them.
@@ -51,9 +52,14 @@ async fn bao_and_internal(name: &str) -> (Fixture, String, Stores) {
     (fx, profile, stores)
 }
 
-/// Runs the writer for `before`, holds `fault` for as long as it lasts (the writer keeps
-/// writing), stops the writer when it ends, and reports the recovery and the latencies of
-/// the changes written during the fault.
+/// After a fault that is over at once (a restart), the writer goes on this long, so that the
+/// latencies "during" it are those of the changes that met the restarted server.
+const AFTER_INSTANT: Duration = Duration::from_secs(10);
+
+/// Runs the writer for 3 s, holds `fault` for as long as it lasts (the writer keeps
+/// writing; after a fault shorter than 10 s, for [`AFTER_INSTANT`] more), stops the writer,
+/// and reports the recovery (from the writer's stop until the end check passes) and the
+/// latencies of the changes written since the fault began.
 async fn under_fault<F, Fut>(fx: &Fixture, load: &mut Load, stores: &Stores, name: &str, fault: F)
 where
     F: FnOnce() -> Fut,
@@ -63,6 +69,9 @@ where
     tokio::time::sleep(Duration::from_secs(3)).await;
     let began = Instant::now();
     fault().await;
+    if began.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(AFTER_INSTANT).await;
+    }
     load.stop_writes();
     let (recovery, checked) = converge(fx, &load.names, stores, RECOVERY).await;
     let mut during = load.latencies_since(began);
@@ -277,7 +286,10 @@ async fn the_operator_sigkilled_100_times_mid_push_rotate_rollback_migrate_and_k
     stores.insert(hsm.clone(), Arc::new(hsm_store(&fx, &hsm, &new_kek)));
     let mut names = load.names.clone();
     names.extend(generated.iter().cloned());
-    let (recovery, checked) = converge(&fx, &names, &stores, RECOVERY).await;
+    let checking = Instant::now();
+    let (converged, checked) = converge(&fx, &names, &stores, RECOVERY).await;
+    // From the last kill until the migration, the KEK rotation and the end check were done.
+    let recovery = (checking - ended) + converged;
     // Every version moved to the new source; nothing is left in the old one.
     for ms in managed.list(&ListParams::default()).await.unwrap() {
         let status = ms.status.clone().unwrap();
@@ -299,12 +311,7 @@ async fn the_operator_sigkilled_100_times_mid_push_rotate_rollback_migrate_and_k
         );
     }
     let mut during = load.latencies_since(began);
-    report(
-        "operator SIGKILLed 100 times",
-        recovery + ended.elapsed() - recovery,
-        &mut during,
-        &load,
-    );
+    report("operator SIGKILLed 100 times", recovery, &mut during, &load);
     println!("  checked {checked:?}; seed {seed}");
     assert_eq!(load.violations(), Vec::<String>::new(), "seed {seed}");
 }

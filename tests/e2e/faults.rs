@@ -10,6 +10,7 @@
 
 use super::Testbed;
 use super::fixture::Fixture;
+use super::leaks::Leaks;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use keyhaven::api::ManagedSecret;
@@ -113,6 +114,8 @@ pub struct Load {
     seen: Arc<Mutex<Seen>>,
     writer: Option<tokio::task::JoinHandle<()>>,
     watcher: tokio::task::JoinHandle<()>,
+    /// The fixture's leak check: every value the load writes is registered in it.
+    leaks: Leaks,
 }
 
 /// The key each load Secret holds.
@@ -121,6 +124,35 @@ pub const KEY: &str = "value";
 fn value_for(name: &str, n: u64) -> String {
     let noise: u64 = rand::random();
     format!("{name}-{n}-{noise:016x}")
+}
+
+/// Writes a new value `n` of `name`'s source Secret, recording it (written, pending since
+/// now) and registering it with the leak check.
+async fn write_one(secrets: &Api<Secret>, seen: &Mutex<Seen>, leaks: &Leaks, name: &str, n: u64) {
+    let value = value_for(name, n);
+    leaks.register(&value);
+    {
+        let mut s = seen.lock().unwrap();
+        s.written
+            .entry(name.to_owned())
+            .or_default()
+            .insert(value.clone());
+        s.pending
+            .entry(name.to_owned())
+            .or_default()
+            .push((value.clone(), Instant::now()));
+        s.writes += 1;
+    }
+    let (src, src_name) = (source_secret(name, &value), format!("src-{name}"));
+    let pp = PatchParams::apply("e2e-load").force();
+    let patch = Patch::Apply(&src);
+    let write = secrets.patch(&src_name, &pp, &patch);
+    // A hung API server: the write may still land when it resumes; the end check reads
+    // the source Secret, not this task's memory.
+    match tokio::time::timeout(Duration::from_secs(2), write).await {
+        Ok(Ok(_)) => {}
+        _ => seen.lock().unwrap().write_errors += 1,
+    }
 }
 
 impl Load {
@@ -138,8 +170,10 @@ impl Load {
                 let (secrets, managed, pp, seen) =
                     (secrets.clone(), managed.clone(), pp.clone(), seen.clone());
                 let profile = profile.to_owned();
+                let leaks = fx.leaks.clone();
                 async move {
                     let value = value_for(&name, 0);
+                    leaks.register(&value);
                     seen.lock()
                         .unwrap()
                         .written
@@ -170,6 +204,7 @@ impl Load {
             seen,
             writer: None,
             watcher,
+            leaks: fx.leaks.clone(),
         };
         let managed: Api<ManagedSecret> = fx.ns_api(&fx.ns);
         let deadline = Instant::now() + Duration::from_secs(30 + n as u64 / 5);
@@ -195,38 +230,28 @@ impl Load {
     /// Starts changing one random source Secret every `every`.
     pub fn start_writes(&mut self, client: kube::Client, every: Duration) {
         let secrets: Api<Secret> = Api::namespaced(client, &self.namespace);
-        let (names, seen) = (self.names.clone(), self.seen.clone());
+        let (names, seen, leaks) = (self.names.clone(), self.seen.clone(), self.leaks.clone());
         self.writer = Some(tokio::spawn(async move {
             let mut n = 1u64;
-            let pp = PatchParams::apply("e2e-load").force();
             loop {
                 tokio::time::sleep(every).await;
                 let name = &names[rand::random_range(0..names.len())];
-                let value = value_for(name, n);
+                write_one(&secrets, &seen, &leaks, name, n).await;
                 n += 1;
-                {
-                    let mut s = seen.lock().unwrap();
-                    s.written
-                        .entry(name.clone())
-                        .or_default()
-                        .insert(value.clone());
-                    s.pending
-                        .entry(name.clone())
-                        .or_default()
-                        .push((value.clone(), Instant::now()));
-                    s.writes += 1;
-                }
-                let (src, src_name) = (source_secret(name, &value), format!("src-{name}"));
-                let patch = Patch::Apply(&src);
-                let write = secrets.patch(&src_name, &pp, &patch);
-                // A hung API server: the write may still land when it resumes; the end
-                // check reads the source Secret, not this task's memory.
-                match tokio::time::timeout(Duration::from_secs(2), write).await {
-                    Ok(Ok(_)) => {}
-                    _ => seen.lock().unwrap().write_errors += 1,
-                }
             }
         }));
+    }
+
+    /// Changes every source Secret once (16 at a time), numbering the values from `round`'s
+    /// own range so they never repeat the writer's.
+    pub async fn write_all(&self, client: kube::Client, round: u64) {
+        let secrets: Api<Secret> = Api::namespaced(client, &self.namespace);
+        futures::stream::iter(&self.names)
+            .for_each_concurrent(16, |name| {
+                let (secrets, seen, leaks) = (&secrets, &self.seen, &self.leaks);
+                async move { write_one(secrets, seen, leaks, name, u64::MAX - round).await }
+            })
+            .await;
     }
 
     /// Stops the writer (the end check needs the sources to hold still).
@@ -363,7 +388,11 @@ pub async fn check(
                 .data
                 .unwrap_or_default()
                 .into_iter()
-                .map(|(k, v)| (k, String::from_utf8_lossy(&v.0).into_owned()))
+                .map(|(k, v)| {
+                    // Generated values too are looked for by the leak check.
+                    fx.leaks.register_data(&k, &v.0);
+                    (k, String::from_utf8_lossy(&v.0).into_owned())
+                })
                 .collect();
             (name, d)
         })

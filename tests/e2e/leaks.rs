@@ -152,44 +152,59 @@ pub fn candidates(value: &[u8]) -> Vec<(&'static str, String)> {
 
 /// Every place in `haystacks` (where, text) that holds one of `values` in a form of
 /// [`candidates`]. A multi-line text's findings name their line ("operator log line 12");
-/// one finding per value and line, with the first form that matched there.
+/// one finding per value and line, with the first form (in [`candidates`]' order) that
+/// matched there. One Aho-Corasick pass per haystack: the fault tests register tens of
+/// thousands of values and their operator logs run to megabytes.
 pub fn scan<W: AsRef<str>, T: AsRef<str>>(
     values: &[Vec<u8>],
     haystacks: &[(W, T)],
 ) -> Vec<Finding> {
+    // Every form of every value, with (value index, form index, encoding).
+    let mut patterns: Vec<String> = vec![];
+    let mut owners: Vec<(usize, usize, &'static str)> = vec![];
+    for (v, value) in values.iter().enumerate() {
+        for (f, (encoding, form)) in candidates(value).into_iter().enumerate() {
+            patterns.push(form);
+            owners.push((v, f, encoding));
+        }
+    }
+    if patterns.is_empty() {
+        return vec![];
+    }
+    let matcher = aho_corasick::AhoCorasick::new(&patterns).expect("leak check patterns");
+    // (value, haystack, form, offset, line, encoding), sorted as the findings are listed.
+    let mut hits: Vec<(usize, usize, usize, usize, usize, &'static str)> = vec![];
+    for (h, (_, text)) in haystacks.iter().enumerate() {
+        let text = text.as_ref();
+        let newlines: Vec<usize> = text.match_indices('\n').map(|(i, _)| i).collect();
+        for m in matcher.find_overlapping_iter(text) {
+            let (v, f, encoding) = owners[m.pattern().as_usize()];
+            let line = newlines.partition_point(|&i| i < m.start()) + 1;
+            hits.push((v, h, f, m.start(), line, encoding));
+        }
+    }
+    hits.sort();
+    let mut seen: BTreeSet<(usize, usize, usize)> = BTreeSet::new();
     let mut findings = vec![];
-    for value in values {
-        let forms = candidates(value);
-        if forms.is_empty() {
+    for (v, h, _, _, line, encoding) in hits {
+        if !seen.insert((v, h, line)) {
             continue;
         }
-        let prefix: String = String::from_utf8_lossy(value)
-            .chars()
-            .take(2)
-            .flat_map(char::escape_debug)
-            .collect();
-        for (place, text) in haystacks {
-            let (place, text) = (place.as_ref(), text.as_ref());
-            let multi_line = text.contains('\n');
-            let mut seen: BTreeSet<usize> = BTreeSet::new();
-            for (encoding, form) in &forms {
-                for (offset, _) in text.match_indices(form.as_str()) {
-                    let line = text[..offset].matches('\n').count() + 1;
-                    if !seen.insert(line) {
-                        continue;
-                    }
-                    findings.push(Finding {
-                        place: match multi_line {
-                            true => format!("{place} line {line}"),
-                            false => place.to_owned(),
-                        },
-                        encoding,
-                        len: value.len(),
-                        prefix: prefix.clone(),
-                    });
-                }
-            }
-        }
+        let (place, text) = (haystacks[h].0.as_ref(), haystacks[h].1.as_ref());
+        let value = &values[v];
+        findings.push(Finding {
+            place: match text.contains('\n') {
+                true => format!("{place} line {line}"),
+                false => place.to_owned(),
+            },
+            encoding,
+            len: value.len(),
+            prefix: String::from_utf8_lossy(value)
+                .chars()
+                .take(2)
+                .flat_map(char::escape_debug)
+                .collect(),
+        });
     }
     findings
 }

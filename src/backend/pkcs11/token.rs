@@ -276,8 +276,8 @@ fn reinitialize(path: &Path) -> bool {
     tokens.retain(|(module, slot), token| {
         // SoftHSM2 keeps listing the slot of a token whose directory went away, and fails
         // C_GetTokenInfo on it.
-        let keep = module != path
-            || (listed.contains(slot) && pkcs11.get_token_info(token.slot).is_ok());
+        let keep =
+            module != path || (listed.contains(slot) && pkcs11.get_token_info(token.slot).is_ok());
         if !keep {
             let idle = std::mem::take(&mut *token.idle.lock().unwrap_or_else(|p| p.into_inner()));
             std::mem::forget(idle);

@@ -125,6 +125,14 @@ fn record(version: u64, f: &Fingerprint) -> VersionRecord {
     }
 }
 
+fn owner(namespace: &str, name: &str, uid: &str) -> Owner {
+    Owner {
+        namespace: namespace.into(),
+        name: name.into(),
+        uid: uid.into(),
+    }
+}
+
 fn stamp(version: u64, f: &Fingerprint) -> VersionStamp {
     VersionStamp {
         version,
@@ -227,15 +235,7 @@ fn a_version_recorded_under_v1_stays_unchanged_and_a_new_one_is_namespaced() {
 
 #[test]
 fn a_writer_claims_a_path_in_sync_that_records_no_owner_or_another() {
-    let me = Owner {
-        namespace: "a".into(),
-        name: "db".into(),
-        uid: "u1".into(),
-    };
-    let gone = Owner {
-        uid: "u0".into(),
-        ..me.clone()
-    };
+    let (me, gone) = (owner("a", "db", "u1"), owner("a", "db", "u0"));
     let obs = |owner: Option<Owner>| StoreObservation {
         stamp: Some(VersionStamp {
             owner,
@@ -383,15 +383,7 @@ fn native_secret_actions() {
 
 #[test]
 fn versions_a_restart_left_unrecorded_are_found_between_the_history_and_the_decision() {
-    let me = Owner {
-        namespace: "n".into(),
-        name: "a".into(),
-        uid: "u1".into(),
-    };
-    let other = Owner {
-        uid: "u2".into(),
-        ..me.clone()
-    };
+    let (me, other) = (owner("n", "a", "u1"), owner("n", "a", "u2"));
     let mine = |v: u64| VersionStamp {
         owner: Some(me.clone()),
         ..stamp(v, &fp(v as u8))

@@ -187,6 +187,11 @@ async fn kube_clients() -> anyhow::Result<(kube::Client, kube::Client)> {
     config.connect_timeout = Some(KUBE_CONNECT_TIMEOUT);
     let watches = kube::Client::try_from(config.clone())?;
     config.read_timeout = Some(KUBE_READ_TIMEOUT);
+    // kube's default retry of 429/503/504 waits up to 15 times, doubling from 5 ms (minutes
+    // in all) inside one request, silently: after an etcd restart the fault suite saw the
+    // operator idle, no error logged, for over a minute. A reconcile that fails is retried
+    // by its controller (5 s for a transient failure) and says why; watches keep the retry.
+    config.default_retry = false;
     // The timeout counts from when a request is sent, not from when its pooled connection
     // went idle.
     config.reset_reader_on_write = true;

@@ -94,6 +94,7 @@ pub struct Metrics {
     backend_duration: Latencies<OperationLabels>,
     versions_written: Family<ProfileLabels, Counter>,
     refreshes_deferred: Counter,
+    reconciles_waiting: Gauge,
     leader: Gauge,
     caches: Arc<CacheGauges>,
 }
@@ -161,6 +162,12 @@ impl Metrics {
             "Periodic ManagedSecret refreshes postponed because new or changed ManagedSecrets were waiting",
             refreshes_deferred.clone(),
         );
+        let reconciles_waiting = Gauge::default();
+        registry.register(
+            "reconciles_waiting",
+            "ManagedSecret reconciles due and waiting for a free slot (--concurrency)",
+            reconciles_waiting.clone(),
+        );
         registry.register(
             "leader",
             "1 while this process holds the leader Lease (or runs without leader election)",
@@ -177,6 +184,7 @@ impl Metrics {
             backend_duration,
             versions_written,
             refreshes_deferred,
+            reconciles_waiting,
             leader,
             caches,
         }
@@ -250,6 +258,12 @@ impl Metrics {
     /// A periodic refresh stepped aside for new or changed ManagedSecrets.
     pub fn refresh_deferred(&self) {
         self.refreshes_deferred.inc();
+    }
+
+    /// How many ManagedSecret reconciles wait for a slot.
+    pub fn set_reconciles_waiting(&self, n: usize) {
+        self.reconciles_waiting
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// Whether this process leads.

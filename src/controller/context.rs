@@ -64,6 +64,8 @@ pub struct Context {
     /// The ManagedSecret statuses this process wrote last.
     pub status_writes: StatusWrites,
     pub backlog: Backlog,
+    /// Whose ManagedSecret reconciles next when every slot is taken (fair across namespaces).
+    pub turns: std::sync::Arc<super::turns::Turns>,
     pub events: Events,
     /// Counters and latencies (`/metrics`).
     pub metrics: Arc<Metrics>,

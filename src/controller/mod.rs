@@ -16,6 +16,7 @@ mod secret_store;
 mod status;
 mod store_guard;
 mod stores;
+mod turns;
 mod vault_profile;
 mod watch_filters;
 mod wiring;

@@ -5,6 +5,7 @@
 use super::context::{Caches, Config, Context, HealthChecks};
 use super::events::Events;
 use super::stores::StoreRegistry;
+use super::turns::{Lane, Turns};
 use super::watch_filters::{
     ProfileChanges, ProfileCounts, StoreRecoveries, reconcile_inputs, trim_managed_fields,
     using_store,
@@ -231,6 +232,7 @@ pub(super) async fn run_controllers(
             namespaces,
         },
         backlog: Default::default(),
+        turns: Turns::new(usize::from(config.concurrency)),
         status_writes: Default::default(),
         secret_writes: Default::default(),
         registry: StoreRegistry::new(
@@ -287,8 +289,10 @@ pub(super) async fn run_controllers(
         .graceful_shutdown_on(stopped(stop.clone()))
         .run(reconcile_profile, vault_profile::error_policy, ctx.clone())
         .for_each(|r| async move { log_result("VaultProfile", r) });
+    // The ManagedSecret controller hands its turns out itself (turns.rs): kube-runtime's
+    // limit, saturated, starves some objects for good.
     let managed_done = managed_ctl
-        .with_config(controller_config)
+        .with_config(controller_config.concurrency(0))
         .graceful_shutdown_on(stopped(stop))
         .run(reconcile_managed, managed_secret::error_policy, ctx.clone())
         .for_each(|r| async move { log_result("ManagedSecret", r) });
@@ -417,6 +421,18 @@ async fn reconcile_profile(obj: Arc<VaultProfile>, ctx: Arc<Context>) -> Result<
 }
 
 async fn reconcile_managed(obj: Arc<ManagedSecret>, ctx: Arc<Context>) -> Result<Action> {
+    let lane = match super::backlog::awaits_sync(&obj, jiff::Timestamp::now()) {
+        true => Lane::Urgent,
+        false => Lane::Routine,
+    };
+    let namespace = obj.namespace().unwrap_or_default();
+    ctx.metrics.set_reconciles_waiting(ctx.turns.waiting() + 1);
+    let _turn = ctx.turns.take(&namespace, lane).await;
+    ctx.metrics.set_reconciles_waiting(ctx.turns.waiting());
+    // The object as it is now: it may have changed, or gone, while it waited.
+    let Some(obj) = ctx.caches.managed.get(&ObjectRef::from_obj(obj.as_ref())) else {
+        return Ok(Action::await_change());
+    };
     let object = format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any());
     let key = managed_secret::retry_key(&obj);
     let result = ctx

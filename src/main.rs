@@ -53,8 +53,9 @@ struct RunArgs {
     /// operators; with --store-selector, keeps one operator off another's objects).
     #[arg(long, env = "KEYHAVEN_MANAGED_SELECTOR")]
     managed_selector: Option<String>,
-    /// Reconciles of one kind running at once.
-    #[arg(long, env = "KEYHAVEN_CONCURRENCY", default_value_t = 16)]
+    /// Reconciles of one kind running at once (at least 1).
+    #[arg(long, env = "KEYHAVEN_CONCURRENCY", default_value_t = 16,
+          value_parser = clap::value_parser!(u16).range(1..))]
     concurrency: u16,
     /// Field manager of keyhaven's server-side applies.
     #[arg(long, env = "KEYHAVEN_FIELD_MANAGER", default_value = "keyhaven")]

@@ -492,6 +492,68 @@ async fn from_secret_types_render_and_bad_content_is_refused() {
 }
 
 #[tokio::test]
+async fn a_pushed_secret_change_is_a_new_version_in_every_store_at_once() {
+    let fx = Fixture::new("pushed").await;
+    let internal = fx.store("internal", json!({"internal": {}})).await;
+    let target = fx.store("target", json!({"internal": {}})).await;
+    let profile = fx.profile("p", &internal, &[&target]).await;
+    fx.secret(&fx.ns, "src", &[("token", "pushed-e2e-value-0")])
+        .await;
+    // Another tenant's Secret of the same name: its changes are not this secret's.
+    let other = fx.namespace("other").await;
+    fx.secret(&other, "src", &[("token", "other-tenant-e2e-value-0")])
+        .await;
+    // The default refresh (an hour): only the watch of the pushed Secret brings a change.
+    fx.managed_secret(
+        "pushed",
+        json!({"profile": profile, "type": "generic", "content": {"fromSecret": {"name": "src"}}}),
+    )
+    .await;
+    fx.wait_synced("pushed", 1).await;
+    let sources: Api<Secret> = fx.ns_api(&fx.ns);
+    for n in 1..=3u64 {
+        let value = format!("pushed-e2e-value-{n}");
+        fx.register(&value);
+        let patch = json!({"stringData": {"token": value}});
+        let changed = std::time::Instant::now();
+        sources
+            .patch("src", &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
+        let ms = fx.wait_synced("pushed", n + 1).await;
+        let took = changed.elapsed();
+        assert!(took < Duration::from_secs(10), "change {n} took {took:?}");
+        let targets = &ms.status.as_ref().unwrap().targets;
+        assert_eq!(targets.len(), 2, "{targets:?}");
+        assert!(
+            targets.iter().all(|t| t.version == Some(n + 1)),
+            "every store holds version {}: {targets:?}",
+            n + 1
+        );
+        let native = fx.secret_data(&fx.ns, "pushed").await.unwrap();
+        assert_eq!(native.get("token"), Some(&value));
+    }
+    // The other tenant's Secret changes: nothing here does.
+    fx.register("other-tenant-e2e-value-1");
+    fx.ns_api::<Secret>(&other)
+        .patch(
+            "src",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"stringData": {"token": "other-tenant-e2e-value-1"}})),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let ms = fx.wait_synced("pushed", 4).await;
+    assert_eq!(versions(&ms), [1, 2, 3, 4]);
+    let native = fx.secret_data(&fx.ns, "pushed").await.unwrap();
+    assert_eq!(
+        native.get("token").map(String::as_str),
+        Some("pushed-e2e-value-3")
+    );
+}
+
+#[tokio::test]
 async fn deletion_policies_and_garbage_collection() {
     let fx = Fixture::new("deletion").await;
     let internal = fx.store("internal", json!({"internal": {}})).await;

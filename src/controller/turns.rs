@@ -14,7 +14,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 /// Which lane of its namespace a reconcile waits in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -111,6 +111,9 @@ impl<T> Lines<T> {
 #[derive(Debug)]
 pub struct Turns {
     lines: Mutex<Lines<oneshot::Sender<Turn>>>,
+    /// Set when the controller stops (shutdown, leadership lost): no turn is handed out
+    /// after it, and every waiter gives up.
+    closed: watch::Sender<bool>,
 }
 
 /// A turn to reconcile; the next waiter's turn begins when it is dropped.
@@ -124,24 +127,41 @@ impl Turns {
     pub fn new(slots: usize) -> Arc<Self> {
         Arc::new(Turns {
             lines: Mutex::new(Lines::new(slots)),
+            closed: watch::Sender::new(false),
         })
     }
 
-    /// Waits for a turn of a secret in `namespace`.
-    pub async fn take(self: &Arc<Self>, namespace: &str, lane: Lane) -> Turn {
+    /// Waits for a turn of a secret in `namespace`; `None` once the controller stops (a
+    /// reconcile that waited must not run after leadership is lost).
+    pub async fn take(self: &Arc<Self>, namespace: &str, lane: Lane) -> Option<Turn> {
+        let mut closed = self.closed.subscribe();
+        if *closed.borrow_and_update() {
+            return None;
+        }
         let (tx, rx) = oneshot::channel();
         let now = self.lock().arrive(namespace, lane, tx).is_some();
-        if now {
-            return Turn {
+        let turn = match now {
+            true => Turn {
                 turns: Some(self.clone()),
-            };
-        }
-        match rx.await {
-            Ok(turn) => turn,
-            // Unreachable: a waiter's sender is only dropped after sending to it; should it
-            // happen, the reconcile runs rather than hangs.
-            Err(_) => Turn { turns: None },
-        }
+            },
+            false => tokio::select! {
+                biased;
+                // The waiter goes; a turn sent to it meanwhile is dropped with it and passed on.
+                _ = closed.wait_for(|c| *c) => return None,
+                turn = rx => match turn {
+                    Ok(turn) => turn,
+                    // Unreachable: a waiter's sender is only dropped after sending to it.
+                    Err(_) => Turn { turns: None },
+                },
+            },
+        };
+        // Closed while the turn came: handed on at once.
+        (!*self.closed.borrow()).then_some(turn)
+    }
+
+    /// Stops handing out turns: every waiter and every later `take` gets `None`.
+    pub fn close(&self) {
+        self.closed.send_replace(true);
     }
 
     /// How many reconciles wait for a turn.
@@ -266,7 +286,10 @@ mod tests {
             .map(|i| {
                 let (turns, running, most) = (turns.clone(), running.clone(), most.clone());
                 tokio::spawn(async move {
-                    let _turn = turns.take(&format!("ns{}", i % 3), Lane::Routine).await;
+                    let _turn = turns
+                        .take(&format!("ns{}", i % 3), Lane::Routine)
+                        .await
+                        .unwrap();
                     let now = running.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
                     most.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
                     tokio::task::yield_now().await;
@@ -280,16 +303,17 @@ mod tests {
         assert_eq!(most.load(std::sync::atomic::Ordering::SeqCst), 2);
         assert_eq!(turns.waiting(), 0);
         // Both turns are free again.
-        let (_a, _b) = (
+        let (a, b) = (
             turns.take("x", Lane::Routine).await,
             turns.take("y", Lane::Routine).await,
         );
+        assert!(a.is_some() && b.is_some());
     }
 
     #[tokio::test]
     async fn a_waiter_dropped_before_its_turn_loses_no_turn() {
         let turns = Turns::new(1);
-        let first = turns.take("a", Lane::Routine).await;
+        let first = turns.take("a", Lane::Routine).await.unwrap();
         // A reconcile dropped while it waits (the controller shutting down).
         let gone = tokio::spawn({
             let turns = turns.clone();
@@ -300,15 +324,35 @@ mod tests {
         let _ = gone.await;
         let next = tokio::spawn({
             let turns = turns.clone();
-            async move {
-                let _t = turns.take("b", Lane::Routine).await;
-            }
+            async move { turns.take("b", Lane::Routine).await.is_some() }
         });
         tokio::task::yield_now().await;
         drop(first);
         tokio::time::timeout(std::time::Duration::from_secs(5), next)
             .await
             .expect("the turn reached the live waiter")
-            .unwrap();
+            .unwrap()
+            .then_some(())
+            .expect("a turn");
+    }
+
+    #[tokio::test]
+    async fn once_closed_no_waiter_runs_and_no_turn_is_handed_out() {
+        let turns = Turns::new(1);
+        let running = turns.take("a", Lane::Routine).await.unwrap();
+        let waiters: Vec<_> = (0..5)
+            .map(|_| {
+                let turns = turns.clone();
+                tokio::spawn(async move { turns.take("a", Lane::Urgent).await.is_some() })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        // Leadership lost: the waiters give up, the running reconcile finishes.
+        turns.close();
+        for w in waiters {
+            assert!(!w.await.unwrap(), "a waiter ran after the close");
+        }
+        drop(running);
+        assert!(turns.take("b", Lane::Routine).await.is_none());
     }
 }

@@ -7,8 +7,8 @@ use super::events::Events;
 use super::stores::StoreRegistry;
 use super::turns::{Lane, Turns};
 use super::watch_filters::{
-    ProfileChanges, ProfileCounts, StoreRecoveries, reconcile_inputs, trim_managed_fields,
-    using_store,
+    ProfileChanges, ProfileCounts, StoreRecoveries, WatchBackoff, pushing, reconcile_inputs,
+    trim_managed_fields, using_store,
 };
 use super::{managed_secret, secret_store, vault_profile};
 use crate::api::{ManagedSecret, SecretApproval, SecretStore, VaultProfile};
@@ -86,7 +86,9 @@ where
     let mut first_list = true;
     let objects = reflector(
         writer,
-        watcher::watcher(api, wc).modify(|obj| trim_managed_fields(obj.meta_mut())),
+        watcher::watcher(api, wc)
+            .backoff(WatchBackoff::default())
+            .modify(|obj| trim_managed_fields(obj.meta_mut())),
     )
     .inspect(move |event| {
         if first_list && matches!(event, Ok(watcher::Event::InitDone)) {
@@ -181,7 +183,8 @@ pub(super) async fn run_controllers(
         watcher::watcher(
             Api::<PartialObjectMeta<Namespace>>::all(watches.clone()),
             ns_wc,
-        ),
+        )
+        .backoff(WatchBackoff::default()),
     )
     .inspect(move |event| {
         if matches!(
@@ -202,6 +205,7 @@ pub(super) async fn run_controllers(
     let approval_changes = reflector(
         approvals_writer,
         watcher::watcher(approvals_api, watcher::Config::default())
+            .backoff(WatchBackoff::default())
             .modify(|obj| trim_managed_fields(obj.meta_mut())),
     )
     .touched_objects();
@@ -289,6 +293,13 @@ pub(super) async fn run_controllers(
         .graceful_shutdown_on(stopped(stop.clone()))
         .run(reconcile_profile, vault_profile::error_policy, ctx.clone())
         .for_each(|r| async move { log_result("VaultProfile", r) });
+    // Once stopping, no ManagedSecret reconcile still waiting for its turn runs.
+    let turns = ctx.turns.clone();
+    let closing = stopped(stop.clone());
+    tokio::spawn(async move {
+        closing.await;
+        turns.close();
+    });
     // The ManagedSecret controller hands its turns out itself (turns.rs): kube-runtime's
     // limit, saturated, starves some objects for good.
     let managed_done = managed_ctl
@@ -316,6 +327,8 @@ fn watch_for_managed(
 ) -> Controller<ManagedSecret> {
     let managed = ctx.caches.managed.clone();
     let managed_in_ns = ctx.caches.managed.clone();
+    let sources = ctx.caches.managed.clone();
+    let sources_api = secrets_api.clone();
     let ctx = ctx.clone();
     managed_ctl
         .watches_stream(profile_changes.map(Ok), move |profile: VaultProfile| {
@@ -348,6 +361,7 @@ fn watch_for_managed(
                 watcher::Config::default()
                     .labels(&format!("{MANAGED_LABEL}={MANAGED_LABEL_VALUE}")),
             )
+            .backoff(WatchBackoff::default())
             .filter_map(move |event| {
                 let touched = match event {
                     Ok(watcher::Event::Apply(s)) if ctx.secret_writes.is_own(&s) => None,
@@ -366,6 +380,38 @@ fn watch_for_managed(
                 owner.map(|name| {
                     ObjectRef::new(&name).within(&secret.namespace().unwrap_or_default())
                 })
+            },
+        )
+        // The Secrets `content.fromSecret` pushes (any Secret keyhaven did not write),
+        // metadata only and cached nowhere: a change is a new version at once, not at the
+        // next refresh. The first list wakes nothing (every ManagedSecret reconciles when the
+        // operator starts); a list after a watch gap (an etcd restart) wakes the pushers of
+        // every Secret in it, as changes made in the gap come only that way.
+        .watches_stream(
+            watcher::watcher(
+                sources_api,
+                watcher::Config::default()
+                    .labels(&format!("{MANAGED_LABEL}!={MANAGED_LABEL_VALUE}")),
+            )
+            .backoff(WatchBackoff::default())
+            .filter_map({
+                let mut listed = false;
+                move |event| {
+                    futures::future::ready(match event {
+                        Ok(watcher::Event::Apply(s) | watcher::Event::Delete(s)) => Some(Ok(s)),
+                        Ok(watcher::Event::InitApply(s)) if listed => Some(Ok(s)),
+                        Ok(watcher::Event::InitDone) => {
+                            listed = true;
+                            None
+                        }
+                        Ok(_) => None,
+                        Err(e) => Some(Err(e)),
+                    })
+                }
+            }),
+            move |secret: PartialObjectMeta<Secret>| {
+                let namespace = secret.namespace().unwrap_or_default();
+                pushing(&namespace, &secret.name_any(), &sources.state())
             },
         )
 }
@@ -421,14 +467,24 @@ async fn reconcile_profile(obj: Arc<VaultProfile>, ctx: Arc<Context>) -> Result<
 }
 
 async fn reconcile_managed(obj: Arc<ManagedSecret>, ctx: Arc<Context>) -> Result<Action> {
-    let lane = match super::backlog::awaits_sync(&obj, jiff::Timestamp::now()) {
+    // The lane of the object as the cache holds it now (a spec change since this request
+    // was made makes it urgent).
+    let cached = ctx.caches.managed.get(&ObjectRef::from_obj(obj.as_ref()));
+    let lane = match super::backlog::awaits_sync(
+        cached.as_deref().unwrap_or(&obj),
+        jiff::Timestamp::now(),
+    ) {
         true => Lane::Urgent,
         false => Lane::Routine,
     };
     let namespace = obj.namespace().unwrap_or_default();
     ctx.metrics.set_reconciles_waiting(ctx.turns.waiting() + 1);
-    let _turn = ctx.turns.take(&namespace, lane).await;
+    let turn = ctx.turns.take(&namespace, lane).await;
     ctx.metrics.set_reconciles_waiting(ctx.turns.waiting());
+    let Some(_turn) = turn else {
+        // The controller stops (shutdown, leadership lost): nothing more is written.
+        return Ok(Action::await_change());
+    };
     // The object as it is now: it may have changed, or gone, while it waited.
     let Some(obj) = ctx.caches.managed.get(&ObjectRef::from_obj(obj.as_ref())) else {
         return Ok(Action::await_change());
@@ -440,7 +496,9 @@ async fn reconcile_managed(obj: Arc<ManagedSecret>, ctx: Arc<Context>) -> Result
         .reconcile(
             "ManagedSecret",
             object,
-            managed_secret::reconcile(obj, ctx.clone()),
+            // Boxed: a reconcile waiting for its turn (thousands at a cold start) holds a
+            // pointer, not the whole reconcile's state.
+            Box::pin(managed_secret::reconcile(obj, ctx.clone())),
         )
         .await;
     succeeded(&ctx, &key, result)

@@ -46,7 +46,8 @@ bench: bed-up
 # faults drawn at random (OpenBao, kube-apiserver, etcd, the HSM token, a store switch);
 # prints syncs, errors, lost (must be 0), RSS at start and end, and change latencies.
 # Settings: SOAK_N (1000), SOAK_MINUTES (30), SOAK_REFRESH (10s), SOAK_WRITE_MS (100),
-# SOAK_FAULTS (8), SOAK_SEED. It stops and restarts the bed's servers: run nothing else on it.
+# SOAK_FAULTS (8), SOAK_FAULT_KINDS (all; e.g. "softhsm token gone"), SOAK_SEED. It stops
+# and restarts the bed's servers: run nothing else on it.
 # SOAK_CARGO_ARGS=--release soaks an optimized build (the default reuses `make test`'s).
 SOAK_CARGO_ARGS ?=
 soak: bed-up

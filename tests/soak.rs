@@ -6,7 +6,8 @@
 //!
 //! Settings (environment): `SOAK_N` (1000), `SOAK_MINUTES` (30), `SOAK_REFRESH` ("10s"),
 //! `SOAK_WRITE_MS` (100: one change every 100 ms), `SOAK_FAULTS` (at most 8 faults),
-//! `SOAK_SEED` (replays a run's draws).
+//! `SOAK_SEED` (replays a run's draws), `SOAK_FAULT_KINDS` (comma-separated names from
+//! [`FAULTS`] to draw from, default all: `softhsm token gone,openbao restarted`).
 //!
 //! One operator process lives through the whole run, so that its RSS drift means something:
 //! the faults are the servers' (OpenBao hung and restarted, kube-apiserver hung and
@@ -66,6 +67,17 @@ async fn soak() {
     let write_ms: u64 = setting("SOAK_WRITE_MS", 100);
     let max_faults: usize = setting("SOAK_FAULTS", 8);
     let seed: u64 = setting("SOAK_SEED", rand::random());
+    let kinds: Vec<&str> = match std::env::var("SOAK_FAULT_KINDS") {
+        Ok(list) => FAULTS
+            .into_iter()
+            .filter(|f| list.split(',').any(|k| k.trim() == *f))
+            .collect(),
+        Err(_) => FAULTS.to_vec(),
+    };
+    assert!(
+        !kinds.is_empty(),
+        "SOAK_FAULT_KINDS names none of {FAULTS:?}"
+    );
     println!(
         "soak: {n} secrets, {minutes} min, refresh {refresh}, a change every {write_ms} ms, at most {max_faults} faults, SOAK_SEED={seed}"
     );
@@ -118,7 +130,7 @@ async fn soak() {
         if began.elapsed() + Duration::from_secs(180) >= length {
             break;
         }
-        let fault = FAULTS[rng.random_range(0..FAULTS.len())];
+        let fault = kinds[rng.random_range(0..kinds.len())];
         let start = Instant::now();
         match fault {
             "openbao hung" => {
@@ -158,10 +170,11 @@ async fn soak() {
         load.start_writes(fx.client.clone(), Duration::from_millis(write_ms));
         lost += load.violations().len();
         println!(
-            "[{:5.0} s] {fault}: lasted {:.0} s, recovered {:.1} s after",
+            "[{:5.0} s] {fault}: lasted {:.0} s, recovered {:.1} s after; RSS {:.1} MiB",
             began.elapsed().as_secs_f64(),
             lasted.as_secs_f64(),
-            recovery.as_secs_f64()
+            recovery.as_secs_f64(),
+            rss_mib(pid)
         );
         faults_done.push(fault);
     }
